@@ -256,7 +256,7 @@ def finch(
   Adam's moments and spoil every later step. ``base`` still counts that step as a
   step with a zero gradient (Adam's moments decay once); keeping its state bit for
   bit would need a select over all of it, which measured 1.5x the step time of a
-  10M-parameter model on CPU, against no measurable cost for this.
+  10M-parameter model on CPU, against no measurable cost for zeroing the gradients.
 
   Args:
     base: the optimizer whose updates FINCH scales, e.g. ``optax.adamw(1e-4)``.
@@ -295,11 +295,23 @@ def finch(
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     finite = jnp.isfinite(global_loss(value, axis_name))
-    # Selecting on the gradients fuses into the backward pass and costs nothing.
-    updates = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), updates)
+    # The cheapest way to zero the gradients differs: on CPU a select fuses into the
+    # backward pass, while on GPU it costs an extra pass over them (5% of a 100M-parameter
+    # AdamW step on an H100) that a cond with a pass-through branch avoids.
+    updates = jax.lax.platform_dependent(
+      updates, finite, cpu=_zero_unless_by_select, default=_zero_unless_by_cond
+    )
     return inner.update(updates, state, params, value=value, **extra_args)
 
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def _zero_unless_by_select(tree: Any, keep: jax.Array) -> Any:
+  return jax.tree.map(lambda x: jnp.where(keep, x, jnp.zeros_like(x)), tree)
+
+
+def _zero_unless_by_cond(tree: Any, keep: jax.Array) -> Any:
+  return jax.lax.cond(keep, lambda t: t, lambda t: jax.tree.map(jnp.zeros_like, t), tree)
 
 
 def _is_finch_state(x: Any) -> bool:
