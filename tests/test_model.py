@@ -1,0 +1,199 @@
+"""Tests for the transformer LM and batched generation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from finch_jax.models import Transformer, TransformerConfig, greedy_generate, sample
+from finch_jax.models.transformer import segment_positions
+
+CONFIG = TransformerConfig.tiny(num_layers=2)
+
+
+@nnx.jit
+def forward(model, tokens, segment_ids=None, positions=None):
+  return model(tokens, segment_ids=segment_ids, positions=positions)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Transformer(CONFIG, rngs=nnx.Rngs(0))
+
+
+def random_tokens(shape, seed=0):
+  return jax.random.randint(jax.random.key(seed), shape, 3, CONFIG.vocab_size)
+
+
+def num_model_params(model):
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_logits_shape_and_dtype(model):
+  logits = forward(model, random_tokens((3, 16)))
+  assert logits.shape == (3, 16, CONFIG.vocab_size)
+  assert logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(logits)).all()
+  # A fresh model predicts close to uniformly: the loss starts near log(vocab).
+  tokens = random_tokens((4, 64), seed=1)
+  log_probs = jax.nn.log_softmax(forward(model, tokens)[:, :-1])
+  loss = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1).mean()
+  assert abs(float(loss) - np.log(CONFIG.vocab_size)) < 0.3
+
+
+def test_causal(model):
+  tokens = random_tokens((2, 16))
+  changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % CONFIG.vocab_size)
+  before, after = forward(model, tokens), forward(model, changed)
+  np.testing.assert_array_equal(before[:, :10], after[:, :10])
+  assert np.abs(before[:, 10:] - after[:, 10:]).max() > 1e-3
+
+
+def test_packed_sequences_do_not_see_each_other(model):
+  first, second = random_tokens((1, 7), seed=1), random_tokens((1, 6), seed=2)
+  tokens = jnp.concatenate([first, second, jnp.zeros((1, 3), jnp.int32)], axis=1)
+  segment_ids = jnp.array([[1] * 7 + [2] * 6 + [0] * 3])
+  positions = jnp.array([list(range(7)) + list(range(6)) + list(range(3))])
+  np.testing.assert_array_equal(segment_positions(segment_ids), positions)
+
+  packed = forward(model, tokens, segment_ids, positions)
+  np.testing.assert_allclose(packed[:, :7], forward(model, first), atol=1e-5)
+  np.testing.assert_allclose(packed[:, 7:13], forward(model, second), atol=1e-5)
+  # Positions default to restarting per segment.
+  np.testing.assert_array_equal(forward(model, tokens, segment_ids), packed)
+  # Without the segment mask the second sequence would see the first: the check above can fail.
+  unpacked = forward(model, tokens, None, positions)
+  assert np.abs(unpacked[:, 7:13] - forward(model, second)).max() > 1e-3
+
+
+def test_grouped_query_attention_equals_repeated_kv():
+  gqa = Transformer(CONFIG, rngs=nnx.Rngs(1))
+  mha = Transformer(dataclasses.replace(CONFIG, num_kv_heads=CONFIG.num_heads), rngs=nnx.Rngs(2))
+  group = CONFIG.num_heads // CONFIG.num_kv_heads
+  nnx.update(mha, nnx.state(gqa))
+  for gqa_block, mha_block in zip(gqa.blocks, mha.blocks, strict=True):
+    # Hugging Face's repeat_kv: query head n reads key/value head n // group.
+    mha_block.attn.k_proj.set_value(jnp.repeat(gqa_block.attn.k_proj[...], group, axis=1))
+    mha_block.attn.v_proj.set_value(jnp.repeat(gqa_block.attn.v_proj[...], group, axis=1))
+  tokens = random_tokens((2, 12))
+  np.testing.assert_allclose(forward(gqa, tokens), forward(mha, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_num_params(tie):
+  config = dataclasses.replace(CONFIG, tie_embeddings=tie)
+  model = Transformer(config, rngs=nnx.Rngs(0))
+  assert num_model_params(model) == config.num_params()
+  assert hasattr(model, "lm_head") != tie
+  untied_extra = CONFIG.vocab_size * CONFIG.d_model
+  assert config.num_params() == CONFIG.num_params() + (0 if tie else untied_extra)
+  assert 300_000 <= TransformerConfig.tiny().num_params() <= 500_000
+
+
+def test_every_param_has_logical_axis_names(model):
+  vocabulary = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm"}
+  for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = param.get_metadata()["out_sharding"]
+    assert len(names) == param[...].ndim and set(names) <= vocabulary, (path, names)
+
+
+def test_bfloat16_compute_returns_float32_logits(model):
+  tokens = random_tokens((2, 16))
+  bf16 = Transformer(dataclasses.replace(CONFIG, dtype="bfloat16"), rngs=nnx.Rngs(0))
+  logits = forward(bf16, tokens)
+  assert logits.dtype == jnp.float32
+  assert bf16.embed[...].dtype == jnp.float32
+  np.testing.assert_allclose(logits, forward(model, tokens), atol=0.05)
+  stored = Transformer(dataclasses.replace(CONFIG, param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  assert stored.blocks[0].mlp.up_proj[...].dtype == jnp.bfloat16
+  assert forward(stored, tokens).dtype == jnp.float32
+
+
+def test_remat_changes_nothing_numerically(model):
+  remat = Transformer(dataclasses.replace(CONFIG, remat=True), rngs=nnx.Rngs(0))
+  tokens = random_tokens((2, 8))
+
+  @nnx.jit
+  def loss_and_grads(model):
+    return nnx.value_and_grad(lambda m: jnp.mean(m(tokens) ** 2))(model)
+
+  (loss, grads), (remat_loss, remat_grads) = loss_and_grads(model), loss_and_grads(remat)
+  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), remat_grads, grads)
+
+
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    (dict(num_kv_heads=3), r"num_kv_heads \(3\) must divide num_heads \(4\): use one of"),
+    (dict(d_model=98), r"d_model \(98\) is not divisible by num_heads \(4\)"),
+    (dict(head_dim=7), "head_dim must be even"),
+    (dict(num_layers=0), "num_layers must be a positive integer"),
+    (dict(dtype="int32"), "not a floating dtype: use 'float32' or 'bfloat16'"),
+    (dict(param_dtype="float31"), "not a floating dtype"),
+    (dict(norm_eps=0.0), "must be positive"),
+  ],
+)
+def test_config_validation(changes, message):
+  with pytest.raises(ValueError, match=message):
+    dataclasses.replace(CONFIG, **changes)
+
+
+def test_config_from_config_dict():
+  config = ml_collections.ConfigDict(dataclasses.asdict(CONFIG))
+  assert TransformerConfig(**config.to_dict()) == CONFIG
+  assert TransformerConfig.from_dict(config) == CONFIG
+  config.d_modle = 64
+  with pytest.raises(ValueError, match=r"Unknown TransformerConfig fields \['d_modle'\]"):
+    TransformerConfig.from_dict(config)
+
+
+def test_longer_than_max_len_raises(model):
+  with pytest.raises(ValueError, match="exceeds max_len=256"):
+    model(jnp.zeros((1, 257), jnp.int32))
+
+
+# Right-padded prompts; the last row's padding is junk, which must not matter.
+PROMPTS = np.array([[1, 40, 41, 0, 0, 0], [1, 50, 51, 52, 53, 54], [1, 99, 98, 97, 96, 95]])
+PROMPT_LENGTHS = np.array([3, 6, 1])
+
+
+def test_greedy_generate_matches_stepwise_argmax(model):
+  generated = greedy_generate(model, jnp.asarray(PROMPTS), jnp.asarray(PROMPT_LENGTHS), 4)
+  assert generated.shape == (3, 4)
+  for row, length in enumerate(PROMPT_LENGTHS):
+    sequence = list(PROMPTS[row, :length])
+    for _ in range(4):
+      logits = forward(model, jnp.asarray([sequence]))
+      sequence.append(int(jnp.argmax(logits[0, -1])))
+    assert list(generated[row]) == sequence[length:]
+
+
+def test_generate_inside_jit(model):
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def generate(state, prompts, lengths):
+    return greedy_generate(nnx.merge(graphdef, state), prompts, lengths, 4)
+
+  expected = greedy_generate(model, jnp.asarray(PROMPTS), jnp.asarray(PROMPT_LENGTHS), 4)
+  np.testing.assert_array_equal(generate(state, PROMPTS, PROMPT_LENGTHS), expected)
+
+
+def test_sample(model):
+  prompts, lengths = jnp.asarray(PROMPTS), jnp.asarray(PROMPT_LENGTHS)
+  first = sample(model, prompts, lengths, 4, jax.random.key(0))
+  assert first.shape == (3, 4) and first.dtype == prompts.dtype
+  np.testing.assert_array_equal(sample(model, prompts, lengths, 4, jax.random.key(0)), first)
+  assert (sample(model, prompts, lengths, 4, jax.random.key(1)) != first).any()
+  # A vanishing temperature leaves only the argmax.
+  np.testing.assert_array_equal(
+    sample(model, prompts, lengths, 4, jax.random.key(2), temperature=1e-6),
+    greedy_generate(model, prompts, lengths, 4),
+  )
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    sample(model, prompts, lengths, 4, jax.random.key(0), temperature=0.0)
