@@ -1,0 +1,52 @@
+"""Data for finch_jax: TFDS builders (array_record, no TensorFlow), Grain pipelines, tokenizers.
+
+    from finch_jax import data
+
+    source = data.data_source("embedded/biographies", "finetune", data_dir)
+    train = data.lm_dataset(source, tokenizer=data.ByteTokenizer(), seq_len=256,
+                            batch_size=32, seed=0, shard_index=jax.process_index(),
+                            shard_count=jax.process_count())
+    iterator = iter(train)  # iterator.get_state() goes into the checkpoint
+
+See `builders` for dataset names, `pipeline` for the batch format, `synthetic` for the embedded
+corpora.
+"""
+
+from finch_jax.data.builders import (
+  EmbeddedCorpus,
+  LocalText,
+  builder,
+  data_source,
+  decode_text,
+  prepare,
+)
+from finch_jax.data.pipeline import (
+  eval_batches,
+  fact_batches,
+  lm_batches,
+  lm_dataset,
+  lm_examples,
+  mixture,
+)
+from finch_jax.data.synthetic import biographies, embedded_corpus, synthetic_language
+from finch_jax.data.tokenizer import ByteTokenizer, Tokenizer
+
+__all__ = [
+  "ByteTokenizer",
+  "EmbeddedCorpus",
+  "LocalText",
+  "Tokenizer",
+  "biographies",
+  "builder",
+  "data_source",
+  "decode_text",
+  "embedded_corpus",
+  "eval_batches",
+  "fact_batches",
+  "lm_batches",
+  "lm_dataset",
+  "lm_examples",
+  "mixture",
+  "prepare",
+  "synthetic_language",
+]

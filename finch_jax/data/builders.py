@@ -1,0 +1,355 @@
+"""TFDS builders written as array_record and read back as random-access sources.
+
+Dataset names:
+
+- `"embedded/biographies"`, `"embedded/synthetic_language"`: generated locally by
+  `finch_jax.data.synthetic` (`EmbeddedCorpus`); nothing is downloaded.
+- `"local_text:<path>"`: a directory of UTF-8 `.txt` files, one file, or a glob (`LocalText`).
+- Anything else is a TFDS catalog name such as `"lm1b"` or `"wikipedia/20230601.en"`,
+  downloaded and prepared by TFDS on first use.
+
+No TensorFlow is needed for the first two. TFDS imports TF lazily, only where a feature or
+reader asks for it, and this path never asks: `Text` features are encoded with numpy, examples
+are serialized with TFDS's own copy of the `tf.train.Example` protos
+(`tensorflow_datasets.proto`), the array_record writer and reader are a C++ extension, and
+`as_data_source` parses with `ExampleParserNp` (protobuf + numpy), giving `bytes` for text
+features (`decode_text` turns a field into str). Catalog datasets need whatever their own
+builders need (many image datasets import TensorFlow to decode).
+
+Building happens once per name and options: a second `prepare` finds the finished directory
+`data_dir/<builder>/<config>/<version>` and reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from finch_jax.data import synthetic
+
+FILE_FORMAT = tfds.core.FileFormat.ARRAY_RECORD
+
+EMBEDDED_PREFIX = "embedded/"
+LOCAL_TEXT_PREFIX = "local_text:"
+
+VALID_NAMES_HELP = (
+  "valid dataset names are 'embedded/biographies', 'embedded/synthetic_language', "
+  "'local_text:<directory, file or glob of UTF-8 .txt files>', or a TFDS catalog name "
+  "(see tfds.list_builders())"
+)
+
+_FEATURE_NAMES = ("text", "prompt", "answer")
+
+
+def decode_text(value: str | bytes) -> str:
+  """A text field of a source record as str: TFDS sources give UTF-8 `bytes` without TF."""
+  return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _digest(payload: Any) -> str:
+  return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _PackagedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of the builders here: tells TFDS where their code is.
+
+  TFDS 4.9.10 locates a packaged builder's code through `importlib_resources`, a backport it
+  imports lazily but does not install on Python >= 3.9, so `download_and_prepare` of any builder
+  inside a package fails with ModuleNotFoundError. The path is known; give it directly.
+  """
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)
+
+
+@dataclasses.dataclass
+class EmbeddedConfig(tfds.core.BuilderConfig):
+  """Which embedded corpus to generate, and the options passed to its generator.
+
+  Attributes:
+    corpus: `"biographies"` or `"synthetic_language"` (see `synthetic.embedded_corpus`).
+    options: sorted `(name, value)` pairs for `synthetic.embedded_corpus`; empty for defaults.
+  """
+
+  corpus: str = "biographies"
+  options: tuple[tuple[str, Any], ...] = ()
+
+
+class EmbeddedCorpus(_PackagedBuilder):
+  """The synthetic benchmarks of `finch_jax.data.synthetic`, as a TFDS dataset.
+
+  Every example has three string features, empty where unused: `text` for text splits,
+  `prompt` and `answer` for fact splits (`retain_facts`, `task_facts`). Examples keep the
+  generator's order (shuffling belongs to the input pipeline), so `source[i]` is record i.
+
+  Splits per config:
+  - `biographies`: pretrain, finetune, retain_eval, task_eval, retain_facts, task_facts.
+  - `synthetic_language`: finetune, task_eval (the language), pretrain, retain_eval,
+    retain_facts (identical to those of `biographies` built with the same options).
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Biographies and synthetic language of finch_jax.data.synthetic."}
+  BUILDER_CONFIGS = [
+    EmbeddedConfig(name=corpus, corpus=corpus, description=f"synthetic.embedded_corpus({corpus!r})")
+    for corpus in synthetic.CORPORA
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = tfds.features.FeaturesDict({key: tfds.features.Text() for key in _FEATURE_NAMES})
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=self.__doc__,
+      features=features,
+      disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # Nothing to download.
+    config = self.builder_config
+    records = synthetic.embedded_corpus(config.corpus, **dict(config.options))
+    return {split: self._generate_examples(rows) for split, rows in records.items()}
+
+  def _generate_examples(self, rows: list[dict[str, str]]) -> Iterator[tuple[int, dict]]:
+    for index, row in enumerate(rows):
+      yield index, {key: row.get(key, "") for key in _FEATURE_NAMES}
+
+
+def embedded_config(corpus: str, **options: Any) -> EmbeddedConfig:
+  """The config for `corpus` with generator `options`; non-default options get their own name.
+
+  The name carries a digest of the options that differ from their defaults, so differently
+  sized corpora live side by side in one data_dir, each built once, and spelling out a default
+  reuses the default build.
+  """
+  if corpus not in synthetic.CORPORA:
+    raise ValueError(f"unknown embedded corpus {corpus!r}; {VALID_NAMES_HELP}.")
+  synthetic.check_options(corpus, options)  # Fail now, not halfway through a build.
+  defaults = synthetic.corpus_options(corpus)
+  options = {key: value for key, value in options.items() if value != defaults[key]}
+  if not options:
+    return next(c for c in EmbeddedCorpus.BUILDER_CONFIGS if c.name == corpus)
+  items = tuple(sorted(options.items()))
+  return EmbeddedConfig(
+    name=f"{corpus}-{_digest(items)}",
+    corpus=corpus,
+    options=items,
+    description=f"synthetic.embedded_corpus({corpus!r}, **{dict(items)!r})",
+  )
+
+
+@dataclasses.dataclass
+class LocalTextConfig(tfds.core.BuilderConfig):
+  """Where a user's text lives and how it is cut into examples.
+
+  Attributes:
+    path: absolute directory (all `*.txt` below it, recursively), file, or glob.
+    unit: `"paragraph"` (blocks separated by blank lines) or `"line"` (each non-empty line).
+    validation_fraction: share of examples sent to `validation`, chosen by a hash of the text.
+  """
+
+  path: str = ""
+  unit: str = "paragraph"
+  validation_fraction: float = 0.05
+
+
+UNITS = ("paragraph", "line")
+
+
+def local_text_files(path: str) -> list[Path]:
+  """The files `local_text:<path>` reads, sorted: a directory's `*.txt`, one file, or a glob.
+
+  Raises:
+    FileNotFoundError: when nothing exists at `path`, naming the fix.
+    ValueError: when `path` holds no text files.
+  """
+  if glob.has_magic(path):
+    files = sorted(Path(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    where = f"the glob {path!r}"
+  elif os.path.isdir(path):
+    files = sorted(p for p in Path(path).rglob("*.txt") if p.is_file())
+    where = f"the directory {path!r}"
+  elif os.path.isfile(path):
+    return [Path(path)]
+  else:
+    raise FileNotFoundError(
+      f"local_text: {path!r} does not exist. Pass 'local_text:<directory>' with UTF-8 .txt files "
+      "in it (searched recursively), one file, or a glob such as 'local_text:/data/**/*.md'."
+    )
+  if not files:
+    raise ValueError(
+      f"local_text: no files in {where}. Put UTF-8 .txt files there, or pass a glob that "
+      "matches your files, e.g. 'local_text:/data/books/**/*.md'."
+    )
+  return files
+
+
+def _read_units(file: Path, unit: str) -> list[str]:
+  try:
+    text = file.read_text(encoding="utf-8")
+  except UnicodeDecodeError as error:
+    raise ValueError(
+      f"local_text: {file} is not valid UTF-8 ({error.reason} at byte {error.start}); "
+      "convert it, e.g. `iconv -f latin1 -t utf-8`."
+    ) from None
+  text = text.replace("\r\n", "\n")
+  pieces = text.split("\n") if unit == "line" else re.split(r"\n[ \t]*\n", text)
+  return [piece.strip() for piece in pieces if piece.strip()]
+
+
+def _hash_fraction(text: str) -> float:
+  """A number in [0, 1) fixed by the text alone, so a split never depends on file order."""
+  return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def split_local_text(texts: list[str], validation_fraction: float) -> dict[str, list[str]]:
+  """`texts` split into `train` and `validation` by a hash of each text.
+
+  Equal texts land in the same split, so duplicates cannot leak from train into validation.
+  With `validation_fraction > 0` and at least two distinct texts neither split is empty: if the
+  hash sends none to one side, the text with the smallest (largest) hash moves over.
+  """
+  if not 0.0 <= validation_fraction < 1.0:
+    raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
+  fractions = [_hash_fraction(t) for t in texts]
+  is_validation = [f < validation_fraction for f in fractions]
+  if validation_fraction > 0 and len(set(texts)) >= 2:
+    if not any(is_validation):
+      smallest = min(fractions)
+      is_validation = [f == smallest for f in fractions]
+    elif all(is_validation):
+      largest = max(fractions)
+      is_validation = [f != largest for f in fractions]
+  splits = {"train": [t for t, v in zip(texts, is_validation, strict=True) if not v]}
+  if validation_fraction > 0:
+    splits["validation"] = [t for t, v in zip(texts, is_validation, strict=True) if v]
+  return splits
+
+
+class LocalText(_PackagedBuilder):
+  """A user's UTF-8 text files as a TFDS dataset with one `text` feature.
+
+  Built with a `LocalTextConfig` (use `prepare("local_text:<path>", data_dir)`): each paragraph
+  (or line, `unit="line"`) is one example; `train`/`validation` are chosen by a hash of the text
+  (`split_local_text`); examples keep file order, files sorted by path. The config name holds a
+  fingerprint of the path, options and each file's name, size and modification time, so edited
+  files are rebuilt into a new directory rather than silently reusing stale data.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Paragraph or line examples, hash-based validation split."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=self.__doc__,
+      features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+      disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # The files are local.
+    config = self.builder_config
+    if not isinstance(config, LocalTextConfig):
+      raise ValueError("LocalText needs a path: use prepare('local_text:<path>', data_dir).")
+    texts = [t for f in local_text_files(config.path) for t in _read_units(f, config.unit)]
+    if not texts:
+      raise ValueError(f"local_text: the files at {config.path!r} contain no text.")
+    splits = split_local_text(texts, config.validation_fraction)
+    return {split: self._generate_examples(rows) for split, rows in splits.items()}
+
+  def _generate_examples(self, texts: list[str]) -> Iterator[tuple[int, dict]]:
+    for index, text in enumerate(texts):
+      yield index, {"text": text}
+
+
+def local_text_config(
+  path: str, *, unit: str = "paragraph", validation_fraction: float = 0.05
+) -> LocalTextConfig:
+  """The config for the text at `path`, named by a fingerprint of path, options and files."""
+  if unit not in UNITS:
+    raise ValueError(f"local_text: unit must be one of {UNITS}, got {unit!r}.")
+  if not 0.0 <= validation_fraction < 1.0:
+    raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
+  if not path:
+    raise ValueError(f"local_text needs a path after the colon; {VALID_NAMES_HELP}.")
+  path = os.path.abspath(os.path.expanduser(path))
+  files = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in local_text_files(path)]
+  fingerprint = _digest([path, unit, validation_fraction, files])
+  return LocalTextConfig(
+    name=f"text-{fingerprint}",
+    path=path,
+    unit=unit,
+    validation_fraction=validation_fraction,
+    description=f"{unit}s of {path}",
+  )
+
+
+def builder(name: str, data_dir: str | os.PathLike, **options: Any) -> tfds.core.DatasetBuilder:
+  """The TFDS builder for `name` (see the module docstring), writing array_record under data_dir.
+
+  Options: for embedded corpora, sizes and seed of `synthetic.embedded_corpus`; for local text,
+  `unit` and `validation_fraction`; for catalog names, `tfds.builder` keyword arguments.
+
+  Raises:
+    ValueError: for an unknown name, listing the valid forms.
+  """
+  data_dir = os.fspath(data_dir)
+  if name.startswith(EMBEDDED_PREFIX):
+    config = embedded_config(name.removeprefix(EMBEDDED_PREFIX), **options)
+    return EmbeddedCorpus(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
+  if name.startswith(LOCAL_TEXT_PREFIX):
+    config = local_text_config(name.removeprefix(LOCAL_TEXT_PREFIX), **options)
+    return LocalText(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
+  try:
+    return tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT, **options)
+  except tfds.core.registered.DatasetNotFoundError as error:
+    first_line = str(error).splitlines()[0]
+    raise ValueError(f"unknown dataset {name!r} ({first_line}); {VALID_NAMES_HELP}.") from None
+  except ValueError as error:
+    raise ValueError(f"cannot use dataset {name!r}: {error}; {VALID_NAMES_HELP}.") from None
+
+
+def prepare(name: str, data_dir: str | os.PathLike, **options: Any) -> tfds.core.DatasetBuilder:
+  """Builds `name` into `data_dir` unless it is already there, and returns its builder.
+
+  Safe when several processes share `data_dir`: TFDS writes into a temporary directory and
+  renames it; a process that loses that race finds the winner's copy and uses it.
+  """
+  dataset = builder(name, data_dir, **options)
+  try:  # Returns at once when the data is already there.
+    dataset.download_and_prepare(file_format=FILE_FORMAT)
+  except OSError:
+    # Another process renamed its finished copy into place first.
+    dataset = builder(name, data_dir, **options)
+    if not dataset.is_prepared():
+      raise
+  return dataset
+
+
+def data_source(
+  name: str, split: str, data_dir: str | os.PathLike, **options: Any
+) -> Sequence[dict[str, Any]]:
+  """A random-access source (`len`, `source[i]`) over `split` of `name`, built if needed.
+
+  `split` may use TFDS slicing, e.g. `"train[:10%]"`. Records are dicts of numpy values; text
+  features are UTF-8 `bytes` (see `decode_text`). The source is TFDS's `ArrayRecordDataSource`.
+  """
+  dataset = prepare(name, data_dir, **options)
+  if split.split("[")[0] not in dataset.info.splits:
+    raise ValueError(
+      f"dataset {name!r} has no split {split!r}; it has {sorted(dataset.info.splits)}."
+    )
+  return dataset.as_data_source(split=split)
