@@ -1,0 +1,98 @@
+"""The embedded demo: pretrain a tiny base, fine-tune it with and without FINCH, compare fairly.
+
+`python train.py` runs this. It builds the embedded biographies dataset, pretrains a ~0.4M
+parameter transformer on the base population (cached in WORKDIR/base), then fine-tunes it on a
+new population with AdamW alone and with FINCH around the same AdamW, each over a learning-rate
+sweep and two seeds, and reports forgetting at matched task loss.
+"""
+
+import ml_collections
+
+from finch_jax.models import TransformerConfig
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The default configuration; every other config starts from it."""
+  config = ml_collections.ConfigDict()
+  config.mode = "compare"  # "pretrain", "finetune" or "compare" (sweeps + matched report).
+  config.seed = 0  # Parameter initialisation and data order.
+  config.num_train_steps = 150  # Optimizer steps of one (fine-tuning) run.
+  config.grad_accum_steps = 1  # Micro-batches per step; FINCH sees their mean loss.
+  config.log_every = 25  # Steps between metrics records (metrics.jsonl, TensorBoard).
+  config.eval_every = 50  # Steps between evaluations of the eval sets (and at the end).
+  config.checkpoint_every = 150  # Steps between checkpoints (and at the end).
+  config.keep_checkpoints = 2  # Checkpoints kept in WORKDIR/checkpoints.
+  config.base_checkpoint = ""  # Workdir of the base model to fine-tune (mode "finetune").
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "embedded/biographies"  # Dataset: embedded/..., local_text:PATH or TFDS.
+  config.data.data_dir = ""  # Where datasets are built; "" means WORKDIR/data.
+  config.data.options = {  # Builder options per dataset ("/" written as "_").
+    "embedded_biographies": {"num_base_people": 200, "num_new_people": 100},
+  }
+  config.data.train = {"name": "", "split": "finetune"}  # Training split ("" = data.name).
+  config.data.eval_sets = {  # Named loss sets; forgetting = retain loss after - before.
+    "task": {"name": "", "split": "task_eval"},
+    "retain": {"name": "", "split": "retain_eval"},
+  }
+  config.data.fact_sets = {  # Named fact-recall sets (accuracy of greedy completion).
+    "task": {"name": "", "split": "task_facts"},
+    "retain": {"name": "", "split": "retain_facts"},
+  }
+  config.data.seq_len = 128  # Tokens per row (byte-level tokenizer).
+  config.data.batch_size = 16  # Rows per global batch.
+  config.data.packing = True  # Pack several examples per row with segment ids.
+  config.data.eval_examples = 200  # Examples per eval set (the first ones); 0 means all.
+  config.data.fact_examples = 0  # Facts per fact set; 0 means all.
+  config.data.max_prompt_len = 48  # Prompt width of fact batches.
+  config.data.answer_len = 40  # Answer width of fact batches.
+
+  config.model = TransformerConfig.tiny().__dict__.copy()  # Architecture (TransformerConfig).
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # Data-parallel devices (-1: all that the other axes leave).
+  config.mesh.fsdp = 1  # Devices parameters and batch are sharded over (FSDP).
+  config.mesh.tensor = 1  # Tensor-parallel devices (heads, MLP, vocabulary).
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"  # "adamw" or "sgd".
+  config.optimizer.learning_rate = 1e-3  # Peak learning rate.
+  config.optimizer.schedule = "constant"  # "constant" or "cosine" after warm-up.
+  config.optimizer.warmup_steps = 0  # Linear warm-up steps.
+  config.optimizer.final_lr_fraction = 0.0  # Cosine: final rate as a fraction of the peak.
+  config.optimizer.weight_decay = 0.0  # AdamW's decoupled weight decay.
+  config.optimizer.b1 = 0.9  # Adam's first-moment decay.
+  config.optimizer.b2 = 0.95  # Adam's second-moment decay.
+  config.optimizer.eps = 1e-8  # Adam's epsilon.
+  config.optimizer.momentum = 0.9  # SGD's momentum (0 for none).
+  config.optimizer.grad_clip = 1.0  # Global gradient-norm clip; 0 disables.
+
+  config.finch = ml_collections.ConfigDict()
+  config.finch.enabled = True  # Scale the optimizer's updates by FINCH.
+  config.finch.reference_loss = ml_collections.config_dict.placeholder(float)  # None: 1st loss.
+  config.finch.loss_floor = 0.0  # Lower bound of the loss.
+  config.finch.min_scale = 0.1  # Smallest multiplier.
+  config.finch.max_scale = 4.0  # Largest multiplier.
+  config.finch.ema_decay = 0.0  # Smoothing of the loss FINCH reads (0: each batch).
+
+  config.compare = ml_collections.ConfigDict()
+  config.compare.baseline = "standard"  # The method others are measured against.
+  config.compare.seeds = (0, 1)  # Seeds of every sweep point (data order).
+  config.compare.methods = {  # Name -> config overrides and the learning rates to sweep.
+    "standard": {"finch": {"enabled": False}, "learning_rates": (3e-4, 1e-3, 3e-3)},
+    "finch": {"finch": {"enabled": True}, "learning_rates": (1e-4, 3e-4, 1e-3)},
+  }
+  config.compare.pretrain = {  # Overrides that make the base model (cached in WORKDIR/base).
+    "num_train_steps": 600,
+    "checkpoint_every": 200,
+    "eval_every": 0,
+    "log_every": 50,
+    "data": {"train": {"name": "", "split": "pretrain"}, "batch_size": 32},
+    "optimizer": {
+      "learning_rate": 3e-3,
+      "schedule": "cosine",
+      "warmup_steps": 50,
+      "final_lr_fraction": 0.1,
+    },
+  }
+  return config

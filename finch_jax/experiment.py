@@ -1,0 +1,251 @@
+"""From a config to a finished run: data, mesh, model, optimizer, checkpoints, evaluation.
+
+`train_and_evaluate(config, workdir)` is the one entry `train.py` calls. By `config.mode`:
+
+- `pretrain`: train a model from scratch on `config.data.train` (resumable from `workdir`).
+- `finetune`: start from `config.base_checkpoint`, measure the eval sets before, train on
+  `config.data.train`, measure them again, write `report.json`/`report.md` (resumable).
+- `compare`: pretrain a base (cached in `workdir/base`), then run each method's learning-rate
+  sweep and report forgetting at matched task loss (`finch_jax.forgetting`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+
+from finch_jax import data as data_lib
+from finch_jax import sharding as shd
+from finch_jax.checkpoint import Checkpointer, restore_params
+from finch_jax.models import TransformerConfig
+from finch_jax.trainer import MetricsWriter, Trainer, TrainState, fit, make_optimizer
+
+MODES = ("pretrain", "finetune", "compare")
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where datasets are built: `config.data.data_dir`, or `WORKDIR/data`."""
+  return config.data.data_dir or os.path.join(workdir, "data")
+
+
+def _dataset_options(config: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
+  options = config.data.get("options", {}) or {}
+  return dict(options.get(name.replace("/", "_"), {}) or {})
+
+
+def source(config: ml_collections.ConfigDict, workdir: str, spec: Mapping[str, str]):
+  """The random-access source named by a `{name, split}` spec (name '' means `data.name`)."""
+  name = spec.get("name") or config.data.name
+  return data_lib.data_source(
+    name, spec["split"], data_dir(config, workdir), **_dataset_options(config, name)
+  )
+
+
+def make_trainer(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> Trainer:
+  """The trainer a config describes (model, optimizer with or without FINCH, mesh)."""
+  tx, shape = make_optimizer(
+    config.optimizer.to_dict(), config.finch.to_dict(), config.num_train_steps
+  )
+  mesh = mesh or shd.make_mesh(**config.mesh.to_dict())
+  return Trainer(
+    TransformerConfig.from_dict(config.model),
+    tx,
+    shape,
+    mesh,
+    grad_accum_steps=config.grad_accum_steps,
+  )
+
+
+def train_batches(config: ml_collections.ConfigDict, workdir: str, seed: int):
+  """The Grain dataset of this process's training batches (mixing in replay when configured)."""
+  tokenizer = data_lib.ByteTokenizer()
+  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+  local_batch = _local_batch_size(config)
+  return data_lib.lm_dataset(
+    source(config, workdir, config.data.train),
+    tokenizer=tokenizer,
+    seq_len=config.data.seq_len,
+    batch_size=local_batch,
+    seed=seed,
+    packing=config.data.packing,
+    **shard,
+  )
+
+
+def _local_batch_size(config: ml_collections.ConfigDict) -> int:
+  if config.data.batch_size % jax.process_count():
+    raise ValueError(
+      f"data.batch_size={config.data.batch_size} does not divide among "
+      f"{jax.process_count()} processes: use a multiple of {jax.process_count()}."
+    )
+  return config.data.batch_size // jax.process_count()
+
+
+class Evaluator:
+  """Losses on the named eval sets and fact-recall accuracy on the named fact sets."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, trainer: Trainer):
+    self.trainer = trainer
+    tokenizer = data_lib.ByteTokenizer()
+    shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+    local_batch = _local_batch_size(config)
+    self.loss_sets = {
+      name: data_lib.eval_batches(
+        source(config, workdir, spec),
+        tokenizer=tokenizer,
+        seq_len=config.data.seq_len,
+        batch_size=local_batch,
+        num_examples=config.data.eval_examples or None,
+        packing=True,
+        **shard,
+      )
+      for name, spec in config.data.eval_sets.items()
+    }
+    self.fact_sets = {
+      name: data_lib.fact_batches(
+        source(config, workdir, spec),
+        tokenizer=tokenizer,
+        max_prompt_len=config.data.max_prompt_len,
+        answer_len=config.data.answer_len,
+        batch_size=local_batch,
+        num_examples=config.data.fact_examples or None,
+        **shard,
+      )
+      for name, spec in config.data.get("fact_sets", {}).items()
+    }
+
+  def __call__(self, params: Any, *, facts: bool = True) -> dict[str, float]:
+    """`{NAME_loss: ..., NAME_fact_accuracy: ...}` for every configured set."""
+    out = {f"{name}_loss": self.trainer.evaluate(params, b) for name, b in self.loss_sets.items()}
+    if facts:
+      for name, batches in self.fact_sets.items():
+        out[f"{name}_fact_accuracy"] = self.trainer.fact_accuracy(params, batches)
+    return out
+
+
+def run_training(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  trainer: Trainer | None = None,
+  init_params: Any = None,
+  learning_rate: float | None = None,
+  seed: int | None = None,
+  evaluator: Evaluator | None = None,
+  progress: bool = True,
+):
+  """One training run in `workdir`, resumed from its latest checkpoint when there is one.
+
+  Returns the `FitResult`. Parameters start from `init_params` (e.g. a base model), else from a
+  fresh initialisation with `config.seed`.
+  """
+  seed = config.seed if seed is None else seed
+  trainer = trainer or make_trainer(config)
+  primary = jax.process_index() == 0
+  checkpointer = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    save_every=config.checkpoint_every,
+    max_to_keep=config.keep_checkpoints,
+    config=json.loads(config.to_json()),
+  )
+  dataset = train_batches(config, workdir, seed)
+  iterator = iter(dataset)
+  checkpointer.data_iterator = iterator
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(trainer.abstract_state())
+    logging.info("Resumed %s at step %d.", workdir, int(state.step))
+  else:
+    params = trainer.init_params(seed) if init_params is None else init_params
+    state = trainer.create_state(params, learning_rate=learning_rate)
+  writer = MetricsWriter(workdir, enabled=primary)
+  tokens = config.data.batch_size * config.data.seq_len
+  try:
+    result = fit(
+      trainer,
+      state,
+      iterator,
+      num_train_steps=config.num_train_steps,
+      log_every=config.log_every,
+      eval_every=config.eval_every,
+      evaluate=None if evaluator is None else _final_facts_only(evaluator, config),
+      writer=writer,
+      checkpointer=checkpointer,
+      progress=progress,
+      tokens_per_batch=tokens,
+    )
+  finally:
+    writer.close()
+    checkpointer.close()
+  return result
+
+
+def _final_facts_only(evaluator: Evaluator, config: ml_collections.ConfigDict):
+  """Losses at every evaluation; fact recall (greedy decoding, slower) at the last step only."""
+  return lambda params, step: evaluator(params, facts=step == config.num_train_steps)
+
+
+def base_params(config: ml_collections.ConfigDict, trainer: Trainer) -> Any:
+  """The base model's parameters from `config.base_checkpoint`, laid out for `trainer`."""
+  if not config.base_checkpoint:
+    raise ValueError(
+      "Fine-tuning needs a base model: set --config.base_checkpoint=WORKDIR of a pretraining "
+      "run (e.g. one made with configs/pretrain_tiny.py)."
+    )
+  abstract = trainer.abstract_state().params
+  return restore_params(config.base_checkpoint, abstract)
+
+
+def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Fine-tunes the base checkpoint and reports forgetting of this single run."""
+  from finch_jax import forgetting
+
+  trainer = make_trainer(config)
+  evaluator = Evaluator(config, workdir, trainer)
+  params = base_params(config, trainer)
+  before = evaluator(params)
+  result = run_training(config, workdir, trainer=trainer, init_params=params, evaluator=evaluator)
+  after = result.evals[-1] if result.evals else evaluator(result.state.params)
+  name = "finch" if config.finch.enabled else "standard"
+  report = forgetting.single_run_report(name, config, before, after)
+  if jax.process_index() == 0:
+    forgetting.write_report(workdir, report)
+  return report
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """Runs what `config.mode` asks for in `workdir`; see the module docstring."""
+  if config.mode not in MODES:
+    raise ValueError(f"Unknown config.mode {config.mode!r}: use one of {MODES}.")
+  os.makedirs(workdir, exist_ok=True)
+  if config.mode == "pretrain":
+    trainer = make_trainer(config)
+    evaluator = Evaluator(config, workdir, trainer) if config.data.eval_sets else None
+    return run_training(config, workdir, trainer=trainer, evaluator=evaluator)
+  if config.mode == "finetune":
+    return finetune(config, workdir)
+  from finch_jax import forgetting
+
+  return forgetting.compare(config, workdir)
+
+
+__all__ = [
+  "Evaluator",
+  "MODES",
+  "TrainState",
+  "base_params",
+  "data_dir",
+  "finetune",
+  "make_trainer",
+  "run_training",
+  "source",
+  "train_and_evaluate",
+  "train_batches",
+]

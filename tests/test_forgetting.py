@@ -1,0 +1,122 @@
+"""Matched-task-loss reading of the sweeps, and the report the default run writes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from finch_jax import forgetting
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(method, lr, seed, task_loss, forgetting_value, **extra):
+  return {
+    "method": method,
+    "learning_rate": lr,
+    "seed": seed,
+    "task_loss": task_loss,
+    "forgetting": forgetting_value,
+    **extra,
+  }
+
+
+def test_monotone_sweep_stops_where_a_higher_rate_no_longer_helps():
+  points = [
+    run("a", lr, 0, loss, 0.0) for lr, loss in [(3e-3, 0.8), (1e-4, 2.0), (1e-3, 1.0), (1e-2, 0.9)]
+  ]
+  kept = forgetting.monotone_sweep(points, "task_loss", increasing=False)
+  assert [p["learning_rate"] for p in kept] == [1e-4, 1e-3, 3e-3]
+
+
+def test_interpolation_is_linear_in_task_loss_and_log_linear_in_rate():
+  points = [run("a", 1e-4, 0, 2.0, 0.1), run("a", 1e-3, 0, 1.0, 0.3)]
+  assert forgetting.interpolate(points, "task_loss", 1.5, "forgetting") == pytest.approx(0.2)
+  lr = forgetting.interpolate(points, "task_loss", 1.5, "learning_rate")
+  assert lr == pytest.approx(math.sqrt(1e-4 * 1e-3))
+  assert math.isnan(forgetting.interpolate(points, "task_loss", 0.5, "forgetting"))
+
+
+def test_matched_reads_every_method_at_the_best_loss_all_reach():
+  runs = []
+  for seed, shift in [(0, 0.0), (1, 0.02)]:
+    # "standard" reaches 0.9, "finch" only 1.0: the common target is 1.0.
+    runs += [
+      run("standard", 1e-4, seed, 2.0, 0.10 + shift),
+      run("standard", 1e-3, seed, 0.9, 0.32 + shift),
+    ]
+    runs += [
+      run("finch", 3e-5, seed, 2.0, 0.05 + shift),
+      run("finch", 3e-4, seed, 1.0, 0.15 + shift),
+    ]
+  out = forgetting.matched(runs, "task_loss", "forgetting")
+  assert out["target"] == pytest.approx(1.0)
+  # standard at 1.0: 10% of the way from 2.0 to 0.9 ... 1.0 is 1.0/1.1 of the way.
+  frac = (2.0 - 1.0) / (2.0 - 0.9)
+  want_standard = 0.10 + frac * 0.22 + 0.01
+  assert out["methods"]["standard"]["forgetting"] == pytest.approx(want_standard)
+  assert out["methods"]["finch"]["forgetting"] == pytest.approx(0.16)
+  assert out["methods"]["finch"]["forgetting_std"] == pytest.approx(0.01)
+  change = forgetting.relative_change(
+    out["methods"]["finch"]["per_seed"], out["methods"]["standard"]["per_seed"], "forgetting"
+  )
+  assert change[0] == pytest.approx(
+    (
+      (0.15 - (0.10 + frac * 0.22)) / (0.10 + frac * 0.22)
+      + (0.17 - (0.12 + frac * 0.22)) / (0.12 + frac * 0.22)
+    )
+    / 2
+  )
+
+
+@pytest.mark.slow
+def test_default_run_end_to_end_through_train_py(tmp_path):
+  """The default command on shrunken sizes: base, sweeps, matched report, plots, cache reuse."""
+  workdir = tmp_path / "wd"
+  args = [
+    sys.executable,
+    os.path.join(ROOT, "train.py"),
+    f"--workdir={workdir}",
+    "--config.model.num_layers=1",
+    "--config.model.d_model=32",
+    "--config.model.num_heads=2",
+    "--config.model.num_kv_heads=1",
+    "--config.model.d_ff=64",
+    "--config.data.seq_len=32",
+    "--config.data.batch_size=8",
+    "--config.data.eval_examples=16",
+    "--config.data.fact_examples=16",
+    "--config.num_train_steps=8",
+    "--config.eval_every=4",
+    "--config.log_every=4",
+    "--config.compare.seeds=(0,)",
+    "--config.compare.methods.standard.learning_rates=(1e-3,1e-2)",
+    "--config.compare.methods.finch.learning_rates=(1e-3,1e-2)",
+    "--config.compare.pretrain.num_train_steps=10",
+    "--config.compare.pretrain.data.batch_size=8",
+  ]
+  env = {**os.environ, "XLA_FLAGS": ""}
+  first = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "| method | task loss" in first.stdout
+  with open(workdir / "report.json") as f:
+    report = json.load(f)
+  assert set(report["methods"]) == {"standard", "finch"}
+  for entry in report["methods"].values():
+    for key in ("task_loss", "retain_loss_before", "retain_loss_after", "forgetting"):
+      assert key in entry
+  assert len(report["runs"]) == 4
+  for name in ("report.md", "frontier.png", "curves.png", "base/metrics.jsonl"):
+    assert (workdir / name).exists(), name
+  with open(workdir / "runs" / "finch" / "lr0.001_seed0" / "metrics.jsonl") as f:
+    record = json.loads(f.readline())
+  assert {"step", "loss", "finch_scale"} <= set(record)
+
+  # A second run reuses the base and every finished sweep point: no training at all.
+  second = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+  assert second.returncode == 0, second.stderr[-3000:]
+  with open(workdir / "report.json") as f:
+    assert json.load(f)["methods"] == report["methods"]

@@ -1,0 +1,218 @@
+"""The trainer: sharded equals single-device, accumulation feeds the mean loss, resume is exact."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from finch_jax import experiment, find_finch_states
+from finch_jax import sharding as shd
+from finch_jax.models import TransformerConfig
+from finch_jax.trainer import Trainer, make_optimizer
+
+SMALL_MODEL = TransformerConfig.tiny(
+  num_layers=1, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64, max_len=128
+)
+
+
+def small_config(**changes):
+  """The default config shrunk to seconds: a one-layer model and 30 biographies."""
+  config = default.get_config()
+  config.model = SMALL_MODEL.__dict__.copy()
+  config.data.options = {"embedded_biographies": {"num_base_people": 20, "num_new_people": 10}}
+  config.data.seq_len = 32
+  config.data.batch_size = 8
+  config.data.eval_examples = 16
+  config.data.fact_examples = 16
+  config.num_train_steps = 6
+  config.log_every = 1
+  config.eval_every = 3
+  config.checkpoint_every = 3
+  for key, value in changes.items():
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+def random_batch(rng, batch=8, length=32):
+  tokens = rng.integers(3, 259, (batch, length + 1)).astype(np.int32)
+  weights = np.ones((batch, length), np.float32)
+  weights[: batch // 2, length // 2 :] = 0.0  # uneven weights: micro-batch means differ
+  return {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "weights": weights,
+    "segment_ids": np.ones((batch, length), np.int32),
+    "positions": np.tile(np.arange(length, dtype=np.int32), (batch, 1)),
+  }
+
+
+def make_trainer(mesh, accum=1, finch_enabled=True):
+  tx, shape = make_optimizer(
+    {"name": "adamw", "learning_rate": 3e-3, "grad_clip": 1.0}, {"enabled": finch_enabled}, 10
+  )
+  return Trainer(SMALL_MODEL, tx, shape, mesh, grad_accum_steps=accum)
+
+
+def test_sharded_run_matches_one_device():
+  one = make_trainer(shd.make_mesh(data=1, devices=jax.devices()[:1]))
+  eight = make_trainer(shd.make_mesh(data=4, fsdp=2))
+  params = jax.device_get(one.init_params(0))
+  s1, s8 = one.create_state(params), eight.create_state(params)
+  assert s8.params["embed"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  assert s8.params["embed"].sharding.mesh.shape["fsdp"] == 2
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    batch = random_batch(rng)
+    s1, m1 = one.train_step(s1, one.global_batch(batch))
+    s8, m8 = eight.train_step(s8, eight.global_batch(batch))
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["finch_scale"], m8["finch_scale"], rtol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    jax.device_get(s1.params),
+    jax.device_get(s8.params),
+  )
+
+
+def test_accumulation_feeds_finch_the_mean_loss_of_the_whole_batch():
+  mesh = shd.make_mesh(data=1, devices=jax.devices()[:1])
+  whole, accumulated = make_trainer(mesh, accum=1), make_trainer(mesh, accum=4)
+  params = jax.device_get(whole.init_params(0))
+  batch = random_batch(np.random.default_rng(1))
+  s1, m1 = whole.train_step(whole.create_state(params), whole.global_batch(batch))
+  s4, m4 = accumulated.train_step(accumulated.create_state(params), accumulated.global_batch(batch))
+  np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+  # FINCH took the mean loss as its reference, not the last micro-batch's loss.
+  ref = float(find_finch_states(s4.opt_state)[0].reference_loss)
+  np.testing.assert_allclose(ref, float(m1["loss"]), rtol=1e-6)
+  last_micro = {k: v[3::4] for k, v in batch.items()}
+  last_loss = whole._eval_step(s1.params, whole.global_batch(last_micro))
+  assert abs(float(last_loss[0] / last_loss[1]) - ref) > 1e-3
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    jax.device_get(s1.params),
+    jax.device_get(s4.params),
+  )
+
+
+def test_fact_accuracy_equals_greedy_decoding(tmp_path):
+  from finch_jax import data
+  from finch_jax.models import greedy_generate
+
+  config = small_config()
+  trainer = experiment.make_trainer(config)
+  params = trainer.init_params(3)
+  facts = experiment.source(config, str(tmp_path), {"name": "", "split": "retain_facts"})
+  batches = list(
+    data.fact_batches(
+      facts, tokenizer=data.ByteTokenizer(), max_prompt_len=48, answer_len=40, batch_size=8
+    )
+  )[:2]
+  # Make some answers right: replace them with what the model itself generates.
+  from flax import nnx
+
+  model = nnx.merge(trainer.graphdef, params)
+  for b in batches:
+    generated = np.asarray(greedy_generate(model, b["prompts"], b["prompt_lengths"], 40))
+    b["answers"][::2] = np.where(b["answer_mask"][::2] > 0, generated[::2], 0)
+  want = []
+  for b in batches:
+    generated = np.asarray(greedy_generate(model, b["prompts"], b["prompt_lengths"], 40))
+    ok = np.all((generated == b["answers"]) | (b["answer_mask"] == 0), axis=1)
+    want.extend(ok[b["example_mask"] > 0])
+  got = trainer.fact_accuracy(params, batches)
+  assert 0 < got < 1
+  assert got == pytest.approx(np.mean(want))
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_resume_matches_uninterrupted_run_exactly(tmp_path):
+  config = small_config()
+  straight = str(tmp_path / "straight")
+  full = experiment.run_training(config, straight, progress=False)
+
+  resumed = str(tmp_path / "resumed")
+  config.num_train_steps = 3
+  experiment.run_training(config, resumed, progress=False)
+  config.num_train_steps = 6
+  result = experiment.run_training(config, resumed, progress=False)
+
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.device_get(full.state.params),
+    jax.device_get(result.state.params),
+  )
+  assert _losses(resumed) == _losses(straight)
+  assert sorted(_losses(straight)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_finetune_needs_a_base_checkpoint(tmp_path):
+  config = small_config(mode="finetune")
+  with pytest.raises(ValueError, match="base_checkpoint"):
+    experiment.train_and_evaluate(config, str(tmp_path))
+  config.base_checkpoint = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="base_checkpoint"):
+    experiment.train_and_evaluate(config, str(tmp_path))
+
+
+def test_finetune_from_base_reports_forgetting(tmp_path):
+  base = str(tmp_path / "base")
+  experiment.train_and_evaluate(small_config(mode="pretrain"), base)
+  config = small_config(mode="finetune", base_checkpoint=base)
+  report = experiment.train_and_evaluate(config, str(tmp_path / "ft"))
+  entry = report["methods"]["finch"]
+  assert entry["forgetting"] == pytest.approx(
+    entry["retain_loss_after"] - entry["retain_loss_before"]
+  )
+  with open(tmp_path / "ft" / "report.json") as f:
+    assert json.load(f)["methods"]["finch"]["task_loss"] == pytest.approx(entry["task_loss"])
+  # "Before" is the base model itself: the pretraining run's own final evaluation agrees.
+  with open(os.path.join(base, "metrics.jsonl")) as f:
+    base_eval = [r for r in map(json.loads, f) if "retain_loss" in r][-1]
+  assert entry["retain_loss_before"] == pytest.approx(base_eval["retain_loss"], rel=1e-5)
+
+
+def test_metrics_hold_finch_telemetry(tmp_path):
+  config = small_config(num_train_steps=2, eval_every=0)
+  experiment.run_training(config, str(tmp_path), progress=False)
+  with open(tmp_path / "metrics.jsonl") as f:
+    first = json.loads(f.readline())
+  for key in (
+    "step",
+    "loss",
+    "finch_scale",
+    "forgetting_bound",
+    "effective_learning_rate",
+    "tokens_per_second",
+    "step_time",
+    "input_wait_share",
+    "num_skipped",
+  ):
+    assert key in first
+  assert first["finch_scale"] == pytest.approx(1.0)
+  assert first["forgetting_bound"] == pytest.approx(np.sqrt(first["loss"]), rel=1e-5)
+  assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_linen_and_mixed_precision_train_step_runs():
+  config = SMALL_MODEL.__dict__ | {"dtype": "bfloat16"}
+  tx, shape = make_optimizer({"name": "adamw", "learning_rate": 1e-3}, None, 10)
+  trainer = Trainer(TransformerConfig(**config), tx, shape, shd.make_mesh(data=-1))
+  state = trainer.create_state(trainer.init_params(0))
+  state, metrics = trainer.train_step(
+    state, trainer.global_batch(random_batch(np.random.default_rng(2)))
+  )
+  assert state.params["embed"].dtype == jnp.float32  # parameters stay float32
+  assert np.isfinite(float(metrics["loss"]))

@@ -1,0 +1,40 @@
+"""Train, fine-tune or compare from a config file.
+
+python train.py                                  # configs/default.py into ./workdir/default
+python train.py --config configs/NAME.py --workdir DIR [--config.key=value ...]
+
+Several processes (one per host, or several on one machine):
+python train.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+On a TPU pod, SLURM or Kubernetes the cluster's environment is read instead.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # `configs` is importable from any working directory.
+
+config_flags.DEFINE_config_file(
+  "config", os.path.join(ROOT, "configs", "default.py"), "Experiment config file."
+)
+flags.DEFINE_string("workdir", os.path.join("workdir", "default"), "Where the run writes.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from finch_jax import experiment, sharding
+
+  sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
+  experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
