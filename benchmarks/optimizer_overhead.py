@@ -25,8 +25,7 @@ import finch_jax
 def make_model(key, width, depth):
   keys = jax.random.split(key, depth)
   return [
-      {"w": jax.random.normal(k, (width, width)) / width**0.5, "b": jnp.zeros(width)}
-      for k in keys
+    {"w": jax.random.normal(k, (width, width)) / width**0.5, "b": jnp.zeros(width)} for k in keys
   ]
 
 
@@ -83,22 +82,22 @@ def main():
   med = {name: statistics.median(t) for name, t in times.items()}
   ratios = [f / a for f, a in zip(times["finch(adamw)"], times["adamw"], strict=True)]
   print(
-      json.dumps(
-          {
-              "benchmark": "optimizer_overhead",
-              "device": jax.devices()[0].device_kind,
-              "machine": platform.machine(),
-              "params": n_params,
-              "batch": args.batch,
-              "repeats": args.repeats,
-              "median_step_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
-              "step_time_ratio_of_medians": round(med["finch(adamw)"] / med["adamw"], 4),
-              "median_paired_ratio": round(statistics.median(ratios), 4),
-              "optimizer_state_bytes": state_bytes,
-              "extra_state_bytes": state_bytes["finch(adamw)"] - state_bytes["adamw"],
-          },
-          indent=2,
-      )
+    json.dumps(
+      {
+        "benchmark": "optimizer_overhead",
+        "device": jax.devices()[0].device_kind,
+        "machine": platform.machine(),
+        "params": n_params,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "median_step_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
+        "step_time_ratio_of_medians": round(med["finch(adamw)"] / med["adamw"], 4),
+        "median_paired_ratio": round(statistics.median(ratios), 4),
+        "optimizer_state_bytes": state_bytes,
+        "extra_state_bytes": state_bytes["finch(adamw)"] - state_bytes["adamw"],
+      },
+      indent=2,
+    )
   )
 
 

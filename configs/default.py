@@ -28,12 +28,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.name = "embedded/biographies"  # Dataset: embedded/..., local_text:PATH or TFDS.
   config.data.data_dir = ""  # Where datasets are built; "" means WORKDIR/data.
   config.data.options = {  # Builder options per dataset ("/" written as "_").
-    "embedded_biographies": {"num_base_people": 200, "num_new_people": 100},
+    "embedded_biographies": {"num_base_people": 100, "num_new_people": 100},
   }
   config.data.train = {"name": "", "split": "finetune"}  # Training split ("" = data.name).
-  config.data.eval_sets = {  # Named loss sets; forgetting = retain loss after - before.
-    "task": {"name": "", "split": "task_eval"},
-    "retain": {"name": "", "split": "retain_eval"},
+  # Named loss sets; forgetting = retain loss after - before. The tiny model memorises text
+  # rather than generalising facts across phrasings, so its knowledge is read on the text it
+  # learned (use "task_eval"/"retain_eval" for held-out phrasings with larger models).
+  config.data.eval_sets = {
+    "task": {"name": "", "split": "finetune"},
+    "retain": {"name": "", "split": "pretrain"},
   }
   config.data.fact_sets = {  # Named fact-recall sets (accuracy of greedy completion).
     "task": {"name": "", "split": "task_facts"},

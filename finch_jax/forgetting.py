@@ -4,9 +4,9 @@ FINCH changes the effective learning rate, so comparing methods at one nominal r
 that larger steps learn more and forget more. Each method therefore runs a short sweep of
 learning rates over several seeds; along each sweep (ordered by rate, keeping only points where
 a higher rate gives a lower task loss) forgetting is interpolated linearly at a common task
-loss: the lowest task loss that every method reaches. Where the data has facts to recall, the
-same is done at matched task fact-recall accuracy. Seeds are interpolated one by one, so the
-spread over seeds is reported beside each mean.
+loss: the lowest task loss that every method reaches with every seed. Where the data has facts
+to recall, the same is done at matched task fact-recall accuracy. Seeds are interpolated one by
+one, so the spread over seeds is reported beside each mean.
 """
 
 from __future__ import annotations
@@ -65,14 +65,14 @@ def interpolate(
 
 
 def common_target(
-  sweeps: Mapping[str, Sequence[Mapping[str, float]]], key: str, increasing: bool = False
+  sweeps: Mapping[str, Sequence[Sequence[Mapping[str, float]]]], key: str, increasing: bool = False
 ) -> float:
-  """The best `key` that every method's (seed-mean) sweep reaches."""
+  """The best `key` that every sweep (one per method and seed) reaches."""
   reach = []
-  for points in sweeps.values():
-    sweep = monotone_sweep(points, key, increasing)
-    values = [p[key] for p in sweep]
-    reach.append(max(values) if increasing else min(values))
+  for method_sweeps in sweeps.values():
+    for points in method_sweeps:
+      values = [p[key] for p in monotone_sweep(points, key, increasing)]
+      reach.append(max(values) if increasing else min(values))
   return min(reach) if increasing else max(reach)
 
 
@@ -99,9 +99,11 @@ def matched(
   """For every method in `runs`, `value` at the common `key`, per seed and on average."""
   methods = sorted({r["method"] for r in runs})
   by_method = {m: [r for r in runs if r["method"] == m] for m in methods}
-  target = common_target(
-    {m: _seed_means(rs, [key, value]) for m, rs in by_method.items()}, key, increasing
-  )
+  per_seed_sweeps = {
+    m: [[r for r in rs if r["seed"] == seed] for seed in sorted({r["seed"] for r in rs})]
+    for m, rs in by_method.items()
+  }
+  target = common_target(per_seed_sweeps, key, increasing)
   out = {"target": target, "methods": {}}
   for method, method_runs in by_method.items():
     seeds = sorted({r["seed"] for r in method_runs})
@@ -373,16 +375,17 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     )
   lines.append(
     "| method | task loss | retain loss before | retain loss after | forgetting "
-    "| learning rate | step time ratio | extra bytes |"
+    "| seeds | learning rate | step time ratio | extra bytes |"
   )
-  lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+  lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   for name, m in report["methods"].items():
     std = m.get("forgetting_std")
     spread = f" ± {std:.4f}" if std is not None and math.isfinite(std) else ""
     lines.append(
       f"| {name} | {m['task_loss']:.4f} | {m['retain_loss_before']:.4f} "
       f"| {m['retain_loss_after']:.4f} | {m['forgetting']:.4f}{spread} "
-      f"| {m.get('learning_rate', float('nan')):.3g} | {m.get('step_time_ratio', 1.0):.3f} "
+      f"| {m.get('seeds_reaching_target', 1)} | {m.get('learning_rate', float('nan')):.3g} "
+      f"| {m.get('step_time_ratio', 1.0):.3f} "
       f"| {m.get('extra_bytes', 0)} |"
     )
   for key, h in report.get("headline", {}).items():
