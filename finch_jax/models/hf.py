@@ -1,0 +1,572 @@
+"""Hugging Face checkpoints in and out: `load_hf` and `save_hf` for Qwen3 and Llama 3 models.
+
+    model, tokenizer = load_hf("/path/to/Qwen3-0.6B", mesh=mesh, dtype="bfloat16")
+    save_hf(model, "/path/to/export", tokenizer=tokenizer)
+
+A checkpoint is a local directory as `save_pretrained` writes it: `config.json`, the weights in
+`model.safetensors` or in shards listed by `model.safetensors.index.json`, and optionally
+`tokenizer.json` (+ `tokenizer_config.json`). Nothing is downloaded.
+
+Tensor names: Hugging Face `model.layers.{i}.X` is `blocks[i].Y` here. torch `nn.Linear` weights
+are [out, in]; here projections are [in, out], the attention ones split into heads.
+
+    model.embed_tokens.weight           embed                 [vocab, embed]
+    input_layernorm.weight              attn_norm.scale       [embed]
+    self_attn.{q,k,v}_proj.weight       attn.{q,k,v}_proj     [embed, (kv_)heads, head_dim]
+    self_attn.{q,k,v}_proj.bias         attn.{q,k,v}_bias     [(kv_)heads, head_dim]
+    self_attn.o_proj.weight             attn.o_proj           [heads, head_dim, embed]
+    self_attn.o_proj.bias               attn.o_bias           [embed]
+    self_attn.{q,k}_norm.weight         attn.{q,k}_norm.scale [head_dim]  (Qwen3)
+    post_attention_layernorm.weight     mlp_norm.scale        [embed]
+    mlp.{gate,up}_proj.weight           mlp.{gate,up}_proj    [embed, mlp]
+    mlp.down_proj.weight                mlp.down_proj         [mlp, embed]
+    mlp.{gate,up,down}_proj.bias        mlp.{gate,up,down}_bias  (Llama mlp_bias)
+    model.norm.weight                   final_norm.scale      [embed]
+    lm_head.weight                      lm_head               [embed, vocab]  (absent when tied)
+
+With a mesh, every tensor is built with `jax.make_array_from_callback`: each device's callback
+reads only the rows and columns of its own shard from the memory-mapped safetensors file, so no
+device (and no host buffer) ever holds a full copy of a sharded parameter.
+
+`safetensors` and `tokenizers` are imported when first needed, so the rest of the package works
+without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors reads BF16 files)
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from finch_jax import sharding as shd
+from finch_jax.models.llama import MODEL_TYPES, Llama, Llama3RopeScaling, LlamaConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# Rope types implemented here; the others (linear, dynamic, yarn, longrope, ...) are refused.
+_ROPE_TYPES = ("default", "llama3")
+
+
+# ----- config -------------------------------------------------------------------------------
+
+
+def config_from_hf(
+  hf_config: Mapping[str, Any], *, dtype: str = "float32", param_dtype: str | None = None
+) -> LlamaConfig:
+  """A `LlamaConfig` from the contents of a Hugging Face `config.json` (Qwen3 or Llama).
+
+  Reads rotary settings in both layouts: `rope_theta` + `rope_scaling` (transformers 4 and most
+  published checkpoints) and `rope_parameters` (transformers 5). Raises ValueError, naming the
+  field, for anything this implementation would compute differently (other model types, rope
+  types other than default/llama3, partial rotary, sliding-window layers, activations other than
+  SiLU, quantized weights).
+  """
+  h = dict(hf_config)
+  model_type = h.get("model_type")
+  if model_type not in MODEL_TYPES:
+    raise ValueError(
+      f"Unsupported model_type {model_type!r} in config.json; supported: {list(MODEL_TYPES)} "
+      "(Qwen3 and Llama 3 architectures)."
+    )
+  if h.get("quantization_config"):
+    raise ValueError("Quantized checkpoints (config.json quantization_config) are not supported.")
+  act = h.get("hidden_act", "silu")
+  if act != "silu":
+    raise ValueError(f"hidden_act={act!r} is not supported; the MLP here is SwiGLU (silu).")
+  if h.get("use_sliding_window") or any(
+    kind != "full_attention" for kind in h.get("layer_types") or ()
+  ):
+    raise ValueError("Sliding-window attention layers are not supported; all must be full.")
+
+  rope = dict(h.get("rope_scaling") or h.get("rope_parameters") or {})
+  if rope and isinstance(next(iter(rope.values())), Mapping):
+    raise ValueError(f"Per-layer-type rope parameters are not supported: {sorted(rope)}.")
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in _ROPE_TYPES:
+    raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {list(_ROPE_TYPES)}.")
+  partial = rope.get("partial_rotary_factor", h.get("partial_rotary_factor", 1.0))
+  if partial != 1.0:
+    raise ValueError(f"partial_rotary_factor={partial} is not supported (only 1.0).")
+  max_len = int(h.get("max_position_embeddings", 8192))
+  scaling = None
+  if rope_type == "llama3":
+    scaling = Llama3RopeScaling(
+      factor=float(rope["factor"]),
+      low_freq_factor=float(rope["low_freq_factor"]),
+      high_freq_factor=float(rope["high_freq_factor"]),
+      # transformers falls back to max_position_embeddings the same way.
+      original_max_position_embeddings=int(rope.get("original_max_position_embeddings", max_len)),
+    )
+
+  hidden, heads = int(h["hidden_size"]), int(h["num_attention_heads"])
+  head_dim = h.get("head_dim")
+  if head_dim is None:
+    # transformers' Qwen3Config defaults head_dim to 128 rather than hidden_size / heads.
+    head_dim = 128 if model_type == "qwen3" else hidden // heads
+  eos = h.get("eos_token_id")
+  return LlamaConfig(
+    vocab_size=int(h["vocab_size"]),
+    d_model=hidden,
+    num_layers=int(h["num_hidden_layers"]),
+    num_heads=heads,
+    num_kv_heads=int(h.get("num_key_value_heads") or heads),
+    d_ff=int(h["intermediate_size"]),
+    head_dim=int(head_dim),
+    model_type=model_type,
+    attention_bias=bool(h.get("attention_bias", False)),
+    mlp_bias=bool(h.get("mlp_bias", False)),
+    tie_embeddings=bool(h.get("tie_word_embeddings", False)),
+    rope_theta=float(rope.get("rope_theta", h.get("rope_theta", 10_000.0))),
+    rope_scaling=scaling,
+    norm_eps=float(h.get("rms_norm_eps", 1e-6)),
+    max_len=max_len,
+    bos_token_id=h.get("bos_token_id"),
+    eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+    pad_token_id=h.get("pad_token_id"),
+    dtype=dtype,
+    param_dtype=param_dtype or dtype,
+  )
+
+
+def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
+  """The Hugging Face `config.json` contents for `config`, readable by transformers 4 and 5."""
+  c = config
+  rope_scaling = (
+    None
+    if c.rope_scaling is None
+    else {"rope_type": "llama3", **{k: v for k, v in vars(c.rope_scaling).items()}}
+  )
+  out = {
+    "architectures": [_ARCHITECTURES[c.model_type]],
+    "model_type": c.model_type,
+    "vocab_size": c.vocab_size,
+    "hidden_size": c.d_model,
+    "intermediate_size": c.d_ff,
+    "num_hidden_layers": c.num_layers,
+    "num_attention_heads": c.num_heads,
+    "num_key_value_heads": c.num_kv_heads,
+    "head_dim": c.resolved_head_dim,
+    "hidden_act": "silu",
+    "max_position_embeddings": c.max_len,
+    "rms_norm_eps": c.norm_eps,
+    "attention_bias": c.attention_bias,
+    "tie_word_embeddings": c.tie_embeddings,
+    # Both layouts: transformers 4 reads rope_theta/rope_scaling, 5 reads either.
+    "rope_theta": c.rope_theta,
+    "rope_scaling": rope_scaling,
+    "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta}
+    if rope_scaling is None
+    else {**rope_scaling, "rope_theta": c.rope_theta},
+    "bos_token_id": c.bos_token_id,
+    "eos_token_id": list(c.eos_token_id) if isinstance(c.eos_token_id, tuple) else c.eos_token_id,
+    "pad_token_id": c.pad_token_id,
+    "torch_dtype": str(np.dtype(c.param_dtype)),
+    "dtype": str(np.dtype(c.param_dtype)),
+  }
+  if c.model_type == "llama":
+    out["mlp_bias"] = c.mlp_bias
+  else:
+    out["use_sliding_window"] = False
+  return out
+
+
+# ----- name mapping -------------------------------------------------------------------------
+
+# How an NNX parameter is laid out relative to its Hugging Face tensor:
+#   copy       same shape
+#   linear     NNX [in, out] = HF [out, in].T
+#   in_heads   NNX [embed, heads, head_dim] = HF [heads * head_dim, embed].T, split
+#   out_heads  NNX [heads, head_dim, embed] = HF [embed, heads * head_dim].T, split
+#   bias_heads NNX [heads, head_dim] = HF [heads * head_dim], split
+_Path = tuple[str | int, ...]
+
+
+def _layout(config: LlamaConfig) -> dict[_Path, tuple[str, str]]:
+  """NNX parameter path -> (Hugging Face tensor name, layout kind) for every parameter."""
+  table: dict[_Path, tuple[str, str]] = {
+    ("embed",): ("model.embed_tokens.weight", "copy"),
+    ("final_norm", "scale"): ("model.norm.weight", "copy"),
+  }
+  if not config.tie_embeddings:
+    table[("lm_head",)] = ("lm_head.weight", "linear")
+  for i in range(config.num_layers):
+    hf, me = f"model.layers.{i}", ("blocks", i)
+    table[(*me, "attn_norm", "scale")] = (f"{hf}.input_layernorm.weight", "copy")
+    table[(*me, "mlp_norm", "scale")] = (f"{hf}.post_attention_layernorm.weight", "copy")
+    for name in "qkv":
+      table[(*me, "attn", f"{name}_proj")] = (f"{hf}.self_attn.{name}_proj.weight", "in_heads")
+      if config.attention_bias:
+        table[(*me, "attn", f"{name}_bias")] = (f"{hf}.self_attn.{name}_proj.bias", "bias_heads")
+    table[(*me, "attn", "o_proj")] = (f"{hf}.self_attn.o_proj.weight", "out_heads")
+    if config.attention_bias:
+      table[(*me, "attn", "o_bias")] = (f"{hf}.self_attn.o_proj.bias", "copy")
+    if config.qk_norm:
+      for name in "qk":
+        table[(*me, "attn", f"{name}_norm", "scale")] = (
+          f"{hf}.self_attn.{name}_norm.weight",
+          "copy",
+        )
+    for name in ("gate", "up", "down"):
+      table[(*me, "mlp", f"{name}_proj")] = (f"{hf}.mlp.{name}_proj.weight", "linear")
+      if config.mlp_bias:
+        table[(*me, "mlp", f"{name}_bias")] = (f"{hf}.mlp.{name}_proj.bias", "copy")
+  return table
+
+
+def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The Hugging Face shape of a tensor whose NNX shape is `shape`."""
+  if kind == "linear":
+    return shape[::-1]
+  if kind == "in_heads":
+    return (shape[1] * shape[2], shape[0])
+  if kind == "out_heads":
+    return (shape[2], shape[0] * shape[1])
+  if kind == "bias_heads":
+    return (shape[0] * shape[1],)
+  return shape
+
+
+def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
+  """An NNX parameter in Hugging Face layout (contiguous, as safetensors needs)."""
+  if kind == "linear":
+    x = x.T
+  elif kind == "in_heads":
+    x = x.reshape(x.shape[0], -1).T
+  elif kind == "out_heads":
+    x = x.reshape(-1, x.shape[-1]).T
+  elif kind == "bias_heads":
+    x = x.reshape(-1)
+  return np.ascontiguousarray(x)
+
+
+def _read_block(
+  tensor: Any, kind: str, shape: tuple[int, ...], index: tuple[slice, ...]
+) -> np.ndarray:
+  """The block `index` of the NNX-layout parameter, reading only what it needs from `tensor`.
+
+  `tensor` is a safetensors slice (or anything indexable by a tuple of slices) in Hugging Face
+  layout; `index` is a tuple of slices over the NNX shape `shape`, as `make_array_from_callback`
+  passes. Heads are read whole (contiguous rows or columns), then cut to the head_dim range.
+  """
+  (a0, a1), *rest = [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]
+  if kind == "copy":
+    return tensor[tuple(slice(*r) for r in [(a0, a1), *rest])]
+  if kind == "linear":
+    (b0, b1) = rest[0]
+    return tensor[b0:b1, a0:a1].T
+  if kind == "in_heads":  # NNX [embed, heads, head_dim] from HF [heads * head_dim, embed]
+    (n0, n1), (h0, h1) = rest
+    head_dim = shape[2]
+    rows = tensor[n0 * head_dim : n1 * head_dim, a0:a1]
+    return rows.T.reshape(a1 - a0, n1 - n0, head_dim)[:, :, h0:h1]
+  if kind == "out_heads":  # NNX [heads, head_dim, embed] from HF [embed, heads * head_dim]
+    (h0, h1), (d0, d1) = rest
+    head_dim = shape[1]
+    cols = tensor[d0:d1, a0 * head_dim : a1 * head_dim]
+    return cols.T.reshape(a1 - a0, head_dim, d1 - d0)[:, h0:h1, :]
+  if kind == "bias_heads":  # NNX [heads, head_dim] from HF [heads * head_dim]
+    (h0, h1) = rest[0]
+    head_dim = shape[1]
+    return tensor[a0 * head_dim : a1 * head_dim].reshape(a1 - a0, head_dim)[:, h0:h1]
+  raise ValueError(f"unknown layout kind {kind!r}")
+
+
+# ----- loading ------------------------------------------------------------------------------
+
+
+def _weight_files(path: str) -> dict[str, str]:
+  """Tensor name -> safetensors file holding it: the single file, else the sharded index.
+
+  The single file wins when both exist, as in transformers.
+  """
+  single = os.path.join(path, WEIGHTS_FILE)
+  if os.path.exists(single):
+    from safetensors import safe_open
+
+    with safe_open(single, framework="numpy") as f:
+      return dict.fromkeys(f.keys(), single)
+  index_path = os.path.join(path, WEIGHTS_INDEX_FILE)
+  if os.path.exists(index_path):
+    with open(index_path) as f:
+      weight_map = json.load(f)["weight_map"]
+    return {name: os.path.join(path, file) for name, file in weight_map.items()}
+  found = sorted(os.listdir(path))
+  raise FileNotFoundError(
+    f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {path} (found {found}); only safetensors "
+    "checkpoints are read (convert .bin weights with transformers' save_pretrained)."
+  )
+
+
+def load_hf(
+  path: str | os.PathLike,
+  *,
+  mesh: Mesh | None = None,
+  dtype: str = "float32",
+  param_dtype: str | None = None,
+  rules: shd.LogicalRules = shd.DEFAULT_RULES,
+) -> tuple[Llama, HFTokenizer | None]:
+  """Loads a local Hugging Face Qwen3 or Llama checkpoint as a `Llama` model and its tokenizer.
+
+  Args:
+    path: directory with config.json and safetensors weights (single file or sharded + index).
+    mesh: when given, every parameter is created directly in its sharded layout on this mesh
+      (by its logical axis names and `rules`), each device reading only its own shard.
+      Otherwise parameters go to the default device.
+    dtype: compute dtype of the model.
+    param_dtype: dtype the parameters are stored in; None means `dtype`. Checkpoint tensors are
+      cast to it (bfloat16 -> float32 is exact).
+    rules: logical-axis rules for `mesh`.
+
+  Returns:
+    (model, tokenizer): the tokenizer is an `HFTokenizer` from tokenizer.json, or None when the
+    directory has no tokenizer.json.
+  """
+  path = os.fspath(path)
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"No {CONFIG_FILE} in {path}: expected a Hugging Face model directory.")
+  with open(config_path) as f:
+    config = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype)
+
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+  table = _layout(config)
+  files = _weight_files(path)
+  expected = {name for name, _ in table.values()}
+  # Tied checkpoints sometimes store lm_head anyway; old ones store rotary buffers.
+  ignorable = {"lm_head.weight"} if config.tie_embeddings else set()
+  unexpected = sorted(
+    name
+    for name in files
+    if name not in expected and name not in ignorable and not name.endswith("rotary_emb.inv_freq")
+  )
+  missing = sorted(expected - set(files))
+  if missing or unexpected:
+    raise ValueError(
+      f"Checkpoint {path} does not match its config.json: missing tensors {missing[:8]}, "
+      f"unexpected tensors {unexpected[:8]}."
+    )
+  shardings = (
+    dict(nnx.to_flat_state(shd.param_shardings(abstract, mesh, rules))) if mesh is not None else {}
+  )
+  target_dtype = np.dtype(config.param_dtype)
+
+  from safetensors import safe_open
+
+  with contextlib.ExitStack() as stack:
+    handles = {
+      file: stack.enter_context(safe_open(file, framework="numpy"))
+      for file in sorted(set(files.values()))
+    }
+
+    def build(nnx_path: _Path, variable: nnx.Variable) -> nnx.Variable:
+      name, kind = table[nnx_path]
+      shape = tuple(variable.get_value().shape)
+      tensor = handles[files[name]].get_slice(name)
+      if tuple(tensor.get_shape()) != _hf_shape(kind, shape):
+        raise ValueError(
+          f"{name} has shape {tuple(tensor.get_shape())}, config.json implies "
+          f"{_hf_shape(kind, shape)}."
+        )
+      if mesh is None:
+        sharding = SingleDeviceSharding(jax.local_devices()[0])
+      else:
+        sharding = shardings[nnx_path].get_value()
+
+      def read(index: tuple[slice, ...]) -> np.ndarray:
+        block = _read_block(tensor, kind, shape, index)
+        return np.ascontiguousarray(block, dtype=target_dtype)
+
+      return variable.replace(jax.make_array_from_callback(shape, sharding, read))
+
+    flat = nnx.to_flat_state(abstract)
+    state = nnx.from_flat_state([(p, build(p, v)) for p, v in flat])
+  return nnx.merge(graphdef, state), load_tokenizer(path)
+
+
+# ----- saving -------------------------------------------------------------------------------
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-process sharded) array on this host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _remove_sharded_weights(path: str) -> None:
+  """Deletes a sharded checkpoint's index and shards, which the new single file replaces."""
+  index_path = os.path.join(path, WEIGHTS_INDEX_FILE)
+  if not os.path.exists(index_path):
+    return
+  with open(index_path) as f:
+    shards = set(json.load(f)["weight_map"].values())
+  for shard in shards:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(path, shard))
+  os.remove(index_path)
+
+
+def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer: HFTokenizer | None = None) -> None:
+  """Writes `model` as a Hugging Face checkpoint: config.json and model.safetensors.
+
+  Tensors keep the parameter dtype and use torch's names and layout, so `load_hf` reads them back
+  bit for bit and `transformers.AutoModelForCausalLM.from_pretrained(path)` loads them. With
+  `tokenizer`, its tokenizer.json and tokenizer_config.json are written too. A sharded
+  checkpoint already in `path` (index and shards) is deleted, so the directory holds one model.
+  The whole model is gathered on the host; with several processes, all must call this and
+  process 0 writes.
+  """
+  from safetensors.numpy import save_file
+
+  if not isinstance(model, Llama):
+    raise TypeError(f"save_hf writes Llama models (from load_hf), got {type(model).__name__}.")
+  config = model.config
+  table = _layout(config)
+  tensors = {}
+  for nnx_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name, kind = table[nnx_path]
+    tensors[name] = _to_hf(kind, _host(variable.get_value()))
+  if jax.process_index() != 0:
+    return
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  _remove_sharded_weights(path)
+  save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+  with open(os.path.join(path, CONFIG_FILE), "w") as f:
+    json.dump(config_to_hf(config), f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save(path)
+
+
+# ----- tokenizer ----------------------------------------------------------------------------
+
+
+def _token_text(value: Any) -> str | None:
+  """A special token from tokenizer_config.json: a string or an AddedToken dict."""
+  return value.get("content") if isinstance(value, Mapping) else value
+
+
+class HFTokenizer:
+  """A `tokenizers.Tokenizer` behind the interface of `finch_jax.data.tokenizer.Tokenizer`.
+
+  `encode` adds bos/eos itself (not through the tokenizer's post-processor), so they are added
+  exactly once and only when asked. Models trained without a BOS token (Qwen3) use eos as bos,
+  the separator their pretraining put between documents; `pad_id` falls back to eos likewise
+  (padding carries no loss weight in the pipelines). `vocab_size` counts the tokenizer's tokens,
+  which may be fewer than the model's embedding rows.
+  """
+
+  def __init__(
+    self,
+    tokenizer: Any,
+    *,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+    chat_template: str | None = None,
+  ):
+    self.tokenizer = tokenizer
+    self.chat_template = chat_template
+    self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+    self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    self.eos_id = self._id(eos_token)
+    self.bos_id = self._id(bos_token) if bos_token is not None else self.eos_id
+    self.pad_id = self._id(pad_token) if pad_token is not None else self.eos_id
+
+  def _id(self, token: str | None) -> int | None:
+    if token is None:
+      return None
+    token_id = self.tokenizer.token_to_id(token)
+    if token_id is None:
+      raise ValueError(f"Special token {token!r} is not in the tokenizer's vocabulary.")
+    return token_id
+
+  @classmethod
+  def from_dir(cls, path: str | os.PathLike) -> HFTokenizer:
+    """Reads tokenizer.json, and tokenizer_config.json and chat_template.jinja when present."""
+    from tokenizers import Tokenizer
+
+    path = os.fspath(path)
+    tokenizer = Tokenizer.from_file(os.path.join(path, TOKENIZER_FILE))
+    settings: dict[str, Any] = {}
+    config_path = os.path.join(path, TOKENIZER_CONFIG_FILE)
+    if os.path.exists(config_path):
+      with open(config_path) as f:
+        settings = json.load(f)
+    chat_template = settings.get("chat_template")
+    template_path = os.path.join(path, "chat_template.jinja")
+    if chat_template is None and os.path.exists(template_path):
+      with open(template_path) as f:
+        chat_template = f.read()
+    return cls(
+      tokenizer,
+      bos_token=_token_text(settings.get("bos_token")),
+      eos_token=_token_text(settings.get("eos_token")),
+      pad_token=_token_text(settings.get("pad_token")),
+      chat_template=chat_template if isinstance(chat_template, str) else None,
+    )
+
+  def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> np.ndarray:
+    """Token ids of `text` as an int32 vector, with bos and eos when asked."""
+    for flag, token_id, what in ((add_bos, self.bos_id, "bos"), (add_eos, self.eos_id, "eos")):
+      if flag and token_id is None:
+        raise ValueError(
+          f"This tokenizer has no {what} token (tokenizer_config.json names none): "
+          f"call encode(..., add_{what}=False)."
+        )
+    ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+    ids = ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+    return np.asarray(ids, np.int32)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Text of `ids`, special tokens dropped."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    return self.tokenizer.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Writes tokenizer.json and tokenizer_config.json (special tokens, chat template)."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    self.tokenizer.save(os.path.join(path, TOKENIZER_FILE))
+    settings = {
+      "tokenizer_class": "PreTrainedTokenizerFast",
+      "bos_token": self.bos_token,
+      "eos_token": self.eos_token,
+      "pad_token": self.pad_token,
+    }
+    if self.chat_template is not None:
+      settings["chat_template"] = self.chat_template
+    with open(os.path.join(path, TOKENIZER_CONFIG_FILE), "w") as f:
+      json.dump(settings, f, indent=2)
+
+
+def load_tokenizer(path: str | os.PathLike) -> HFTokenizer | None:
+  """`HFTokenizer.from_dir(path)`, or None when `path` has no tokenizer.json."""
+  if not os.path.exists(os.path.join(os.fspath(path), TOKENIZER_FILE)):
+    return None
+  return HFTokenizer.from_dir(path)
+
+
+__all__ = [
+  "HFTokenizer",
+  "config_from_hf",
+  "config_to_hf",
+  "load_hf",
+  "load_tokenizer",
+  "save_hf",
+]

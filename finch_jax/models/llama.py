@@ -1,0 +1,360 @@
+"""The Llama family in Flax NNX: Llama 3 and Qwen3, laid out to load Hugging Face checkpoints.
+
+Qwen3 is Llama with an RMSNorm over each query and key head before the rotary embedding, so one
+module serves both (`LlamaConfig.model_type` picks). Against `finch_jax.models.transformer` the
+differences are the ones pretrained checkpoints need: Llama 3's rotary frequency scaling, optional
+biases on the attention and MLP projections, an untied output head by default, and numerics that
+follow the reference (attention scaled by head_dim ** -0.5, RMSNorm epsilon from the config).
+RMSNorm and segment positions are shared with `transformer.py`.
+
+Parameters carry the logical axis names of `transformer.py` (`vocab`, `embed`, `heads`,
+`kv_heads`, `head_dim`, `mlp`, `norm`), so `finch_jax.sharding` shards both models alike; module
+and parameter names follow `transformer.py` too (`embed`, `blocks[i].attn.q_proj`, ...).
+`finch_jax.models.hf` maps them to and from Hugging Face tensor names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from finch_jax.models.transformer import RMSNorm, segment_positions
+
+MODEL_TYPES = ("llama", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+  """Llama 3.1's rotary frequency scaling (Hugging Face `rope_scaling` with rope_type "llama3").
+
+  Wavelengths shorter than original_max_position_embeddings / high_freq_factor are kept, those
+  longer than original_max_position_embeddings / low_freq_factor are divided by `factor`, and the
+  band between is interpolated smoothly.
+  """
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+
+  def __post_init__(self):
+    if not self.factor > 0 or not self.low_freq_factor > 0:
+      raise ValueError(f"rope_scaling factors must be positive, got {self}.")
+    if not self.high_freq_factor > self.low_freq_factor:
+      raise ValueError(
+        f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed low_freq_factor "
+        f"({self.low_freq_factor})."
+      )
+    if self.original_max_position_embeddings < 1:
+      raise ValueError(
+        "rope_scaling.original_max_position_embeddings must be positive, got "
+        f"{self.original_max_position_embeddings}."
+      )
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Sizes and numerics of a `Llama` model; field names follow `TransformerConfig`.
+
+  `finch_jax.models.hf.config_from_hf` builds one from a Hugging Face `config.json`.
+  """
+
+  vocab_size: int  # Rows of the embedding (may exceed the tokenizer's vocabulary).
+  d_model: int  # Width of the residual stream (HF `hidden_size`).
+  num_layers: int  # Decoder blocks (HF `num_hidden_layers`).
+  num_heads: int  # Query heads (HF `num_attention_heads`).
+  num_kv_heads: int  # Key/value heads (HF `num_key_value_heads`); must divide num_heads.
+  d_ff: int  # Hidden width of the SwiGLU MLP (HF `intermediate_size`).
+  head_dim: int | None = None  # Width of one head; None means d_model // num_heads.
+  model_type: str = "llama"  # "llama" or "qwen3" (which adds per-head q/k RMSNorm).
+  attention_bias: bool = False  # Biases on the q, k, v and output projections.
+  mlp_bias: bool = False  # Biases on the gate, up and down projections (Llama only).
+  tie_embeddings: bool = False  # Reuse the token embedding as the output projection.
+  rope_theta: float = 10_000.0  # Base period of the rotary embedding.
+  rope_scaling: Llama3RopeScaling | None = None  # Llama 3.1 frequency scaling, or None.
+  norm_eps: float = 1e-6  # Epsilon inside RMSNorm (HF `rms_norm_eps`).
+  max_len: int = 8192  # Context the model was trained for (HF `max_position_embeddings`).
+  bos_token_id: int | None = None  # Carried into an exported config.json.
+  eos_token_id: int | tuple[int, ...] | None = None  # Carried into an exported config.json.
+  pad_token_id: int | None = None  # Carried into an exported config.json.
+  dtype: str = "float32"  # Compute dtype, e.g. 'float32' or 'bfloat16'.
+  param_dtype: str = "float32"  # Dtype the parameters are stored in.
+  remat: bool = False  # Recompute each block's activations in the backward pass to save memory.
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
+      value = getattr(self, name)
+      if not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}.")
+    if self.model_type not in MODEL_TYPES:
+      raise ValueError(f"LlamaConfig.model_type={self.model_type!r}; supported: {MODEL_TYPES}.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+        f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})."
+      )
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(
+        f"d_model ({self.d_model}) is not divisible by num_heads ({self.num_heads}): "
+        "set head_dim explicitly."
+      )
+    if self.resolved_head_dim < 2 or self.resolved_head_dim % 2:
+      raise ValueError(
+        f"head_dim must be even for rotary embeddings, got {self.resolved_head_dim}."
+      )
+    if not self.rope_theta > 0 or not self.norm_eps > 0:
+      raise ValueError(
+        f"rope_theta ({self.rope_theta}) and norm_eps ({self.norm_eps}) must be positive."
+      )
+    if self.mlp_bias and self.model_type != "llama":
+      raise ValueError(f"mlp_bias is a Llama option; {self.model_type} has no MLP biases.")
+    for name in ("dtype", "param_dtype"):
+      value = getattr(self, name)
+      try:
+        ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+      except TypeError:
+        ok = False
+      if not ok:
+        raise ValueError(
+          f"LlamaConfig.{name}={value!r} is not a floating dtype: use 'float32' or 'bfloat16'."
+        )
+
+  @property
+  def resolved_head_dim(self) -> int:
+    """`head_dim`, or `d_model // num_heads` when it is None."""
+    return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+  @property
+  def qk_norm(self) -> bool:
+    """Whether each query and key head is RMS-normalised before the rotary embedding (Qwen3)."""
+    return self.model_type == "qwen3"
+
+  def replace(self, **changes: Any) -> LlamaConfig:
+    """A copy with some fields changed."""
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    """The number of parameters of `Llama(self)`, counted from the sizes alone."""
+    hd = self.resolved_head_dim
+    q, kv = self.num_heads * hd, self.num_kv_heads * hd
+    attention = self.d_model * (2 * q + 2 * kv)
+    if self.attention_bias:
+      attention += q + 2 * kv + self.d_model
+    if self.qk_norm:
+      attention += 2 * hd
+    mlp = 3 * self.d_model * self.d_ff + (2 * self.d_ff + self.d_model if self.mlp_bias else 0)
+    block = attention + mlp + 2 * self.d_model
+    embeddings = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+    return embeddings + self.num_layers * block + self.d_model
+
+
+def rope_frequencies(
+  head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None
+) -> np.ndarray:
+  """Inverse frequencies [head_dim // 2] (float32) of the rotary embedding, as Hugging Face's.
+
+  Computed in float64 on the host, so they are a constant under `jit`.
+  """
+  inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  if scaling is not None:
+    s = scaling
+    old = s.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= old / s.high_freq_factor) & (wavelen <= old / s.low_freq_factor)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotary embedding (rotate-half layout) of x [batch, length, heads, head_dim].
+
+  Angles and rotation in float32 whatever the dtype of `x`, which is kept.
+  """
+  angles = positions.astype(jnp.float32)[..., None, None] * jnp.asarray(inv_freq)
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _param(
+  rngs: nnx.Rngs, shape: tuple[int, ...], stddev: float, names: tuple[str, ...], dtype: str
+) -> nnx.Param:
+  """A normal(0, stddev) parameter (zeros when stddev is 0) labelled with logical axis names."""
+  if stddev:
+    value = stddev * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype))
+  else:
+    value = jnp.zeros(shape, jnp.dtype(dtype))
+  # eager_sharding=False as in transformer._param: building needs no mesh; sharding places it.
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+# Hugging Face initialises these models with normal(0, initializer_range=0.02) and zero biases.
+_INIT_STD = 0.02
+
+
+class LlamaAttention(nnx.Module):
+  """Causal grouped-query self-attention with rotary embeddings; q/k head norms for Qwen3."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    c, hd, pd = config, config.resolved_head_dim, config.param_dtype
+    self.q_proj = _param(
+      rngs, (c.d_model, c.num_heads, hd), _INIT_STD, ("embed", "heads", "head_dim"), pd
+    )
+    self.k_proj = _param(
+      rngs, (c.d_model, c.num_kv_heads, hd), _INIT_STD, ("embed", "kv_heads", "head_dim"), pd
+    )
+    self.v_proj = _param(
+      rngs, (c.d_model, c.num_kv_heads, hd), _INIT_STD, ("embed", "kv_heads", "head_dim"), pd
+    )
+    self.o_proj = _param(
+      rngs, (c.num_heads, hd, c.d_model), _INIT_STD, ("heads", "head_dim", "embed"), pd
+    )
+    if c.attention_bias:
+      self.q_bias = _param(rngs, (c.num_heads, hd), 0.0, ("heads", "head_dim"), pd)
+      self.k_bias = _param(rngs, (c.num_kv_heads, hd), 0.0, ("kv_heads", "head_dim"), pd)
+      self.v_bias = _param(rngs, (c.num_kv_heads, hd), 0.0, ("kv_heads", "head_dim"), pd)
+      self.o_bias = _param(rngs, (c.d_model,), 0.0, ("embed",), pd)
+    if c.qk_norm:
+      self.q_norm = RMSNorm(hd, eps=c.norm_eps, param_dtype=pd)
+      self.k_norm = RMSNorm(hd, eps=c.norm_eps, param_dtype=pd)
+    self.config = config
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """x [batch, length, embed] -> [batch, length, embed]; mask [batch, query, key] is boolean."""
+    c, dtype = self.config, x.dtype
+    q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dtype))
+    k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dtype))
+    v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...].astype(dtype))
+    if c.attention_bias:
+      q = q + self.q_bias[...].astype(dtype)
+      k = k + self.k_bias[...].astype(dtype)
+      v = v + self.v_bias[...].astype(dtype)
+    if c.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = rope_frequencies(c.resolved_head_dim, c.rope_theta, c.rope_scaling)
+    q, k = apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq)
+    batch, length, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    # Query head n uses key/value head n // group, as Hugging Face's repeat_kv does.
+    q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None], logits * head_dim**-0.5, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(batch, length, num_heads, head_dim)
+    out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dtype))
+    return out + self.o_bias[...].astype(dtype) if c.attention_bias else out
+
+
+class LlamaMLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), with optional biases."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    c, pd = config, config.param_dtype
+    self.gate_proj = _param(rngs, (c.d_model, c.d_ff), _INIT_STD, ("embed", "mlp"), pd)
+    self.up_proj = _param(rngs, (c.d_model, c.d_ff), _INIT_STD, ("embed", "mlp"), pd)
+    self.down_proj = _param(rngs, (c.d_ff, c.d_model), _INIT_STD, ("mlp", "embed"), pd)
+    if c.mlp_bias:
+      self.gate_bias = _param(rngs, (c.d_ff,), 0.0, ("mlp",), pd)
+      self.up_bias = _param(rngs, (c.d_ff,), 0.0, ("mlp",), pd)
+      self.down_bias = _param(rngs, (c.d_model,), 0.0, ("embed",), pd)
+    self.mlp_bias = c.mlp_bias
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [..., embed] -> [..., embed]."""
+    dtype = x.dtype
+    gate, up = x @ self.gate_proj[...].astype(dtype), x @ self.up_proj[...].astype(dtype)
+    if self.mlp_bias:
+      gate, up = gate + self.gate_bias[...].astype(dtype), up + self.up_bias[...].astype(dtype)
+    out = (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dtype)
+    return out + self.down_bias[...].astype(dtype) if self.mlp_bias else out
+
+
+class LlamaBlock(nnx.Module):
+  """One pre-norm decoder block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    norm = dict(eps=config.norm_eps, param_dtype=config.param_dtype)
+    self.attn_norm = RMSNorm(config.d_model, **norm)
+    self.attn = LlamaAttention(config, rngs=rngs)
+    self.mlp_norm = RMSNorm(config.d_model, **norm)
+    self.mlp = LlamaMLP(config, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """Applies the block to the residual stream x [batch, length, embed]."""
+    x = x + self.attn(self.attn_norm(x), positions, mask)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nnx.Module):
+  """Llama 3 / Qwen3 decoder: tokens [batch, length] -> float32 logits [batch, length, vocab].
+
+  Called like `Transformer`, so trainers, evaluation and generation take either.
+
+  Example:
+    >>> config = LlamaConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=4,
+    ...                      num_kv_heads=2, d_ff=96, model_type="qwen3")
+    >>> Llama(config, rngs=nnx.Rngs(0))(jnp.ones((2, 8), jnp.int32)).shape
+    (2, 8, 128)
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = config
+    self.embed = _param(
+      rngs, (c.vocab_size, c.d_model), _INIT_STD, ("vocab", "embed"), c.param_dtype
+    )
+    self.blocks = nnx.List([LlamaBlock(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.param_dtype)
+    if not c.tie_embeddings:
+      self.lm_head = _param(
+        rngs, (c.d_model, c.vocab_size), _INIT_STD, ("embed", "vocab"), c.param_dtype
+      )
+
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+  ) -> jax.Array:
+    """Next-token logits.
+
+    Args:
+      tokens: int [batch, length].
+      segment_ids: optional int [batch, length] for packed rows: a token attends only to earlier
+        tokens of its own segment (0 marks padding, which forms a segment of its own).
+      positions: optional int [batch, length] rotary positions. Defaults to 0, 1, 2, ... restarting
+        at each new segment when `segment_ids` is given.
+
+    Returns:
+      float32 logits [batch, length, vocab_size].
+    """
+    c = self.config
+    length = tokens.shape[-1]
+    mask = jnp.tril(jnp.ones((length, length), bool))[None]
+    if segment_ids is not None:
+      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if positions is None:
+      positions = (
+        segment_positions(segment_ids)
+        if segment_ids is not None
+        else jnp.broadcast_to(jnp.arange(length), tokens.shape)
+      )
+
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(c.dtype))
+    apply_block = nnx.remat(LlamaBlock.__call__) if c.remat else LlamaBlock.__call__
+    for block in self.blocks:
+      x = apply_block(block, x, positions, mask)
+    x = self.final_norm(x)
+    head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
+    # float32 accumulation: a bfloat16 logit loses the small differences the loss depends on.
+    return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
