@@ -10,6 +10,7 @@ On a TPU pod, SLURM or Kubernetes the cluster's environment is read instead.
 
 import os
 import sys
+from typing import Any, NoReturn
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -17,9 +18,35 @@ from ml_collections import config_flags
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)  # `configs` is importable from any working directory.
 
-config_flags.DEFINE_config_file(
-  "config", os.path.join(ROOT, "configs", "default.py"), "Experiment config file."
-)
+
+def _exit_unknown_field(error: Exception) -> NoReturn:
+  """Ends the run on a `--config.a.b` that names no field, in one line instead of a traceback."""
+  detail: Any = error
+  while isinstance(detail, BaseException) and detail.args:
+    detail = detail.args[0]
+  key, _, hint = str(detail).partition("\n")
+  key = key.strip("'\"")
+  given = [arg.split("=", 1)[0] for arg in sys.argv[1:] if arg.startswith("--config.")]
+  named = [arg for arg in given if key in arg.split(".")[1:]] or given
+  sys.exit(
+    f"FATAL Flags parsing error: {', '.join(named)}: the config has no field {key!r}. {hint}\n"
+    "Every field is listed, with a comment, in configs/default.py."
+  )
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as error:  # --config.a.b with an unknown field
+    _exit_unknown_field(error)
+
+
+try:
+  config_flags.DEFINE_config_file(
+    "config", os.path.join(ROOT, "configs", "default.py"), "Experiment config file."
+  )
+except (KeyError, AttributeError) as error:  # without --config the overrides are parsed here
+  _exit_unknown_field(error)
 flags.DEFINE_string("workdir", os.path.join("workdir", "default"), "Where the run writes.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
@@ -37,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

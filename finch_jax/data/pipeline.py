@@ -19,10 +19,17 @@ several windows share a row, and a model keeps them apart with `segment_ids` (at
 and `positions`.
 
 Order of a training pipeline, and why:
-source -> this process's shard -> shuffle(seed) -> repeat -> tokenize (Grain threads) ->
-[mixture of such streams] -> windows -> first-fit packing -> batch -> thread prefetch.
-Sharding before shuffling gives disjoint shards whatever the seed; shuffling before repeating
-reshuffles each epoch without mixing epochs; mixing before packing makes shares per batch.
+source -> shuffle(seed) -> repeat -> tokenize (Grain threads) -> [mixture of such streams] ->
+windows -> first-fit packing -> global batch -> this process's rows -> thread prefetch.
+Shuffling before repeating reshuffles each epoch without mixing epochs; mixing before packing
+makes shares per batch. Every process walks the same global stream and keeps its own block of
+rows of each global batch (`shard_index` of `shard_count` blocks), so the global batch, hence
+the losses and the trained parameters, is the same whether 1 process or 8 feed the devices, the
+process blocks are disjoint, and the iterator state is the same on every process (a checkpoint
+written by N processes resumes with M). The price is that each process reads, tokenizes and
+packs the whole global batch, of which it keeps 1/N; with byte tokenization that is cheap next
+to a training step. (Sharding records per process before shuffling, as `lm_examples` can,
+avoids that work but makes the global batch depend on the number of processes.)
 
 Checkpointing: the iterator from `iter(dataset)` has `get_state()` / `set_state(state)` (a JSON-
 able dict); restoring it resumes the exact stream. With orbax use Grain's handler through its
@@ -177,9 +184,12 @@ def lm_examples(
     seed: shuffle seed, in [0, 2**32); each epoch is reshuffled from it.
     shuffle: shuffle globally within the shard; False keeps source order.
     repeat: repeat forever (epochs reshuffled); False gives one pass.
-    shard_index: which shard this process reads, e.g. `jax.process_index()`.
-    shard_count: number of shards, e.g. `jax.process_count()`. Shard i holds records
-      i, i + shard_count, ...: shards are disjoint and together cover the source.
+    shard_index: which shard of the records this stream reads.
+    shard_count: number of shards. Shard i holds records i, i + shard_count, ...: shards are
+      disjoint and together cover the source. `lm_dataset` leaves the stream whole (1 shard)
+      and gives each process its rows of every global batch instead (`lm_batches`), so that
+      batches do not depend on the number of processes; shard here only for per-process
+      streams whose composition may depend on it.
     feature: the text field of a record.
 
   Returns:
@@ -212,8 +222,9 @@ def mixture(
   share only averaged over many steps, through batches made wholly of replay data.) Grain
   interleaves deterministically and evenly, so any window of `MIXTURE_WINDOW` consecutive
   examples holds each component to within one example of its share; the mixed stream is then
-  shuffled within such windows so a rare component does not sit at fixed positions. Each
-  process mixes its own shards with the same weights, so the global batch has the same share.
+  shuffled within such windows so a rare component does not sit at fixed positions. Every
+  process mixes the same whole streams and keeps its rows of each global batch (`lm_batches`
+  with `shard_index`, `shard_count`), so the global batch has the share.
   Shares count examples (documents), not tokens: a component with longer examples contributes
   proportionally more tokens.
 
@@ -273,13 +284,27 @@ def _prefetched(batches: grain.IterDataset) -> grain.IterDataset:
   )
 
 
-def _batched(
-  rows: grain.IterDataset, *, batch_size: int, seq_len: int, pad_id: int
+def _sharded_batches(
+  rows: grain.IterDataset,
+  *,
+  batch_size: int,
+  shard_index: int,
+  shard_count: int,
+  stack: Any,
 ) -> grain.IterDataset:
-  return rows.batch(
-    batch_size,
-    batch_fn=functools.partial(_stack_rows, batch_size=batch_size, seq_len=seq_len, pad_id=pad_id),
-  )
+  """Global batches of `batch_size * shard_count` rows, of which this process keeps its part.
+
+  Every process walks the same global sequence, so the global batch does not depend on the
+  number of processes, all get the same number of batches (a multi-host step must run equally
+  often everywhere) and the parts are disjoint.
+  """
+  global_batch = batch_size * shard_count
+  batches = rows.batch(global_batch, batch_fn=functools.partial(stack, batch_size=global_batch))
+  if shard_count > 1:
+    batches = batches.map(
+      functools.partial(_shard_rows, shard_index=shard_index, batch_size=batch_size)
+    )
+  return _prefetched(batches)
 
 
 def lm_batches(
@@ -290,33 +315,45 @@ def lm_batches(
   pad_id: int = 0,
   packing: bool = True,
   read_options: grain.ReadOptions | None = None,
+  shard_index: int = 0,
+  shard_count: int = 1,
 ) -> grain.IterDataset:
   """Batches of an example stream (`lm_examples` or `mixture`) in the module's batch format.
 
+  With several processes, give every process the same (unsharded) example stream and its
+  `shard_index`: each assembles the global batch of `B * shard_count` rows and keeps rows
+  `shard_index * B` to `(shard_index + 1) * B`, so the global batch is the same for any number
+  of processes (see the module docstring).
+
   Args:
-    examples: int32 token vectors, bos and eos included.
+    examples: int32 token vectors, bos and eos included; the same stream on every process.
     seq_len: L, tokens per row.
-    batch_size: B, rows per batch (per process).
+    batch_size: B, rows per batch per process.
     pad_id: token id of padding.
-    packing: first-fit pack windows into rows (`max(B, MIN_PACKING_BINS)` rows packed at a
-      time); False puts each window in its own row.
+    packing: first-fit pack windows into rows (`max(B * shard_count, MIN_PACKING_BINS)` rows
+      packed at a time); False puts each window in its own row.
     read_options: Grain reader threads and buffer; `DEFAULT_READ_OPTIONS` suits 2 cores.
+    shard_index: this process's block of rows of each global batch, e.g. `jax.process_index()`.
+    shard_count: number of processes, e.g. `jax.process_count()`.
 
   Returns:
     A `grain.IterDataset` of batches, prefetched by a background thread. A finite stream's
     last batch is filled with padding rows of weight 0.
   """
   _check_sizes(seq_len=seq_len, batch_size=batch_size)
+  _check_shard(shard_index, shard_count)
   rows = _rows(
     examples,
     seq_len=seq_len,
-    rows_per_pack=batch_size,
+    rows_per_pack=batch_size * shard_count,
     pad_id=pad_id,
     packing=packing,
     read_options=read_options,
   )
-  batches = _batched(rows, batch_size=batch_size, seq_len=seq_len, pad_id=pad_id)
-  return _prefetched(batches)
+  stack = functools.partial(_stack_rows, seq_len=seq_len, pad_id=pad_id)
+  return _sharded_batches(
+    rows, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count, stack=stack
+  )
 
 
 def lm_dataset(
@@ -337,7 +374,9 @@ def lm_dataset(
   """Training batches of one source: `lm_batches(lm_examples(...))`.
 
   Args are those of `lm_examples` and `lm_batches`; `batch_size` is per process. The same
-  seed gives the same batches; `iter(dataset)` has `get_state`/`set_state` for checkpoints.
+  seed gives the same global batches, whatever `shard_count`: process `shard_index` gets
+  its block of rows of each (see the module docstring). `iter(dataset)` has
+  `get_state`/`set_state` for checkpoints; the state is the same on every process.
 
   Example::
 
@@ -351,8 +390,6 @@ def lm_dataset(
     seed=seed,
     shuffle=shuffle,
     repeat=repeat,
-    shard_index=shard_index,
-    shard_count=shard_count,
     feature=feature,
   )
   return lm_batches(
@@ -362,34 +399,14 @@ def lm_dataset(
     pad_id=tokenizer.pad_id,
     packing=packing,
     read_options=read_options,
+    shard_index=shard_index,
+    shard_count=shard_count,
   )
 
 
 def _limited(source: Source, num_examples: int | None) -> grain.MapDataset:
   records = grain.MapDataset.source(source)
   return records if num_examples is None else records[:num_examples]
-
-
-def _sharded_batches(
-  rows: grain.IterDataset,
-  *,
-  batch_size: int,
-  shard_index: int,
-  shard_count: int,
-  stack: Any,
-) -> grain.IterDataset:
-  """Global batches of `batch_size * shard_count` rows, of which this process keeps its part.
-
-  Every process walks the same global sequence, so all get the same number of batches (a
-  multi-host evaluation step must run equally often everywhere) and the parts are disjoint.
-  """
-  global_batch = batch_size * shard_count
-  batches = rows.batch(global_batch, batch_fn=functools.partial(stack, batch_size=global_batch))
-  if shard_count > 1:
-    batches = batches.map(
-      functools.partial(_shard_rows, shard_index=shard_index, batch_size=batch_size)
-    )
-  return _prefetched(batches)
 
 
 def eval_batches(
