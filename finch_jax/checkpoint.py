@@ -2,21 +2,66 @@
 
 `WORKDIR/checkpoints/<step>/` holds the items `params` and `opt_state` (sharded arrays, written
 by every process for its own shards), `data` (the Grain iterator state, one file per process),
-`meta` (step) and `config` (JSON). Saves are asynchronous: training continues while the files
-are written, and `close()` waits for the last one.
+`meta` (step, skipped steps, and what the fit loop needs to resume its logs exactly) and `config`
+(JSON). Saves are asynchronous: training continues while the files are written, and `close()`
+waits for the last one.
+
+What goes wrong, and what happens then:
+- A state holding NaN or inf is never written (`FloatingPointError`); the last good checkpoint
+  stays the newest.
+- A write that fails (disk full, unwritable directory) raises `CheckpointError` naming the
+  directory and the fix, at the save or, for an asynchronous one, at the next save or `close()`.
+  Orbax writes into a temporary directory and renames it when complete, so the previous
+  checkpoint is untouched; the leftover is removed when the directory is next opened.
+- A checkpoint that cannot be read (a file missing or cut short) is skipped with a warning and
+  moved aside to `<step>.damaged`; the newest readable one is restored. When none can be read,
+  `CheckpointError` says so rather than starting the run over.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from finch_jax.trainer import TrainState
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written, or none could be read; the message says what to do."""
+
+
+def _data_state(directory: str) -> dict[str, Any]:
+  """The data iterator state saved in `directory`, whatever number of processes wrote it.
+
+  Every process walks the same global stream, so all processes save the same state; a run with
+  another process count can take any of them.
+  """
+  mine = os.path.join(directory, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+  if os.path.exists(mine):
+    with open(mine) as f:
+      return json.load(f)
+  names = sorted(n for n in os.listdir(directory) if n.startswith("process_"))
+  states = []
+  for name in names:
+    with open(os.path.join(directory, name)) as f:
+      states.append(json.load(f))
+  if not states:
+    raise FileNotFoundError(f"No data iterator state in {directory}.")
+  if any(state != states[0] for state in states[1:]):
+    raise ValueError(
+      f"{directory} holds a different data iterator state per process ({', '.join(names)}): "
+      f"resume it with the number of processes that wrote it, not {jax.process_count()}."
+    )
+  return states[0]
 
 
 def _abstract(tree: Any) -> Any:
@@ -24,6 +69,31 @@ def _abstract(tree: Any) -> Any:
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
     tree,
   )
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _everywhere(ok: bool) -> bool:
+  """Whether `ok` holds on every process (a collective: all processes must call it)."""
+  from jax.experimental import multihost_utils
+
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _brief(error: BaseException, limit: int = 300) -> str:
+  """An error in at most about `limit` characters: TensorStore's carry a whole spec, and name the
+  operation at the start and the operating system's reason ("File too large") at the end."""
+  text = " ".join(f"{type(error).__name__}: {error}".split())
+  if len(text) <= limit:
+    return text
+  head = limit * 2 // 5
+  return f"{text[:head]} ... {text[head - limit :]}"
 
 
 class Checkpointer:
@@ -50,65 +120,214 @@ class Checkpointer:
     self.save_every = save_every
     self.config = dict(config or {})
     self.data_iterator = None
-    self.manager = ocp.CheckpointManager(
-      self.directory,
-      options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save,
-        create=True,
-      ),
+    # What the restored checkpoint's `meta` held for the fit loop (see `fit(resume=...)`).
+    self.restored_extra: dict[str, Any] = {}
+    self._in_flight: int | None = None  # the step of an asynchronous save not yet waited for
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      enable_async_checkpointing=async_save,
+      create=True,
+      # A save that failed (disk full, killed mid-write) leaves its temporary directory.
+      cleanup_tmp_directories=True,
     )
+    try:
+      # Orbax would only fail at the first save, steps into the run, when the path is taken.
+      os.makedirs(self.directory, exist_ok=True)
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
+    except OSError as e:
+      raise CheckpointError(
+        f"Cannot create or open the checkpoint directory {self.directory} ({_brief(e)}): make "
+        "it a writable directory (nothing else by that name), or rerun with another --workdir."
+      ) from e
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None when there is none."""
     return self.manager.latest_step()
 
-  def maybe_save(self, step: int, state: TrainState, *, force: bool = False) -> bool:
-    """Saves when `step` is due (or `force`); returns whether it saved."""
+  def maybe_save(
+    self,
+    step: int,
+    state: TrainState,
+    *,
+    force: bool = False,
+    extra: Callable[[], Mapping[str, Any]] | None = None,
+  ) -> bool:
+    """Saves when `step` is due (or `force`); returns whether it saved.
+
+    Args:
+      step: the step `state` has reached.
+      state: what to save.
+      force: save even when `step` is not a multiple of `save_every`.
+      extra: returns JSON-able values saved with the step (`restored_extra` after a restore);
+        called only when a checkpoint is written.
+
+    Raises:
+      FloatingPointError: the state holds NaN or inf; nothing is written.
+      CheckpointError: this write, or the previous asynchronous one, failed.
+    """
     if not force and (self.save_every <= 0 or step % self.save_every):
       return False
+    self._wait()
     if self.manager.latest_step() == step:
       return False
+    if not bool(_all_finite((state.params, state.opt_state))):
+      raise FloatingPointError(
+        f"Refusing to checkpoint step {step}: the parameters or the optimizer state hold NaN or "
+        f"inf. {self.directory} keeps its newest good checkpoint ({self._newest_text()}), and "
+        "rerunning resumes from it. Steps with a non-finite loss or gradient are skipped, so a "
+        "finite update overflowed: lower optimizer.learning_rate or keep optimizer.grad_clip on."
+      )
+    meta = {"step": int(step), "num_skipped": int(state.num_skipped)}
+    if extra is not None:
+      meta["extra"] = dict(extra())
     items = {
       "params": ocp.args.StandardSave(state.params),
       "opt_state": ocp.args.StandardSave(state.opt_state),
-      "meta": ocp.args.JsonSave({"step": int(step)}),
+      "meta": ocp.args.JsonSave(meta),
       "config": ocp.args.JsonSave(self.config),
     }
     if self.data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(self.data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # The filesystem's error, often wrapped by orbax or TensorStore.
+      raise self._write_error(step, e) from e
+    self._in_flight = step
     return True
 
-  def restore(self, abstract_state: TrainState, step: int | None = None) -> TrainState:
-    """The state saved at `step` (default: the latest), laid out as `abstract_state` says.
+  def _wait(self) -> None:
+    """Waits for the asynchronous save in flight; its failure is raised here, not lost."""
+    step, self._in_flight = self._in_flight, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(step, e) from e
 
-    The data iterator set with `data_iterator` is restored in place as well.
+  def _write_error(self, step: int | None, error: BaseException) -> CheckpointError:
+    which = "a checkpoint" if step is None else f"the checkpoint of step {step}"
+    return CheckpointError(
+      f"Could not write {which} to {self.directory} ({_brief(error)}). Free space on that disk "
+      "or make the directory writable (or rerun with --workdir on a disk with room), then rerun "
+      f"the same command: it resumes from {self._newest_text(exclude=step)}, which this failure "
+      "left intact."
+    )
+
+  def _newest_text(self, exclude: int | None = None) -> str:
+    try:
+      self.manager.reload()  # The failed step may still be listed in memory.
+      steps = [s for s in self.manager.all_steps() if s != exclude]
+    except Exception:  # The same broken disk may fail this too; the message still helps.
+      return "the newest complete checkpoint"
+    return f"step {max(steps)}" if steps else "step 0 (no checkpoint was complete yet)"
+
+  def restore(self, abstract_state: TrainState, step: int | None = None) -> TrainState:
+    """The state saved at `step` (default: the newest readable), laid out as `abstract_state`.
+
+    The data iterator set with `data_iterator` is restored in place as well, and
+    `restored_extra` is set to what the checkpoint's `extra` held.
+
+    Without `step`, checkpoints are tried newest first. One that cannot be read (a file missing
+    or cut short) is skipped with a warning naming it and why, and once an older one restores,
+    the skipped ones are moved aside to `<step>.damaged` in the same directory (kept for
+    inspection, and out of the way of the run writing those steps again).
+
+    Raises:
+      FileNotFoundError: the directory holds no checkpoint.
+      CheckpointError: none of its checkpoints can be read; nothing is moved or changed.
     """
-    step = self.manager.latest_step() if step is None else step
-    if step is None:
+    if step is not None:
+      return self._restore_step(abstract_state, step)
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    failed: list[tuple[int, Exception]] = []
+    for candidate in steps:
+      error: Exception | None = None
+      try:
+        state = self._restore_step(abstract_state, candidate)
+      except Exception as e:  # Damage shows up as many error types (TensorStore, JSON, orbax).
+        error = e
+      if jax.process_count() > 1 and not _everywhere(error is None):
+        # A file read by one process only may be the damaged one: all must fall back together.
+        error = error or CheckpointError("another process could not read it")
+      if error is not None:
+        logging.warning(
+          "Skipping checkpoint step %d in %s: it cannot be read (%s).",
+          candidate,
+          self.directory,
+          _brief(error),
+        )
+        failed.append((candidate, error))
+        continue
+      if failed:
+        moved = self._set_aside([s for s, _ in failed])
+        logging.warning(
+          "Resumed from step %d, the newest readable checkpoint in %s; moved the unreadable "
+          "ones aside: %s.",
+          candidate,
+          self.directory,
+          ", ".join(moved),
+        )
+      return state
+    reasons = "; ".join(f"step {s}: {_brief(e, 200)}" for s, e in failed)
+    raise CheckpointError(
+      f"No checkpoint in {self.directory} can be read ({reasons}). Nothing was changed, and the "
+      "run did not start over. If the configuration changed since they were written, rerun with "
+      "the old one or another --workdir; otherwise move that directory away (or put back a good "
+      "copy of a checkpoint) to start from step 0."
+    ) from failed[0][1]
+
+  def _restore_step(self, abstract_state: TrainState, step: int) -> TrainState:
     items = {
       "params": ocp.args.StandardRestore(_abstract(abstract_state.params)),
       "opt_state": ocp.args.StandardRestore(_abstract(abstract_state.opt_state)),
       "meta": ocp.args.JsonRestore(),
     }
-    if self.data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(self.data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if self.data_iterator is not None:
+      # Read by hand rather than with Grain's handler, which only looks for the file of this
+      # process count: a checkpoint then resumes with another number of processes too.
+      self.data_iterator.set_state(_data_state(os.path.join(self.directory, str(step), "data")))
+    meta = restored["meta"]
+    replicated = abstract_state.step.sharding
+    self.restored_extra = dict(meta.get("extra", {}))
     return TrainState(
-      step=jax.device_put(
-        jax.numpy.asarray(restored["meta"]["step"], jax.numpy.int32),
-        abstract_state.step.sharding,
-      ),
+      step=jax.device_put(jnp.asarray(meta["step"], jnp.int32), replicated),
       params=restored["params"],
       opt_state=restored["opt_state"],
+      # Checkpoints from before skipped steps were counted hold no count: 0.
+      num_skipped=jax.device_put(jnp.asarray(meta.get("num_skipped", 0), jnp.int32), replicated),
     )
 
+  def _set_aside(self, steps: list[int]) -> list[str]:
+    """Renames the step directories to `<step>.damaged` (orbax ignores such names)."""
+    moved = []
+    for step in steps:
+      source = os.path.join(self.directory, str(step))
+      target, n = f"{source}.damaged", 1
+      while os.path.exists(target):
+        n += 1
+        target = f"{source}.damaged{n}"
+      if jax.process_index() == 0:
+        os.rename(source, target)
+      moved.append(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("finch_jax.checkpoint.set_aside")
+    self.manager.reload()
+    return moved
+
   def close(self) -> None:
-    """Waits for pending writes and releases the manager."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for pending writes and releases the manager.
+
+    Raises:
+      CheckpointError: the last asynchronous save failed.
+    """
+    try:
+      self._wait()
+    finally:
+      self.manager.close()
 
 
 def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
@@ -121,6 +340,8 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
 
   Raises:
     FileNotFoundError: naming the directory when it holds no checkpoint.
+    CheckpointError: naming the step when it cannot be read. A base model does not fall back to
+      an older step: fine-tuning another base than the one asked for would mislead.
   """
   if os.path.isdir(os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
@@ -136,8 +357,15 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
         f"No checkpoint in {directory!r}: run pretraining there first, or fix "
         "--config.base_checkpoint."
       )
-    restored = manager.restore(
-      step,
-      args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(abstract_params))),
-    )
+    try:
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(abstract_params))),
+      )
+    except Exception as e:
+      raise CheckpointError(
+        f"Base checkpoint step {step} in {directory!r} cannot be read ({_brief(e)}). Rerun the "
+        "pretraining there (it resumes from its newest readable checkpoint), or point "
+        "--config.base_checkpoint at another base."
+      ) from e
   return restored["params"]

@@ -22,11 +22,10 @@ import ml_collections
 
 from finch_jax import data as data_lib
 from finch_jax import sharding as shd
-from finch_jax.checkpoint import Checkpointer, restore_params
+from finch_jax.checkpoint import Checkpointer, CheckpointError, restore_params
 from finch_jax.models import TransformerConfig
-from finch_jax.trainer import MetricsWriter, Trainer, TrainState, fit, make_optimizer
-
-MODES = ("pretrain", "finetune", "compare")
+from finch_jax.trainer import MetricsWriter, Preempted, Trainer, TrainState, fit, make_optimizer
+from finch_jax.validate import MODES, ConfigError, validate
 
 
 def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -142,10 +141,18 @@ def run_training(
   evaluator: Evaluator | None = None,
   progress: bool = True,
 ):
-  """One training run in `workdir`, resumed from its latest checkpoint when there is one.
+  """One training run in `workdir`, resumed from its newest readable checkpoint when it has one.
 
   Returns the `FitResult`. Parameters start from `init_params` (e.g. a base model), else from a
-  fresh initialisation with `config.seed`.
+  fresh initialisation with `config.seed`. A resumed run continues the data stream, the logging
+  window and the evaluations where the checkpoint left them, and drops the records of
+  `metrics.jsonl` past the checkpoint's step, so that it ends as an uninterrupted run would, bit
+  for bit, with one record per logged step.
+
+  Raises:
+    Preempted: SIGTERM or SIGINT arrived (see `finch_jax.trainer.fit`); the checkpoint of the
+      step reached is written before this returns control, and rerunning resumes from it.
+    CheckpointError: a checkpoint could not be written, or none in `workdir` can be read.
   """
   seed = config.seed if seed is None else seed
   trainer = trainer or make_trainer(config)
@@ -156,18 +163,18 @@ def run_training(
     max_to_keep=config.keep_checkpoints,
     config=json.loads(config.to_json()),
   )
-  dataset = train_batches(config, workdir, seed)
-  iterator = iter(dataset)
-  checkpointer.data_iterator = iterator
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(trainer.abstract_state())
-    logging.info("Resumed %s at step %d.", workdir, int(state.step))
-  else:
-    params = trainer.init_params(seed) if init_params is None else init_params
-    state = trainer.create_state(params, learning_rate=learning_rate)
-  writer = MetricsWriter(workdir, enabled=primary)
-  tokens = config.data.batch_size * config.data.seq_len
+  writer = None
   try:
+    dataset = train_batches(config, workdir, seed)
+    iterator = iter(dataset)
+    checkpointer.data_iterator = iterator
+    if checkpointer.latest_step() is not None:
+      state = checkpointer.restore(trainer.abstract_state())
+      logging.info("Resumed %s at step %d.", workdir, int(state.step))
+    else:
+      params = trainer.init_params(seed) if init_params is None else init_params
+      state = trainer.create_state(params, learning_rate=learning_rate)
+    writer = MetricsWriter(workdir, enabled=primary, truncate_after=int(state.step))
     result = fit(
       trainer,
       state,
@@ -179,10 +186,13 @@ def run_training(
       writer=writer,
       checkpointer=checkpointer,
       progress=progress,
-      tokens_per_batch=tokens,
+      tokens_per_batch=config.data.batch_size * config.data.seq_len,
+      resume=checkpointer.restored_extra,
     )
   finally:
-    writer.close()
+    if writer is not None:
+      writer.close()
+    # Waits for the last checkpoint (the preemption one included); raises if it failed.
     checkpointer.close()
   return result
 
@@ -222,8 +232,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Runs what `config.mode` asks for in `workdir`; see the module docstring."""
-  if config.mode not in MODES:
-    raise ValueError(f"Unknown config.mode {config.mode!r}: use one of {MODES}.")
+  validate(config, workdir)  # every check before any compilation, each naming its fix
   os.makedirs(workdir, exist_ok=True)
   if config.mode == "pretrain":
     trainer = make_trainer(config)
@@ -237,8 +246,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
 
 __all__ = [
+  "CheckpointError",
   "Evaluator",
+  "ConfigError",
   "MODES",
+  "Preempted",
   "TrainState",
   "base_params",
   "data_dir",

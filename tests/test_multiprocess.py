@@ -221,16 +221,7 @@ def test_two_processes_train_like_one(first_leg):
 
 
 def _resume(workdir, data_dir, processes):
-  try:
-    _train(workdir, data_dir, SECOND_LEG, processes=processes)
-  except RunFailed as failure:
-    if any("does not exist" in log and "-of-" in log for log in failure.logs):
-      pytest.xfail(
-        "finch_jax/checkpoint.py restores the data iterator with Grain's handler, which reads "
-        "only process_<i>-of-<n>.json of the current process count; see the proposed "
-        "`_data_state` fallback in Checkpointer.restore"
-      )
-    raise
+  _train(workdir, data_dir, SECOND_LEG, processes=processes)
 
 
 def test_checkpoints_resume_across_process_counts(first_leg):

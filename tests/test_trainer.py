@@ -163,7 +163,7 @@ def test_finetune_needs_a_base_checkpoint(tmp_path):
   with pytest.raises(ValueError, match="base_checkpoint"):
     experiment.train_and_evaluate(config, str(tmp_path))
   config.base_checkpoint = str(tmp_path / "missing")
-  with pytest.raises(FileNotFoundError, match="base_checkpoint"):
+  with pytest.raises(ValueError, match="base_checkpoint"):
     experiment.train_and_evaluate(config, str(tmp_path))
 
 
