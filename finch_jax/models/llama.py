@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from finch_jax.models.transformer import RMSNorm, segment_positions
+from finch_jax.models.transformer import RMSNorm, attention_mask_and_positions
 
 MODEL_TYPES = ("llama", "qwen3")
 
@@ -339,16 +339,7 @@ class Llama(nnx.Module):
       float32 logits [batch, length, vocab_size].
     """
     c = self.config
-    length = tokens.shape[-1]
-    mask = jnp.tril(jnp.ones((length, length), bool))[None]
-    if segment_ids is not None:
-      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    if positions is None:
-      positions = (
-        segment_positions(segment_ids)
-        if segment_ids is not None
-        else jnp.broadcast_to(jnp.arange(length), tokens.shape)
-      )
+    mask, positions = attention_mask_and_positions(tokens, segment_ids, positions)
 
     x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(c.dtype))
     apply_block = nnx.remat(LlamaBlock.__call__) if c.remat else LlamaBlock.__call__

@@ -271,6 +271,24 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
   return index - jax.lax.cummax(jnp.where(is_start, index, 0), axis=segment_ids.ndim - 1)
 
 
+def attention_mask_and_positions(
+  tokens: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+  """The causal (and, for packed rows, same-segment) mask [batch or 1, query, key], and the
+  rotary positions: as given, else 0, 1, 2, ... restarting at each segment."""
+  length = tokens.shape[-1]
+  mask = jnp.tril(jnp.ones((length, length), bool))[None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  if positions is None:
+    positions = (
+      segment_positions(segment_ids)
+      if segment_ids is not None
+      else jnp.broadcast_to(jnp.arange(length), tokens.shape)
+    )
+  return mask, positions
+
+
 class Transformer(nnx.Module):
   """Decoder-only language model: tokens [batch, length] -> float32 logits [batch, length, vocab].
 
@@ -319,15 +337,7 @@ class Transformer(nnx.Module):
         f"Sequence length {length} exceeds max_len={c.max_len}: shorten the input or raise "
         "TransformerConfig.max_len."
       )
-    mask = jnp.tril(jnp.ones((length, length), bool))[None]
-    if segment_ids is not None:
-      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    if positions is None:
-      positions = (
-        segment_positions(segment_ids)
-        if segment_ids is not None
-        else jnp.broadcast_to(jnp.arange(length), tokens.shape)
-      )
+    mask, positions = attention_mask_and_positions(tokens, segment_ids, positions)
 
     x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(c.dtype))
     apply_block = nnx.remat(Block.__call__) if c.remat else Block.__call__
