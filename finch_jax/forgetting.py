@@ -183,13 +183,8 @@ def _tree_bytes(tree: Any) -> int:
 
 
 def _median_step_time(workdir: str) -> float:
-  path = os.path.join(workdir, "metrics.jsonl")
-  times = []
-  with open(path) as f:
-    for line in f:
-      record = json.loads(line)
-      if "step_time" in record and record["step"] > record.get("log_every", 0):
-        times.append(record["step_time"])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    times = [r["step_time"] for r in map(json.loads, f) if "step_time" in r]
   # The first logged window includes compilation.
   return statistics.median(times[1:] if len(times) > 1 else times)
 

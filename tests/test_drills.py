@@ -67,12 +67,7 @@ LEG_TIMEOUT_S = 300  # one `train.py` process; a leg takes 5-20 s on two busy co
 def drill_config(data_dir: str, **changes):
   """The drills' configuration; the `train.py` legs build the very same one from a file."""
   config = default.get_config()
-  for key, value in {**OVERRIDES, "data.data_dir": data_dir, **changes}.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+  config.update_from_flattened_dict({**OVERRIDES, "data.data_dir": data_dir, **changes})
   return config
 
 

@@ -70,12 +70,7 @@ TIMING_KEYS = {"step_time", "tokens_per_second", "input_wait_share"}
 
 def _config(data_dir, **changes):
   config = default.get_config()
-  for key, value in {**OVERRIDES, "data.data_dir": data_dir, **changes}.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+  config.update_from_flattened_dict({**OVERRIDES, "data.data_dir": data_dir, **changes})
   return config
 
 

@@ -32,12 +32,7 @@ def small_config(**changes):
   config.log_every = 1
   config.eval_every = 3
   config.checkpoint_every = 3
-  for key, value in changes.items():
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+  config.update_from_flattened_dict(changes)
   return config
 
 
