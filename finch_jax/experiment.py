@@ -19,11 +19,13 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import nnx
 
 from finch_jax import data as data_lib
+from finch_jax import models
 from finch_jax import sharding as shd
 from finch_jax.checkpoint import Checkpointer, CheckpointError, restore_params
-from finch_jax.models import TransformerConfig
+from finch_jax.models import hf
 from finch_jax.trainer import MetricsWriter, Preempted, Trainer, TrainState, fit, make_optimizer
 from finch_jax.validate import MODES, ConfigError, validate
 
@@ -46,26 +48,69 @@ def source(config: ml_collections.ConfigDict, workdir: str, spec: Mapping[str, s
   )
 
 
+def is_hf_checkpoint(path: str) -> bool:
+  """Whether `path` is a Hugging Face model directory (config.json beside safetensors)."""
+  return bool(path) and os.path.isfile(os.path.join(path, hf.CONFIG_FILE))
+
+
+def model_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
+  """The architecture: the base checkpoint's own when it is a Hugging Face directory (its
+  config.json, with `config.model`'s `dtype` and `param_dtype`), else `config.model`."""
+  if is_hf_checkpoint(config.get("base_checkpoint", "")):
+    with open(os.path.join(config.base_checkpoint, hf.CONFIG_FILE)) as f:
+      return hf.config_from_hf(
+        json.load(f),
+        dtype=config.model.get("dtype", "float32"),
+        param_dtype=config.model.get("param_dtype", None),
+      ).replace(remat=bool(config.model.get("remat", False)))
+  return models.config_from_dict(config.model)
+
+
+def make_tokenizer(config: ml_collections.ConfigDict) -> data_lib.Tokenizer:
+  """`data.tokenizer` (a directory with tokenizer.json); "" means the base checkpoint's when it is
+  a Hugging Face directory, else the byte-level tokenizer of the embedded benchmarks."""
+  path = config.data.get("tokenizer", "")
+  if not path and is_hf_checkpoint(config.get("base_checkpoint", "")):
+    path = config.base_checkpoint
+  if not path:
+    return data_lib.ByteTokenizer()
+  tokenizer = hf.load_tokenizer(path)
+  if tokenizer is None:
+    raise FileNotFoundError(
+      f"No tokenizer.json in {path!r}: set --config.data.tokenizer to a directory that has one."
+    )
+  return tokenizer
+
+
 def make_trainer(
   config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
 ) -> Trainer:
-  """The trainer a config describes (model, optimizer with or without FINCH, mesh)."""
+  """The trainer a config describes (model, optimizer with or without FINCH, mesh, remedies)."""
   tx, shape = make_optimizer(
     config.optimizer.to_dict(), config.finch.to_dict(), config.num_train_steps
   )
   mesh = mesh or shd.make_mesh(**config.mesh.to_dict())
   return Trainer(
-    TransformerConfig.from_dict(config.model),
+    model_config(config),
     tx,
     shape,
     mesh,
     grad_accum_steps=config.grad_accum_steps,
+    kl_weight=replay_kl_weight(config),
   )
+
+
+def replay_kl_weight(config: ml_collections.ConfigDict) -> float:
+  """The KL-to-base weight on replay tokens (0 when replay is off or trains on cross-entropy)."""
+  replay = config.get("replay")
+  if not replay or not replay.share:
+    return 0.0
+  return float(replay.kl_weight)
 
 
 def train_batches(config: ml_collections.ConfigDict, workdir: str, seed: int):
   """The Grain dataset of this process's training batches (mixing in replay when configured)."""
-  tokenizer = data_lib.ByteTokenizer()
+  tokenizer = make_tokenizer(config)
   shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   local_batch = _local_batch_size(config)
   return data_lib.lm_dataset(
@@ -93,7 +138,7 @@ class Evaluator:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, trainer: Trainer):
     self.trainer = trainer
-    tokenizer = data_lib.ByteTokenizer()
+    tokenizer = make_tokenizer(config)
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     local_batch = _local_batch_size(config)
     self.loss_sets = {
@@ -203,12 +248,22 @@ def _final_facts_only(evaluator: Evaluator, config: ml_collections.ConfigDict):
 
 
 def base_params(config: ml_collections.ConfigDict, trainer: Trainer) -> Any:
-  """The base model's parameters from `config.base_checkpoint`, laid out for `trainer`."""
+  """The base model's parameters from `config.base_checkpoint` (a finch_jax workdir or a Hugging
+  Face directory), laid out for `trainer`."""
   if not config.base_checkpoint:
     raise ValueError(
       "Fine-tuning needs a base model: set --config.base_checkpoint=WORKDIR of a pretraining "
       "run (e.g. one made with configs/pretrain_tiny.py)."
     )
+  if is_hf_checkpoint(config.base_checkpoint):
+    model, _ = hf.load_hf(
+      config.base_checkpoint,
+      mesh=trainer.mesh,
+      dtype=trainer.model_config.dtype,
+      param_dtype=trainer.model_config.param_dtype,
+      rules=trainer.rules,
+    )
+    return nnx.as_pure(nnx.state(model))
   abstract = trainer.abstract_state().params
   return restore_params(config.base_checkpoint, abstract)
 
@@ -255,7 +310,10 @@ __all__ = [
   "base_params",
   "data_dir",
   "finetune",
+  "is_hf_checkpoint",
+  "make_tokenizer",
   "make_trainer",
+  "model_config",
   "run_training",
   "source",
   "train_and_evaluate",

@@ -5,6 +5,11 @@
   (Bethune et al., arXiv 2502.06042, propose such an anchored AdamW).
 - `token_kl_to_base`: the KL divergence from the base model's next-token distribution to the
   fine-tuned model's, a loss term on replay data (Marek et al., arXiv 2605.26097).
+- `sample_replay_set`: replay data sampled from the base model itself, for when its pretraining
+  data is not at hand.
+
+Replay of pretraining data is a data-pipeline matter (`finch_jax.data.mixture`), and LoRA lives
+in `finch_jax.lora`; the trainer composes all of them with FINCH (see `configs/compare.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -77,3 +83,58 @@ def token_kl_to_base(
   kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
   weights = weights.astype(jnp.float32)
   return jnp.sum(kl * weights), jnp.sum(weights)
+
+
+def sample_replay_set(
+  model: Any,
+  *,
+  num_samples: int,
+  length: int,
+  bos_id: int,
+  eos_id: int | None,
+  seed: int,
+  temperature: float = 1.0,
+  batch_size: int = 64,
+) -> list[np.ndarray]:
+  """Texts sampled from the base model, as replay data when its pretraining data is unavailable.
+
+  Each sample starts from the BOS token alone and is drawn with `finch_jax.models.sample`
+  (jitted; on the model's devices); it is cut after its first EOS. Marek et al. (arXiv
+  2605.26097) replay such samples with a KL term to the base model's predictions.
+
+  Args:
+    model: the base model (an NNX module mapping tokens to logits).
+    num_samples: how many sequences.
+    length: tokens sampled after BOS (the model's `max_len` must hold length + 1).
+    bos_id, eos_id: the tokenizer's BOS and EOS ids (eos None: never cut).
+    seed: the sampling key's seed; the same seed gives the same set.
+    temperature: softmax temperature (> 0).
+    batch_size: sequences sampled at a time.
+
+  Returns:
+    `num_samples` int32 token vectors, each BOS + sampled tokens (+ EOS when one was drawn).
+  """
+  if num_samples < 1 or length < 1 or batch_size < 1:
+    raise ValueError(
+      f"num_samples ({num_samples}), length ({length}) and batch_size ({batch_size}) must be >= 1."
+    )
+  from finch_jax.models import sample
+
+  out: list[np.ndarray] = []
+  key = jax.random.key(seed)
+  for start in range(0, num_samples, batch_size):
+    rows = min(batch_size, num_samples - start)
+    prompts = jnp.full((batch_size, 1), bos_id, jnp.int32)  # a fixed shape: one compilation
+    tokens = sample(
+      model,
+      prompts,
+      jnp.ones(batch_size, jnp.int32),
+      length,
+      jax.random.fold_in(key, start),
+      temperature,
+    )
+    for row in np.asarray(jax.device_get(tokens))[:rows]:
+      if eos_id is not None and (ends := np.flatnonzero(row == eos_id)).size:
+        row = row[: ends[0] + 1]
+      out.append(np.concatenate([[bos_id], row]).astype(np.int32))
+  return out

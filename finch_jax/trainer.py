@@ -30,8 +30,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from finch_jax import models
 from finch_jax import sharding as shd
-from finch_jax.models import Transformer, TransformerConfig
+from finch_jax.remedies import anchor_to_init, token_kl_to_base
 from finch_jax.transform import finch, find_finch_states
 
 Batch = Mapping[str, Any]
@@ -71,8 +72,11 @@ def make_optimizer(
 
   Args:
     optimizer: `name` ('adamw' or 'sgd'), `learning_rate` (peak), `schedule`, `warmup_steps`,
-      `final_lr_fraction`, `weight_decay`, `b1`, `b2`, `eps` (adamw), `momentum` (sgd) and
-      `grad_clip` (global norm; 0 disables).
+      `final_lr_fraction`, `weight_decay`, `b1`, `b2`, `eps` (adamw), `momentum` (sgd),
+      `grad_clip` (global norm; 0 disables) and `anchor_strength`: when > 0, each step also
+      moves the weights `learning_rate * anchor_strength` of the way back to where fine-tuning
+      started (`finch_jax.remedies.anchor_to_init`, decoupled like AdamW's weight decay; its
+      state holds a copy of the starting weights).
     finch_options: None or a mapping with `enabled` and the keyword arguments of
       `finch_jax.finch`; when enabled, FINCH scales the base optimizer's updates.
     num_train_steps: length of the run, for decaying schedules.
@@ -89,17 +93,21 @@ def make_optimizer(
     o.get("final_lr_fraction", 0.0),
   )
   name = o.get("name", "adamw")
+  anchor = o.get("anchor_strength", 0.0)
   if name == "adamw":
-    core = optax.inject_hyperparams(optax.adamw)(
+    core = optax.inject_hyperparams(_anchored_adamw if anchor else optax.adamw)(
       learning_rate=o["learning_rate"],
       b1=o.get("b1", 0.9),
       b2=o.get("b2", 0.95),
       eps=o.get("eps", 1e-8),
       weight_decay=o.get("weight_decay", 0.0),
+      **({"anchor_strength": anchor} if anchor else {}),
     )
   elif name == "sgd":
-    core = optax.inject_hyperparams(optax.sgd)(
-      learning_rate=o["learning_rate"], momentum=o.get("momentum", 0.9) or None
+    core = optax.inject_hyperparams(_anchored_sgd if anchor else optax.sgd)(
+      learning_rate=o["learning_rate"],
+      momentum=o.get("momentum", 0.9) or None,
+      **({"anchor_strength": anchor} if anchor else {}),
     )
   else:
     raise ValueError(f"Unknown optimizer {name!r}: use 'adamw' or 'sgd'.")
@@ -111,11 +119,35 @@ def make_optimizer(
   return optax.with_extra_args_support(base), shape
 
 
+def _anchored_adamw(
+  learning_rate, b1, b2, eps, weight_decay, anchor_strength
+) -> optax.GradientTransformation:
+  """AdamW with a decoupled pull toward the starting weights beside its weight decay."""
+  return optax.chain(
+    optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+    optax.add_decayed_weights(weight_decay),
+    anchor_to_init(anchor_strength),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def _anchored_sgd(learning_rate, momentum, anchor_strength) -> optax.GradientTransformation:
+  """SGD (with momentum) plus a decoupled pull toward the starting weights."""
+  parts = [optax.trace(decay=momentum)] if momentum else []
+  return optax.chain(
+    *parts, anchor_to_init(anchor_strength), optax.scale_by_learning_rate(learning_rate)
+  )
+
+
 def token_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   """(sum of weighted token cross-entropies, sum of weights), both float32 scalars."""
   losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   weights = weights.astype(jnp.float32)
   return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def _first_micro_batch(batch: Batch) -> Batch:
+  return {k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in batch.items()}
 
 
 def _split_micro_batches(batch: Batch, num: int) -> Batch:
@@ -136,39 +168,51 @@ def _split_micro_batches(batch: Batch, num: int) -> Batch:
 
 
 class Trainer:
-  """Jitted training and evaluation of a `Transformer` on a mesh.
+  """Jitted training and evaluation of a language model (`finch_jax.models`) on a mesh.
 
   A step whose loss or gradients are not finite (a poisoned batch, an overflow) changes no
   parameter, with or without FINCH: the optimizer is fed zero gradients in place of the NaN ones
   (so no NaN reaches its state; Adam's moments decay once, as in `finch_jax.finch`), its update is
   dropped, and `TrainState.num_skipped` (logged as `num_skipped`) counts the step.
 
+  The reference model: with `kl_weight > 0` the loss on replay tokens (`batch["replay"] == 1`) is
+  `kl_weight` times the KL divergence from the reference model's next-token distribution to the
+  trained model's (`finch_jax.remedies.token_kl_to_base`), in place of their cross-entropy; the
+  other tokens keep theirs. The reference parameters (the base model, `set_reference`) are held
+  by the trainer, outside the train state: they are not trained, donated or checkpointed.
+
   Args:
-    model_config: the model's architecture.
+    model_config: the model's architecture (`TransformerConfig` or `LlamaConfig`).
     tx: the optimizer, e.g. from `make_optimizer`; it receives the loss as `value`.
     schedule: the schedule shape (peak 1) to report the effective learning rate.
     mesh: the device mesh (`finch_jax.sharding.make_mesh`).
     grad_accum_steps: micro-batches per optimizer step.
     rules: logical-axis rules mapping parameter axes to mesh axes.
+    kl_weight: weight of the KL-to-reference term on replay tokens (0: plain cross-entropy).
   """
 
   def __init__(
     self,
-    model_config: TransformerConfig,
+    model_config: models.ModelConfig,
     tx: optax.GradientTransformationExtraArgs,
     schedule: optax.Schedule,
     mesh: jax.sharding.Mesh,
     *,
     grad_accum_steps: int = 1,
     rules: shd.LogicalRules = shd.DEFAULT_RULES,
+    kl_weight: float = 0.0,
   ):
+    if kl_weight < 0:
+      raise ValueError(f"kl_weight must be >= 0, got {kl_weight}.")
     self.model_config = model_config
     self.tx = tx
     self.schedule = schedule
     self.mesh = mesh
     self.rules = rules
     self.grad_accum_steps = grad_accum_steps
-    abstract = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
+    self.kl_weight = float(kl_weight)
+    self.reference: Any = None
+    abstract = nnx.eval_shape(self._new_model)
     self.graphdef, abstract_state = nnx.split(abstract)
     self.param_shardings = nnx.as_pure(shd.param_shardings(abstract_state, mesh, rules))
     self.batch_sharding = shd.batch_sharding(mesh, rules)
@@ -177,12 +221,21 @@ class Trainer:
     self._eval_step = jax.jit(self._eval_step_impl)
     self._fact_step = jax.jit(self._fact_step_impl)
 
+  @property
+  def needs_reference(self) -> bool:
+    """Whether steps read the reference (base) model, which `set_reference` must provide."""
+    return self.kl_weight > 0
+
+  def set_reference(self, params: Any) -> None:
+    """The reference model's parameters (the base), laid out like the model's."""
+    self.reference = jax.device_put(params, self.param_shardings)
+
   # ----- state -------------------------------------------------------------------------------
 
   def init_params(self, seed: int) -> Any:
     """Fresh parameters, created directly in their sharded layout."""
     model = shd.create_sharded_model(
-      lambda: Transformer(self.model_config, rngs=nnx.Rngs(seed)), self.mesh, self.rules
+      lambda: models.build(self.model_config, nnx.Rngs(seed)), self.mesh, self.rules
     )
     return nnx.as_pure(nnx.state(model))
 
@@ -224,8 +277,8 @@ class Trainer:
       self.param_shardings,
     )
 
-  def _new_model(self) -> Transformer:
-    return Transformer(self.model_config, rngs=nnx.Rngs(0))
+  def _new_model(self) -> nnx.Module:
+    return models.build(self.model_config, nnx.Rngs(0))
 
   def _opt_shardings(self) -> Any:
     """Optimizer-state shardings: a leaf whose path ends with a parameter's path and has its
@@ -251,27 +304,40 @@ class Trainer:
     model = nnx.merge(self.graphdef, params)
     return model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
 
-  def _train_step_impl(self, state: TrainState, batch: Batch):
+  def _loss_sums(self, params: Any, micro: Batch, reference: Any) -> tuple[jax.Array, Any]:
+    """(sum of the token losses of `micro`, auxiliary sums for the metrics)."""
+    logits = self._logits(params, micro)
+    weights = micro["weights"]
+    if not self.needs_reference:
+      loss_sum, _ = token_cross_entropy(logits, micro["targets"], weights)
+      return loss_sum, {}
+    replay = micro["replay"].astype(jnp.float32) * weights
+    ce_sum, _ = token_cross_entropy(logits, micro["targets"], weights - replay)
+    base_logits = self._logits(reference, micro)
+    kl_sum, kl_weight = token_kl_to_base(logits, base_logits, replay)
+    return ce_sum + self.kl_weight * kl_sum, {"kl_sum": kl_sum, "kl_tokens": kl_weight}
+
+  def _train_step_impl(self, state: TrainState, batch: Batch, reference: Any):
     total_weight = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
 
     def loss_fn(params, micro):
-      loss_sum, _ = token_cross_entropy(
-        self._logits(params, micro), micro["targets"], micro["weights"]
-      )
-      return loss_sum / total_weight
+      loss_sum, aux = self._loss_sums(params, micro, reference)
+      return loss_sum / total_weight, aux
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if self.grad_accum_steps == 1:
-      loss, grads = grad_fn(state.params, batch)
+      (loss, aux), grads = grad_fn(state.params, batch)
     else:
 
       def accumulate(carry, micro):
-        loss, grads = grad_fn(state.params, micro)
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+        out = grad_fn(state.params, micro)
+        return jax.tree.map(jnp.add, carry, out), None
 
-      zeros = (jnp.zeros([], jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+      zeros = jax.tree.map(
+        jnp.zeros_like, jax.eval_shape(grad_fn, state.params, _first_micro_batch(batch))
+      )
       micro_batches = _split_micro_batches(batch, self.grad_accum_steps)
-      (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+      ((loss, aux), grads), _ = jax.lax.scan(accumulate, zeros, micro_batches)
 
     grad_norm = optax.tree.norm(grads)
     # The norm is NaN or inf as soon as one gradient is (or their squares overflow, which no
@@ -295,6 +361,7 @@ class Trainer:
     metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
+      **({"kl": aux["kl_sum"] / jnp.maximum(aux["kl_tokens"], 1.0)} if aux else {}),
       "learning_rate": lr,
       "num_skipped": num_skipped,
     }
@@ -321,7 +388,11 @@ class Trainer:
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step (the input state is donated). Metrics stay on device."""
-    return self._train_step(state, batch)
+    if self.needs_reference and self.reference is None:
+      raise ValueError(
+        "This trainer's loss reads the base model: call set_reference(params) first."
+      )
+    return self._train_step(state, batch, self.reference)
 
   def evaluate(self, params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> float:
     """Token-weighted mean loss over every batch of a finite iterable."""
