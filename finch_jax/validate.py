@@ -15,7 +15,7 @@ checkpoints by their step directories. In `compare` mode the base-model run
 (`compare.pretrain`) and every method's runs (`compare.methods`) are checked as the configs
 they become, and a problem that comes from an override names the override.
 
-The checks reuse the library's own validation where it exists (`TransformerConfig`,
+The checks reuse the library's own validation where it exists (the model configs,
 `scale_by_finch`, `make_optimizer`, `make_mesh`, the dataset builders), so a message here says
 what the run itself would have said, with the config field in front.
 """
@@ -37,9 +37,11 @@ from typing import Any
 import jax
 import ml_collections
 
+from finch_jax import models
 from finch_jax import sharding as shd
 from finch_jax.data import builders, synthetic
-from finch_jax.models import Transformer, TransformerConfig
+from finch_jax.models import ModelConfig
+from finch_jax.models.registry import FAMILIES
 from finch_jax.trainer import make_optimizer, schedule_shape
 from finch_jax.transform import scale_by_finch
 
@@ -357,10 +359,10 @@ class _Checker:
       if not _is_int(value) or value < 0:
         self.fail(run.name(path), value, "must be a non-negative integer (0 means all).")
 
-  def _check_model(self, run: _Run) -> TransformerConfig | None:
+  def _check_model(self, run: _Run) -> ModelConfig | None:
     values = _get(run.config, "model")
     try:
-      return TransformerConfig.from_dict(values)
+      return models.config_from_dict(values)
     except (TypeError, ValueError, AttributeError) as error:
       self.fail(run.name("model"), values, str(error))
       return None
@@ -524,9 +526,7 @@ class _Checker:
         f", or {run.flag('grad_accum_steps')} to one of {divisors}.",
       )
 
-  def _check_param_sharding(
-    self, run: _Run, model: TransformerConfig, sizes: Mapping[str, int]
-  ) -> None:
+  def _check_param_sharding(self, run: _Run, model: ModelConfig, sizes: Mapping[str, int]) -> None:
     """Every parameter axis divides by the mesh axes it is sharded over (jit would refuse)."""
     for field, value, axes, divisor in _indivisible_axes(model, tuple(sorted(sizes.items()))):
       shown = " x ".join(f"mesh.{axis}={sizes[axis]}" for axis in axes)
@@ -539,7 +539,7 @@ class _Checker:
         + f" to a divisor of {value}.",
       )
 
-  def _check_lengths(self, run: _Run, model: TransformerConfig) -> None:
+  def _check_lengths(self, run: _Run, model: ModelConfig) -> None:
     c = run.config
     seq_len = _get(c, "data.seq_len")
     if not _is_int(seq_len) or seq_len < 1:
@@ -652,6 +652,9 @@ class _Checker:
     if not base or not isinstance(base, str):
       self.fail("base_checkpoint", base, f"fine-tuning needs a base model: {hint}.")
       return
+    if os.path.isfile(os.path.join(base, "config.json")):  # a Hugging Face model directory
+      self._check_hf_checkpoint(base)
+      return
     found = _checkpoint_steps(base)
     if found is None:
       self.fail("base_checkpoint", base, f"does not exist: {hint}.")
@@ -677,6 +680,21 @@ class _Checker:
           + " ".join(f"--config.model.{k}={saved_model.get(k)}" for k in diff)
           + " (or use a base of this shape).",
         )
+
+  def _check_hf_checkpoint(self, path: str) -> None:
+    """A Hugging Face directory: a supported config.json, weights and a tokenizer beside it."""
+    from finch_jax.models import hf
+
+    try:
+      with open(os.path.join(path, hf.CONFIG_FILE)) as f:
+        hf.config_from_hf(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+      self.fail("base_checkpoint", path, f"its config.json cannot be used: {_one_line(error)}")
+      return
+    try:
+      hf.weight_files(path)
+    except (OSError, ValueError) as error:
+      self.fail("base_checkpoint", path, _one_line(error))
 
   def _check_resume(self, run: _Run, workdir: str) -> None:
     """A checkpoint already in `workdir` must restore into the state this config builds."""
@@ -786,13 +804,13 @@ def _check_catalog_name(name: str) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _indivisible_axes(
-  model: TransformerConfig, sizes: tuple[tuple[str, int], ...]
+  model: ModelConfig, sizes: tuple[tuple[str, int], ...]
 ) -> list[tuple[str, Any, tuple[str, ...], int]]:
   """(model field, its value, mesh axes, their product) for parameter axes that do not divide."""
   from flax import nnx
 
   mesh_sizes = dict(sizes)
-  abstract = nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: models.build(model, nnx.Rngs(0)))
   found: dict[tuple[str, tuple[str, ...]], tuple[str, Any, tuple[str, ...], int]] = {}
   for _, variable in nnx.iter_graph(abstract):
     if not isinstance(variable, nnx.Variable):
@@ -845,12 +863,13 @@ def _saved_config(directory: str, step: int) -> dict[str, Any] | None:
 
 
 def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-  """Fields of two model dicts that differ (a field left out takes TransformerConfig's default)."""
+  """Fields of two model dicts that differ (a field left out takes its config class's default)."""
+  family = current.get("family", saved.get("family", "transformer"))
+  cls = FAMILIES.get(family, FAMILIES["transformer"])[0]
   defaults = {
-    f.name: f.default
-    for f in dataclasses.fields(TransformerConfig)
-    if f.default is not dataclasses.MISSING
+    f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
   }
+  defaults["family"] = "transformer"
   keys = sorted(set(saved) | set(current))
   return [k for k in keys if saved.get(k, defaults.get(k)) != current.get(k, defaults.get(k))]
 

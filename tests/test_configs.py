@@ -7,7 +7,7 @@ import jax
 import pytest
 from flax import nnx
 
-from finch_jax.models import Transformer, TransformerConfig
+from finch_jax import models
 
 CONFIGS = sorted(
   p.stem
@@ -21,8 +21,8 @@ def test_config_loads(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   assert config.num_train_steps > 0
   assert config.mode in ("pretrain", "finetune", "compare")
-  model = TransformerConfig.from_dict(config.model)
-  abstract = nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(0)))
+  model = models.config_from_dict(config.model)
+  abstract = nnx.eval_shape(lambda: models.build(model, nnx.Rngs(0)))
   count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))
   assert count == model.num_params()
   assert config.data.max_prompt_len + config.data.answer_len <= model.max_len
@@ -30,4 +30,4 @@ def test_config_loads(name):
 
 def test_large_config_is_about_one_billion_parameters():
   config = importlib.import_module("configs.large_pod").get_config()
-  assert 0.9e9 < TransformerConfig.from_dict(config.model).num_params() < 1.1e9
+  assert 0.9e9 < models.config_from_dict(config.model).num_params() < 1.1e9

@@ -287,7 +287,7 @@ def _read_block(
 # ----- loading ------------------------------------------------------------------------------
 
 
-def _weight_files(path: str) -> dict[str, str]:
+def weight_files(path: str) -> dict[str, str]:
   """Tensor name -> safetensors file holding it: the single file, else the sharded index.
 
   The single file wins when both exist, as in transformers.
@@ -343,7 +343,7 @@ def load_hf(
 
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
   table = _layout(config)
-  files = _weight_files(path)
+  files = weight_files(path)
   expected = {name for name, _ in table.values()}
   # Tied checkpoints sometimes store lm_head anyway; old ones store rotary buffers.
   ignorable = {"lm_head.weight"} if config.tie_embeddings else set()
