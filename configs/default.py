@@ -49,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.fact_examples = 0  # Facts per fact set; 0 means all.
   config.data.max_prompt_len = 48  # Prompt width of fact batches.
   config.data.answer_len = 40  # Answer width of fact batches.
+  # Tokenizer: a directory with tokenizer.json; "" means the base checkpoint's when it is a
+  # Hugging Face directory, else bytes (ByteTokenizer, the embedded benchmarks' tokenizer).
+  config.data.tokenizer = ""
 
   config.model = TransformerConfig.tiny().__dict__.copy()  # Architecture (TransformerConfig).
 
@@ -69,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.eps = 1e-8  # Adam's epsilon.
   config.optimizer.momentum = 0.9  # SGD's momentum (0 for none).
   config.optimizer.grad_clip = 1.0  # Global gradient-norm clip; 0 disables.
+  config.optimizer.anchor_strength = 0.0  # Pull toward the base weights per unit lr (0: off).
 
   config.finch = ml_collections.ConfigDict()
   config.finch.enabled = True  # Scale the optimizer's updates by FINCH.
@@ -77,6 +81,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.finch.min_scale = 0.1  # Smallest multiplier.
   config.finch.max_scale = 4.0  # Largest multiplier.
   config.finch.ema_decay = 0.0  # Smoothing of the loss FINCH reads (0: each batch).
+
+  # Replay: a share of each batch's examples from other data, trained on by cross-entropy or,
+  # with kl_weight > 0, by the KL divergence to the base model's next-token distribution.
+  config.replay = ml_collections.ConfigDict()
+  config.replay.share = 0.0  # Share of training examples drawn from the replay data (0: off).
+  config.replay.data = {"name": "", "split": "pretrain"}  # Replay data, or name "base_samples".
+  config.replay.kl_weight = 0.0  # > 0: replay tokens train on KL to the base, not on their text.
+  config.replay.num_samples = 256  # base_samples: sequences sampled from the base model.
+  config.replay.sample_len = 96  # base_samples: tokens sampled after BOS.
+  config.replay.temperature = 1.0  # base_samples: softmax temperature.
+
+  # LoRA: train low-rank adapters on the attention and MLP projections, base weights frozen.
+  config.lora = ml_collections.ConfigDict()
+  config.lora.rank = 0  # Adapter rank r (0: off, every weight is trained).
+  config.lora.alpha = 16.0  # The adapters' product is scaled by alpha / rank.
+  config.lora.targets = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+  )
 
   config.compare = ml_collections.ConfigDict()
   config.compare.baseline = "standard"  # The method others are measured against.

@@ -14,18 +14,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import grain
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from finch_jax import data as data_lib
+from finch_jax import lora as lora_lib
 from finch_jax import models
 from finch_jax import sharding as shd
 from finch_jax.checkpoint import Checkpointer, CheckpointError, restore_params
 from finch_jax.models import hf
+from finch_jax.remedies import sample_replay_set
 from finch_jax.trainer import MetricsWriter, Preempted, Trainer, TrainState, fit, make_optimizer
 from finch_jax.validate import MODES, ConfigError, validate
 
@@ -97,7 +101,16 @@ def make_trainer(
     mesh,
     grad_accum_steps=config.grad_accum_steps,
     kl_weight=replay_kl_weight(config),
+    lora=lora_config(config),
   )
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
+  """`config.lora` as a `LoraConfig`, or None when its rank is 0 (every weight trained)."""
+  spec = config.get("lora")
+  if not spec or not spec.rank:
+    return None
+  return lora_lib.LoraConfig(rank=int(spec.rank), alpha=float(spec.alpha), targets=spec.targets)
 
 
 def replay_kl_weight(config: ml_collections.ConfigDict) -> float:
@@ -108,20 +121,119 @@ def replay_kl_weight(config: ml_collections.ConfigDict) -> float:
   return float(replay.kl_weight)
 
 
-def train_batches(config: ml_collections.ConfigDict, workdir: str, seed: int):
-  """The Grain dataset of this process's training batches (mixing in replay when configured)."""
+def _spec_name(config: ml_collections.ConfigDict, spec: Mapping[str, str]) -> str:
+  return spec.get("name") or config.data.name
+
+
+def examples(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  spec: Mapping[str, str],
+  tokenizer: data_lib.Tokenizer,
+  seed: int,
+):
+  """The repeating, shuffled example stream of a dataset spec: text, or instruction data
+  (name `jsonl:PATH`, loss on the responses only)."""
+  name = _spec_name(config, spec)
+  if name.startswith(data_lib.builders.JSONL_PREFIX):
+    return data_lib.sft_examples(
+      name.removeprefix(data_lib.builders.JSONL_PREFIX),
+      tokenizer=tokenizer,
+      seed=seed,
+      max_len=config.data.seq_len + 1,
+    )
+  return data_lib.lm_examples(source(config, workdir, spec), tokenizer=tokenizer, seed=seed)
+
+
+def train_batches(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  seed: int,
+  replay_samples: Sequence[np.ndarray] | None = None,
+):
+  """The Grain dataset of this process's training batches, with replay mixed in when
+  `config.replay.share > 0` (from `config.replay.data`, or `replay_samples` drawn from the base
+  model when its name is "base_samples"); replay batches then carry the `replay` marker."""
   tokenizer = make_tokenizer(config)
-  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-  local_batch = _local_batch_size(config)
-  return data_lib.lm_dataset(
-    source(config, workdir, config.data.train),
-    tokenizer=tokenizer,
+  stream = examples(config, workdir, config.data.train, tokenizer, seed)
+  features: tuple[str, ...] = ()
+  replay = config.get("replay")
+  if replay and replay.share:
+    if replay.data.get("name") == BASE_SAMPLES:
+      if replay_samples is None:
+        raise ValueError("replay.data is base_samples: pass the samples (replay_samples).")
+      replayed = grain.MapDataset.source(list(replay_samples)).shuffle(seed=seed).repeat()
+    else:
+      replayed = examples(config, workdir, replay.data, tokenizer, seed)
+    stream = data_lib.mixture(
+      [
+        (data_lib.tag_examples(stream, replay=False), 1.0 - replay.share),
+        (data_lib.tag_examples(replayed, replay=True), replay.share),
+      ],
+      seed,
+    )
+    features = ("replay",)
+  return data_lib.lm_batches(
+    stream,
     seq_len=config.data.seq_len,
-    batch_size=local_batch,
-    seed=seed,
+    batch_size=_local_batch_size(config),
+    pad_id=tokenizer.pad_id,
     packing=config.data.packing,
-    **shard,
+    shard_index=jax.process_index(),
+    shard_count=jax.process_count(),
+    features=features,
   )
+
+
+BASE_SAMPLES = "base_samples"  # replay.data name: sequences sampled from the base model
+
+
+EVAL_SAMPLE_SEED_OFFSET = 10_007  # base samples for evaluation never repeat replay's
+
+
+def replay_samples(
+  config: ml_collections.ConfigDict, trainer: Trainer, base: Any, cache: str | None = None
+) -> list[np.ndarray] | None:
+  """The base model's samples for replay when the config asks for them, else None."""
+  replay = config.get("replay")
+  if not replay or not replay.share or replay.data.get("name") != BASE_SAMPLES:
+    return None
+  return base_model_samples(config, trainer, base, seed=config.seed, cache=cache)
+
+
+def base_model_samples(
+  config: ml_collections.ConfigDict,
+  trainer: Trainer,
+  base: Any,
+  *,
+  seed: int,
+  cache: str | None = None,
+) -> list[np.ndarray]:
+  """`config.replay.num_samples` sequences sampled from the base model with `seed`.
+
+  Drawn once (`finch_jax.remedies.sample_replay_set`, jitted on the mesh) and kept in `cache`
+  (an .npz file) when given, so a resumed run or a sweep sees the same ones.
+  """
+  replay = config.replay
+  if cache and os.path.exists(cache):
+    with np.load(cache) as stored:
+      return [stored[f"s{i}"] for i in range(len(stored.files))]
+  tokenizer = make_tokenizer(config)
+  samples = sample_replay_set(
+    nnx.merge(trainer.graphdef, base),
+    num_samples=replay.num_samples,
+    length=replay.sample_len,
+    bos_id=tokenizer.bos_id,
+    eos_id=tokenizer.eos_id,
+    seed=seed,
+    temperature=replay.temperature,
+  )
+  if cache and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+    tmp = cache + ".tmp.npz"
+    np.savez(tmp, **{f"s{i}": s for i, s in enumerate(samples)})
+    os.replace(tmp, cache)
+  return samples
 
 
 def _local_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -134,16 +246,48 @@ def _local_batch_size(config: ml_collections.ConfigDict) -> int:
 
 
 class Evaluator:
-  """Losses on the named eval sets and fact-recall accuracy on the named fact sets."""
+  """Losses on the named eval sets and fact-recall accuracy on the named fact sets.
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, trainer: Trainer):
+  An eval set is a dataset spec, a `jsonl:` file of instruction data (loss on responses), or
+  `{"name": "base_samples"}`: sequences the base model `base` samples itself (drawn once, with
+  another seed than replay's, and kept in `workdir/retain_samples.npz`), a retain set for when
+  the base's own training data is not at hand: the rise of the loss on them is forgetting of
+  what the base model generates.
+  """
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    trainer: Trainer,
+    base: Any = None,
+  ):
     self.trainer = trainer
     tokenizer = make_tokenizer(config)
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     local_batch = _local_batch_size(config)
-    self.loss_sets = {
-      name: data_lib.eval_batches(
-        source(config, workdir, spec),
+    self.loss_sets = {}
+    for name, spec in config.data.eval_sets.items():
+      dataset = _spec_name(config, spec)
+      if dataset == BASE_SAMPLES:
+        if base is None:
+          raise ValueError(f"eval set {name!r} samples the base model: pass base= to Evaluator.")
+        samples = base_model_samples(
+          config,
+          trainer,
+          base,
+          seed=config.seed + EVAL_SAMPLE_SEED_OFFSET,
+          cache=os.path.join(workdir, "retain_samples.npz"),
+        )
+        self.loss_sets[name] = data_lib.lm_batches(
+          grain.MapDataset.source(samples),
+          seq_len=config.data.seq_len,
+          batch_size=local_batch,
+          pad_id=tokenizer.pad_id,
+          **shard,
+        )
+        continue
+      sizes = dict(
         tokenizer=tokenizer,
         seq_len=config.data.seq_len,
         batch_size=local_batch,
@@ -151,8 +295,11 @@ class Evaluator:
         packing=True,
         **shard,
       )
-      for name, spec in config.data.eval_sets.items()
-    }
+      if dataset.startswith(data_lib.builders.JSONL_PREFIX):
+        path = dataset.removeprefix(data_lib.builders.JSONL_PREFIX)
+        self.loss_sets[name] = data_lib.sft_eval_batches(path, **sizes)
+      else:
+        self.loss_sets[name] = data_lib.eval_batches(source(config, workdir, spec), **sizes)
     self.fact_sets = {
       name: data_lib.fact_batches(
         source(config, workdir, spec),
@@ -185,8 +332,12 @@ def run_training(
   seed: int | None = None,
   evaluator: Evaluator | None = None,
   progress: bool = True,
+  samples: Sequence[np.ndarray] | None = None,
 ):
   """One training run in `workdir`, resumed from its newest readable checkpoint when it has one.
+
+  With `replay.data` "base_samples", `samples` are the base model's samples to replay; None
+  draws them from `init_params` (kept in `workdir/replay_samples.npz`).
 
   Returns the `FitResult`. Parameters start from `init_params` (e.g. a base model), else from a
   fresh initialisation with `config.seed`. A resumed run continues the data stream, the logging
@@ -210,15 +361,25 @@ def run_training(
   )
   writer = None
   try:
-    dataset = train_batches(config, workdir, seed)
+    if samples is None and init_params is not None:
+      cache = os.path.join(workdir, "replay_samples.npz")
+      samples = replay_samples(config, trainer, init_params, cache=cache)
+    dataset = train_batches(config, workdir, seed, samples)
     iterator = iter(dataset)
     checkpointer.data_iterator = iterator
+    if trainer.needs_reference and init_params is None:
+      raise ValueError(
+        "LoRA and the KL term train against a base model: pass init_params (the base), or set "
+        "--config.base_checkpoint."
+      )
     if checkpointer.latest_step() is not None:
+      if trainer.needs_reference:
+        trainer.set_reference(init_params)
       state = checkpointer.restore(trainer.abstract_state())
       logging.info("Resumed %s at step %d.", workdir, int(state.step))
     else:
       params = trainer.init_params(seed) if init_params is None else init_params
-      state = trainer.create_state(params, learning_rate=learning_rate)
+      state = trainer.create_state(params, learning_rate=learning_rate, seed=seed)
     writer = MetricsWriter(workdir, enabled=primary, truncate_after=int(state.step))
     result = fit(
       trainer,
@@ -264,8 +425,7 @@ def base_params(config: ml_collections.ConfigDict, trainer: Trainer) -> Any:
       rules=trainer.rules,
     )
     return nnx.as_pure(nnx.state(model))
-  abstract = trainer.abstract_state().params
-  return restore_params(config.base_checkpoint, abstract)
+  return restore_params(config.base_checkpoint, trainer.abstract_model_params())
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -273,11 +433,11 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from finch_jax import forgetting
 
   trainer = make_trainer(config)
-  evaluator = Evaluator(config, workdir, trainer)
   params = base_params(config, trainer)
+  evaluator = Evaluator(config, workdir, trainer, base=params)
   before = evaluator(params)
   result = run_training(config, workdir, trainer=trainer, init_params=params, evaluator=evaluator)
-  after = result.evals[-1] if result.evals else evaluator(result.state.params)
+  after = result.evals[-1] if result.evals else evaluator(trainer.full_params(result.state.params))
   name = "finch" if config.finch.enabled else "standard"
   report = forgetting.single_run_report(name, config, before, after)
   if jax.process_index() == 0:

@@ -139,6 +139,8 @@ def relative_change(
   return _mean_std(changes)
 
 
+COMBINED_SUFFIX = "+finch"  # a method name "X+finch" is method X with FINCH on top
+
 # ----- the comparison --------------------------------------------------------------------------
 
 
@@ -207,7 +209,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   configs = method_configs(config)
   trainers = {name: experiment.make_trainer(cfg) for name, cfg in configs.items()}
   first = next(iter(trainers.values()))
-  evaluator = experiment.Evaluator(config, workdir, first)
+  evaluator = experiment.Evaluator(config, workdir, first, base=base)
   before_path = os.path.join(base_dir, "eval_before.json")
   if os.path.exists(before_path):
     with open(before_path) as f:
@@ -223,6 +225,11 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for name, cfg in configs.items():
     trainer = trainers[name]
     rates = config.compare.methods[name].learning_rates
+    r = cfg.replay
+    cache = os.path.join(
+      base_dir, f"replay_samples_n{r.num_samples}_len{r.sample_len}_t{r.temperature:g}.npz"
+    )
+    samples = experiment.replay_samples(cfg, trainer, base, cache=cache)
     for learning_rate in rates:
       for seed in config.compare.seeds:
         run_dir = os.path.join(workdir, "runs", name, _run_name(learning_rate, seed))
@@ -240,6 +247,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           seed=seed,
           evaluator=evaluator,
           progress=False,
+          samples=samples,
         )
         final = fit.evals[-1]
         run = {
@@ -252,6 +260,9 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           "curve": fit.evals,
           "step_time": _median_step_time(run_dir),
           "optimizer_state_bytes": _tree_bytes(fit.state.opt_state),
+          # What the method holds on top of the model it trains: trained weights (or adapters),
+          # optimizer state, the frozen base or reference model, replay samples.
+          "held_bytes": trainer.held_bytes(fit.state) + sum(x.nbytes for x in samples or ()),
         }
         for set_name in evaluator.fact_sets:
           run[f"{set_name}_fact_accuracy"] = final[f"{set_name}_fact_accuracy"]
@@ -290,20 +301,25 @@ def build_report(
       "seeds_reaching_target": entry["seeds_reaching_target"],
       "step_time": statistics.median(r["step_time"] for r in method_runs),
       "optimizer_state_bytes": method_runs[0]["optimizer_state_bytes"],
+      "held_bytes": method_runs[0]["held_bytes"],
     }
   if baseline in methods:
     base_time = methods[baseline]["step_time"]
-    base_bytes = methods[baseline]["optimizer_state_bytes"]
+    base_bytes = methods[baseline]["held_bytes"]
     for entry in methods.values():
       entry["step_time_ratio"] = entry["step_time"] / base_time
-      entry["extra_bytes"] = entry["optimizer_state_bytes"] - base_bytes
+      entry["extra_bytes"] = entry["held_bytes"] - base_bytes
   headline = {}
-  for name, entry in by_loss["methods"].items():
-    if name != baseline and baseline in by_loss["methods"]:
-      mean, std = relative_change(
-        entry["per_seed"], by_loss["methods"][baseline]["per_seed"], "forgetting"
-      )
-      headline[f"{name}_vs_{baseline}_forgetting_change"] = {"mean": mean, "std": std}
+  matched_methods = by_loss["methods"]
+  for name, entry in matched_methods.items():
+    # Each method against the baseline, and a method combined with FINCH ("X+finch") against X.
+    references = [baseline] + [name.removesuffix(COMBINED_SUFFIX)] * name.endswith(COMBINED_SUFFIX)
+    for reference in dict.fromkeys(references):
+      if reference != name and reference in matched_methods:
+        mean, std = relative_change(
+          entry["per_seed"], matched_methods[reference]["per_seed"], "forgetting"
+        )
+        headline[f"{name}_vs_{reference}_forgetting_change"] = {"mean": mean, "std": std}
   report = {
     "matched_on": "task_loss",
     "target_task_loss": by_loss["target"],

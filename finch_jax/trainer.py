@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from finch_jax import lora as lora_lib
 from finch_jax import models
 from finch_jax import sharding as shd
 from finch_jax.remedies import anchor_to_init, token_kl_to_base
@@ -181,6 +182,11 @@ class Trainer:
   other tokens keep theirs. The reference parameters (the base model, `set_reference`) are held
   by the trainer, outside the train state: they are not trained, donated or checkpointed.
 
+  LoRA (`lora`): the train state holds only the adapters (`finch_jax.lora`), so the optimizer,
+  its state and the checkpoints cover them alone; the base weights are the reference, frozen,
+  and each step runs the model with `lora.merge(base, adapters)`. `full_params` turns a state's
+  parameters into the model's (merging the adapters), which evaluation takes.
+
   Args:
     model_config: the model's architecture (`TransformerConfig` or `LlamaConfig`).
     tx: the optimizer, e.g. from `make_optimizer`; it receives the loss as `value`.
@@ -189,6 +195,7 @@ class Trainer:
     grad_accum_steps: micro-batches per optimizer step.
     rules: logical-axis rules mapping parameter axes to mesh axes.
     kl_weight: weight of the KL-to-reference term on replay tokens (0: plain cross-entropy).
+    lora: train low-rank adapters of the base instead of all of its weights (None: all).
   """
 
   def __init__(
@@ -201,6 +208,7 @@ class Trainer:
     grad_accum_steps: int = 1,
     rules: shd.LogicalRules = shd.DEFAULT_RULES,
     kl_weight: float = 0.0,
+    lora: lora_lib.LoraConfig | None = None,
   ):
     if kl_weight < 0:
       raise ValueError(f"kl_weight must be >= 0, got {kl_weight}.")
@@ -211,20 +219,46 @@ class Trainer:
     self.rules = rules
     self.grad_accum_steps = grad_accum_steps
     self.kl_weight = float(kl_weight)
+    self.lora = lora
     self.reference: Any = None
     abstract = nnx.eval_shape(self._new_model)
     self.graphdef, abstract_state = nnx.split(abstract)
     self.param_shardings = nnx.as_pure(shd.param_shardings(abstract_state, mesh, rules))
+    # What the train state holds and the optimizer updates: the weights, or LoRA's adapters.
+    self.trained_shardings = self.param_shardings
+    if lora is not None:
+      adapters = jax.eval_shape(
+        lambda: lora_lib.init_lora(nnx.as_pure(abstract_state), lora, jax.random.key(0))
+      )
+      self.trained_shardings = lora_lib.lora_shardings(adapters, self.param_shardings)
     self.batch_sharding = shd.batch_sharding(mesh, rules)
-    self.has_finch = bool(find_finch_states(jax.eval_shape(tx.init, nnx.as_pure(abstract_state))))
+    self.has_finch = bool(find_finch_states(jax.eval_shape(tx.init, self._abstract_params())))
     self._train_step = jax.jit(self._train_step_impl, donate_argnums=(0,))
     self._eval_step = jax.jit(self._eval_step_impl)
     self._fact_step = jax.jit(self._fact_step_impl)
+    self._merge = jax.jit(self._full_params_impl)
 
   @property
   def needs_reference(self) -> bool:
     """Whether steps read the reference (base) model, which `set_reference` must provide."""
-    return self.kl_weight > 0
+    return self.kl_weight > 0 or self.lora is not None
+
+  def held_bytes(self, state: TrainState) -> int:
+    """Bytes a run holds in device memory besides activations: the trained parameters (weights
+    or adapters), the optimizer state, and the reference model when one is held."""
+    trees = [state.params, state.opt_state] + ([self.reference] if self.needs_reference else [])
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trees)))
+
+  def full_params(self, params: Any) -> Any:
+    """The model's parameters for a train state's `params` (adapters merged in with LoRA)."""
+    if self.lora is None:
+      return params
+    return self._merge(params, self.reference)
+
+  def _full_params_impl(self, params: Any, reference: Any) -> Any:
+    if self.lora is None:
+      return params
+    return lora_lib.merge(reference, params, self.lora)
 
   def set_reference(self, params: Any) -> None:
     """The reference model's parameters (the base), laid out like the model's."""
@@ -239,28 +273,49 @@ class Trainer:
     )
     return nnx.as_pure(nnx.state(model))
 
-  def create_state(self, params: Any, learning_rate: float | None = None) -> TrainState:
-    """A step-0 state around `params`; `learning_rate` overrides the optimizer's peak rate."""
-    # A copy: the train step donates its state, and the caller may reuse `params` (a base
-    # model shared by a whole sweep).
-    params = jax.tree.map(jnp.copy, jax.device_put(params, self.param_shardings))
-    opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings())(params)
+  def create_state(
+    self, params: Any, learning_rate: float | None = None, seed: int = 0
+  ) -> TrainState:
+    """A step-0 state from the model's `params`.
+
+    `learning_rate` overrides the optimizer's peak rate. With LoRA (or a KL term) `params` also
+    become the reference (`set_reference`), and the state holds fresh adapters drawn with
+    `seed`.
+    """
+    if self.needs_reference:
+      self.set_reference(params)
+    if self.lora is not None:
+      trained = lora_lib.create_sharded_lora(
+        self.reference, self.lora, jax.random.key(seed), self.param_shardings
+      )
+    else:
+      # A copy: the train step donates its state, and the caller may reuse `params` (a base
+      # model shared by a whole sweep).
+      trained = jax.tree.map(jnp.copy, jax.device_put(params, self.param_shardings))
+    state = self._make_state(trained)
     if learning_rate is not None:
-      opt_state = optax.tree.set(opt_state, learning_rate=jnp.asarray(learning_rate, jnp.float32))
+      opt_state = optax.tree.set(
+        state.opt_state, learning_rate=jnp.asarray(learning_rate, jnp.float32)
+      )
+      state = state.replace(opt_state=opt_state)
+    return state
+
+  def _make_state(self, trained: Any) -> TrainState:
+    opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings())(trained)
     return TrainState(
       step=jnp.zeros([], jnp.int32),
-      params=params,
+      params=trained,
       opt_state=opt_state,
       num_skipped=jnp.zeros([], jnp.int32),
     )
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of a state, for restoring a checkpoint without allocating."""
-    shapes = jax.eval_shape(self.create_state, self._abstract_params())
+    shapes = jax.eval_shape(self._make_state, self._abstract_params())
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     shardings = TrainState(
       step=replicated,
-      params=self.param_shardings,
+      params=self.trained_shardings,
       opt_state=self._opt_shardings(),
       num_skipped=replicated,
     )
@@ -270,11 +325,23 @@ class Trainer:
       shardings,
     )
 
-  def _abstract_params(self) -> Any:
+  def abstract_model_params(self) -> Any:
+    """Shapes, dtypes and shardings of the model's parameters (e.g. to restore a base)."""
     return jax.tree.map(
       lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
       nnx.as_pure(nnx.split(nnx.eval_shape(self._new_model))[1]),
       self.param_shardings,
+    )
+
+  def _abstract_params(self) -> Any:
+    """Shapes and shardings of what the state trains (the weights, or LoRA's adapters)."""
+    shapes = nnx.as_pure(nnx.split(nnx.eval_shape(self._new_model))[1])
+    if self.lora is not None:
+      shapes = jax.eval_shape(lambda: lora_lib.init_lora(shapes, self.lora, jax.random.key(0)))
+    return jax.tree.map(
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      shapes,
+      self.trained_shardings,
     )
 
   def _new_model(self) -> nnx.Module:
@@ -306,9 +373,9 @@ class Trainer:
 
   def _loss_sums(self, params: Any, micro: Batch, reference: Any) -> tuple[jax.Array, Any]:
     """(sum of the token losses of `micro`, auxiliary sums for the metrics)."""
-    logits = self._logits(params, micro)
+    logits = self._logits(self._full_params_impl(params, reference), micro)
     weights = micro["weights"]
-    if not self.needs_reference:
+    if not self.kl_weight:
       loss_sum, _ = token_cross_entropy(logits, micro["targets"], weights)
       return loss_sum, {}
     replay = micro["replay"].astype(jnp.float32) * weights
@@ -704,7 +771,8 @@ def fit(
     num_train_steps: the step to stop at.
     log_every: steps per metrics record.
     eval_every: steps between evaluations (0: only at the end).
-    evaluate: `evaluate(params, step) -> {name: value}`, or None.
+    evaluate: `evaluate(params, step) -> {name: value}` with the model's parameters
+      (`trainer.full_params(state.params)`), or None.
     writer: where records go, or None.
     checkpointer: a `finch_jax.checkpoint.Checkpointer`, or None.
     progress: show a progress bar on process 0.
@@ -753,7 +821,7 @@ def fit(
         pending, timed_steps, input_time = [], 0, 0.0
         window_start = time.perf_counter()
       if evaluate and ((eval_every and done % eval_every == 0) or done == num_train_steps):
-        result = {"step": done, **evaluate(state.params, done)}
+        result = {"step": done, **evaluate(trainer.full_params(state.params), done)}
         evals.append(result)
         if writer:
           writer.write(done, {k: v for k, v in result.items() if k != "step"})

@@ -322,6 +322,7 @@ class _Checker:
         self._check_param_sharding(run, model, sizes)
       self._check_lengths(run, model)
     self._check_datasets(run)
+    self._check_remedies(run)
     mode = _get(c, "mode")
     if mode in ("finetune", "compare"):
       eval_sets = _get(c, "data.eval_sets", {}) or {}
@@ -361,6 +362,15 @@ class _Checker:
 
   def _check_model(self, run: _Run) -> ModelConfig | None:
     values = _get(run.config, "model")
+    base = _get(run.config, "base_checkpoint")
+    if isinstance(base, str) and os.path.isfile(os.path.join(base, "config.json")):
+      from finch_jax.models import hf
+
+      try:  # a Hugging Face base brings its own architecture (see experiment.model_config)
+        with open(os.path.join(base, hf.CONFIG_FILE)) as f:
+          return hf.config_from_hf(json.load(f))
+      except (OSError, ValueError, KeyError, TypeError):
+        return None  # _check_base_checkpoint names the problem
     try:
       return models.config_from_dict(values)
     except (TypeError, ValueError, AttributeError) as error:
@@ -578,11 +588,53 @@ class _Checker:
       yield f"data.eval_sets.{name}", spec, "text"
     for name, spec in (_get(c, "data.fact_sets", {}) or {}).items():
       yield f"data.fact_sets.{name}", spec, "facts"
+    replay = _get(c, "replay.data")
+    if _get(c, "replay.share", 0) and replay and replay.get("name") != "base_samples":
+      yield "replay.data", replay, "text"
+
+  def _check_remedies(self, run: _Run) -> None:
+    """Replay, the KL term, anchoring and LoRA: values in range, a base model where needed."""
+    c = run.config
+    share = _get(c, "replay.share", 0.0)
+    if not _is_number(share) or not 0.0 <= share < 1.0:
+      self.fail(run.name("replay.share"), share, "must be in [0, 1) (0 turns replay off).")
+      share = 0.0
+    kl = _get(c, "replay.kl_weight", 0.0)
+    if not _is_number(kl) or kl < 0:
+      self.fail(run.name("replay.kl_weight"), kl, "must be >= 0 (0: replay by cross-entropy).")
+    anchor = _get(c, "optimizer.anchor_strength", 0.0)
+    if not _is_number(anchor) or anchor < 0:
+      self.fail(run.name("optimizer.anchor_strength"), anchor, "must be >= 0 (0: off).")
+    rank = _get(c, "lora.rank", 0)
+    if not _is_int(rank) or rank < 0:
+      self.fail(run.name("lora.rank"), rank, "must be an integer >= 0 (0: LoRA off).")
+    elif rank:
+      from finch_jax.lora import LoraConfig
+
+      try:
+        LoraConfig(rank=rank, alpha=_get(c, "lora.alpha"), targets=_get(c, "lora.targets"))
+      except (TypeError, ValueError) as error:
+        self.fail(run.name("lora"), _get(c, "lora"), _one_line(error))
+    needs_base = rank or (share and _is_number(kl) and kl > 0)
+    needs_base = needs_base or (share and _get(c, "replay.data.name") == "base_samples")
+    if needs_base and _get(c, "mode") == "pretrain":
+      self.fail(
+        run.name("mode"),
+        "pretrain",
+        "LoRA, the KL term and base-model samples need a base model: use mode 'finetune' "
+        "(with --config.base_checkpoint) or 'compare'.",
+      )
+    if share and _is_int(_get(c, "replay.num_samples")) and _get(c, "replay.num_samples") < 1:
+      self.fail(run.name("replay.num_samples"), _get(c, "replay.num_samples"), "must be >= 1.")
 
   def _check_datasets(self, run: _Run) -> None:
     c = run.config
     default_name = _get(c, "data.name")
     for where, spec, kind in self._dataset_specs(run):
+      name = spec.get("name") if isinstance(spec, Mapping | ml_collections.ConfigDict) else None
+      if isinstance(name, str) and name.startswith(builders.JSONL_PREFIX):
+        self._check_jsonl(run, f"{where}.name", name, kind)
+        continue
       if not isinstance(spec, Mapping | ml_collections.ConfigDict) or not spec.get("split"):
         self.fail(
           run.name(where), spec, "give {'name': DATASET or '' for data.name, 'split': SPLIT}."
@@ -621,6 +673,23 @@ class _Checker:
           split,
           f"{what}, and split {base_split!r} of {name!r} has none; use one of {usable}.",
         )
+
+  def _check_jsonl(self, run: _Run, where: str, name: str, kind: str) -> None:
+    """Instruction data: files that exist, read as loss sets or training data (not as facts)."""
+    from finch_jax.data import sft
+
+    if kind == "facts":
+      self.fail(
+        run.name(where),
+        name,
+        "fact sets read prompt/answer TFDS records; use JSONL data as a loss set "
+        "(data.eval_sets) or for training.",
+      )
+      return
+    try:
+      sft.jsonl_files(name.removeprefix(builders.JSONL_PREFIX))
+    except FileNotFoundError as error:
+      self.fail(run.name(where), name, _one_line(error))
 
   def _check_options(self, config: ml_collections.ConfigDict) -> None:
     """A misspelled `data.options` key, which would leave its dataset at default sizes.

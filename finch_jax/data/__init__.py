@@ -8,8 +8,8 @@
                             shard_count=jax.process_count())
     iterator = iter(train)  # iterator.get_state() goes into the checkpoint
 
-See `builders` for dataset names, `pipeline` for the batch format, `synthetic` for the embedded
-corpora.
+See `builders` for dataset names, `pipeline` for the batch format, `sft` for instruction data
+(JSONL, loss on responses only), `synthetic` for the embedded corpora.
 """
 
 from finch_jax.data.builders import (
@@ -27,6 +27,17 @@ from finch_jax.data.pipeline import (
   lm_dataset,
   lm_examples,
   mixture,
+  tag_examples,
+)
+from finch_jax.data.sft import (
+  SFTExamples,
+  as_sft_examples,
+  read_sft,
+  sft_batches,
+  sft_dataset,
+  sft_eval_batches,
+  sft_examples,
+  tokenize_sft,
 )
 from finch_jax.data.synthetic import biographies, embedded_corpus, synthetic_language
 from finch_jax.data.tokenizer import ByteTokenizer, Tokenizer
@@ -34,7 +45,9 @@ from finch_jax.data.tokenizer import ByteTokenizer, Tokenizer
 __all__ = [
   "ByteTokenizer",
   "EmbeddedCorpus",
+  "as_sft_examples",
   "LocalText",
+  "SFTExamples",
   "Tokenizer",
   "biographies",
   "builder",
@@ -48,5 +61,12 @@ __all__ = [
   "lm_examples",
   "mixture",
   "prepare",
+  "read_sft",
+  "sft_batches",
+  "sft_dataset",
+  "sft_eval_batches",
+  "sft_examples",
+  "tag_examples",
+  "tokenize_sft",
   "synthetic_language",
 ]

@@ -41,10 +41,12 @@ FILE_FORMAT = tfds.core.FileFormat.ARRAY_RECORD
 
 EMBEDDED_PREFIX = "embedded/"
 LOCAL_TEXT_PREFIX = "local_text:"
+JSONL_PREFIX = "jsonl:"  # instruction data for supervised fine-tuning, `finch_jax.data.sft`
 
 VALID_NAMES_HELP = (
   "valid dataset names are 'embedded/biographies', 'embedded/synthetic_language', "
-  "'local_text:<directory, file or glob of UTF-8 .txt files>', or a TFDS catalog name "
+  "'local_text:<directory, file or glob of UTF-8 .txt files>', 'jsonl:<file or glob of "
+  "prompt/response or chat-messages JSONL>' (instruction data), or a TFDS catalog name "
   "(see tfds.list_builders())"
 )
 

@@ -8,7 +8,10 @@ Training batch (`lm_dataset`, `lm_batches`, `eval_batches`), numpy arrays, B row
 
     inputs       int32   [B, L]  token ids, `pad_id` where nothing is
     targets      int32   [B, L]  next token of `inputs` within the same example
-    weights      float32 [B, L]  1 on real target tokens, 0 on padding
+    weights      float32 [B, L]  1 on target tokens that carry loss (all real ones for text; the
+                                 response for SFT, `finch_jax.data.sft`), 0 on padding
+    replay       float32 [B, L]  optional (`features=("replay",)`): 1 on targets of replay
+                                 examples (`tag_examples`)
     segment_ids  int32   [B, L]  1..k: which window (packed example) a token belongs to; 0 = padding
     positions    int32   [B, L]  position within its window, restarting at 0 per segment
 
@@ -84,25 +87,78 @@ class _Tokenize:
     return np.asarray(ids, dtype=np.int32)
 
 
+def _token_arrays(example: Any) -> dict[str, np.ndarray]:
+  """An example as `{"tokens", "loss_mask", ...}`: a bare token vector has loss everywhere."""
+  if isinstance(example, Mapping):
+    out = dict(example)
+    out["tokens"] = np.asarray(out["tokens"], np.int32)
+    if "loss_mask" not in out:
+      out["loss_mask"] = np.ones_like(out["tokens"])
+    return out
+  tokens = np.asarray(example, np.int32)
+  return {"tokens": tokens, "loss_mask": np.ones_like(tokens)}
+
+
+def tag_examples(
+  examples: grain.MapDataset | grain.IterDataset, *, replay: bool
+) -> grain.MapDataset | grain.IterDataset:
+  """Examples (token vectors or dicts) marked as replay data or not, for `mixture`.
+
+  Each becomes `{"tokens", "loss_mask", "replay"}`; batches made with
+  `features=("replay",)` then carry `replay` [B, L], 1 on targets of replay examples, which a
+  KL-to-base loss reads (`finch_jax.trainer.Trainer`, `kl_weight`). Tag every component of a
+  mixture, so all share one structure.
+  """
+  return examples.map(functools.partial(_tagged, replay=int(replay)))
+
+
+def _tagged(example: Any, *, replay: int) -> dict[str, np.ndarray]:
+  out = _token_arrays(example)
+  out["replay"] = np.full_like(out["tokens"], replay)
+  return out
+
+
 class _Windows(grain.experimental.FlatMapTransform):
-  """token ids -> (inputs, targets) windows of at most `seq_len`, covering every target once."""
+  """example -> (inputs, targets, weights, *features) windows of at most `seq_len` targets.
+
+  Windows cover every target once. `weights` is the loss mask of each target (1 for plain text);
+  each name in `features` is a per-token array of the example, taken at the targets.
+  """
 
   max_fan_out = sys.maxsize  # Unused by the iterator flat map; any document length is fine.
 
-  def __init__(self, seq_len: int):
+  def __init__(self, seq_len: int, features: Sequence[str] = ()):
     self._seq_len = seq_len
+    self._features = tuple(features)
 
-  def flat_map(self, tokens: np.ndarray) -> list[dict[str, np.ndarray]]:
+  def flat_map(self, example: Any) -> list[dict[str, np.ndarray]]:
+    arrays = _token_arrays(example)
+    if missing := [f for f in self._features if f not in arrays]:
+      raise ValueError(
+        f"An example lacks the per-token features {missing} its batches carry: mark every "
+        "component of the stream, e.g. with tag_examples."
+      )
+    tokens = arrays["tokens"]
     last = len(tokens) - 1  # The last token is a target only.
     windows = []
     for start in range(0, last, self._seq_len):
       end = min(start + self._seq_len, last)
-      windows.append({"inputs": tokens[start:end], "targets": tokens[start + 1 : end + 1]})
+      window = {
+        "inputs": tokens[start:end],
+        "targets": tokens[start + 1 : end + 1],
+        "weights": arrays["loss_mask"][start + 1 : end + 1].astype(np.float32),
+      }
+      for name in self._features:
+        window[name] = arrays[name][start + 1 : end + 1].astype(np.float32)
+      windows.append(window)
     return windows
 
 
+_FLOAT_KEYS = ("weights",)  # per-target floats of a window besides the features
+
+
 def _padded_row(window: dict[str, np.ndarray], *, seq_len: int, pad_id: int) -> Batch:
-  """One window alone in a row: segment 1, then padding."""
+  """One window alone in a row: segment 1, then padding (weight 0)."""
   length = len(window["inputs"])
   row = {
     "inputs": np.full(seq_len, pad_id, np.int32),
@@ -114,34 +170,41 @@ def _padded_row(window: dict[str, np.ndarray], *, seq_len: int, pad_id: int) -> 
   row["targets"][:length] = window["targets"]
   row["segment_ids"][:length] = 1
   row["positions"][:length] = np.arange(length)
+  for key in window:
+    if key not in ("inputs", "targets"):
+      row[key] = np.zeros(seq_len, np.float32)
+      row[key][:length] = window[key]
   return row
 
 
 def _packed_row(row: dict[str, np.ndarray]) -> Batch:
   """Grain's packed row, renamed: inputs and targets share segment ids and positions."""
-  return {
+  out = {
     "inputs": row["inputs"],
     "targets": row["targets"],
     "segment_ids": row["inputs_segment_ids"],
     "positions": row["inputs_positions"],
   }
+  for key, value in row.items():
+    if key not in ("inputs", "targets") and not key.endswith(("_segment_ids", "_positions")):
+      out[key] = value.astype(np.float32)
+  return out
 
 
-def _stack_rows(rows: Sequence[Batch], *, batch_size: int, seq_len: int, pad_id: int) -> Batch:
+def _stack_rows(
+  rows: Sequence[Batch], *, batch_size: int, seq_len: int, pad_id: int, features: Sequence[str]
+) -> Batch:
   """Stacks rows into a batch of exactly `batch_size`, filling missing rows with padding.
 
   A short last batch keeps the batch shape, so a jitted step does not recompile, and its
   padding rows weigh 0, so means over tokens stay exact.
   """
-  empty = _padded_row(
-    {"inputs": np.zeros(0, np.int32), "targets": np.zeros(0, np.int32)},
-    seq_len=seq_len,
-    pad_id=pad_id,
-  )
+  nothing = np.zeros(0, np.int32)
+  empty_window = {"inputs": nothing, "targets": nothing, "weights": nothing.astype(np.float32)}
+  empty_window.update({name: nothing.astype(np.float32) for name in features})
+  empty = _padded_row(empty_window, seq_len=seq_len, pad_id=pad_id)
   rows = list(rows) + [empty] * (batch_size - len(rows))
-  batch = {key: np.stack([row[key] for row in rows]) for key in empty}
-  batch["weights"] = (batch["segment_ids"] > 0).astype(np.float32)
-  return batch
+  return {key: np.stack([row[key] for row in rows]) for key in empty}
 
 
 def _shard_rows(batch: Batch, *, shard_index: int, batch_size: int) -> Batch:
@@ -260,19 +323,21 @@ def _rows(
   pad_id: int,
   packing: bool,
   read_options: grain.ReadOptions | None,
+  features: Sequence[str] = (),
 ) -> grain.IterDataset:
-  """Example token vectors -> rows of one batch (windows, packed or one per row)."""
+  """Examples -> rows of one batch (windows, packed or one per row)."""
   if isinstance(examples, grain.MapDataset):
     examples = examples.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS)
-  windows = grain.experimental.FlatMapIterDataset(examples, _Windows(seq_len))
+  windows = grain.experimental.FlatMapIterDataset(examples, _Windows(seq_len, features))
   if not packing:
     return windows.map(functools.partial(_padded_row, seq_len=seq_len, pad_id=pad_id))
+  floats = (*_FLOAT_KEYS, *features)
   packed = grain.experimental.FirstFitPackIterDataset(
     windows,
-    length_struct={"inputs": seq_len, "targets": seq_len},
+    length_struct={"inputs": seq_len, "targets": seq_len, **dict.fromkeys(floats, seq_len)},
     num_packing_bins=max(rows_per_pack, MIN_PACKING_BINS),
     shuffle_bins=False,  # Rows are batched in the order packed; shuffling them adds nothing.
-    padding_struct={"inputs": pad_id, "targets": pad_id},
+    padding_struct={"inputs": pad_id, "targets": pad_id, **dict.fromkeys(floats, 0.0)},
   )
   return packed.map(_packed_row)
 
@@ -317,8 +382,10 @@ def lm_batches(
   read_options: grain.ReadOptions | None = None,
   shard_index: int = 0,
   shard_count: int = 1,
+  features: Sequence[str] = (),
 ) -> grain.IterDataset:
-  """Batches of an example stream (`lm_examples` or `mixture`) in the module's batch format.
+  """Batches of an example stream (`lm_examples`, `sft_examples`, `mixture`) in the module's
+  batch format.
 
   With several processes, give every process the same (unsharded) example stream and its
   `shard_index`: each assembles the global batch of `B * shard_count` rows and keeps rows
@@ -326,7 +393,8 @@ def lm_batches(
   of processes (see the module docstring).
 
   Args:
-    examples: int32 token vectors, bos and eos included; the same stream on every process.
+    examples: int32 token vectors, bos and eos included, or dicts with `tokens` and per-token
+      `loss_mask` (`finch_jax.data.sft`) and features; the same stream on every process.
     seq_len: L, tokens per row.
     batch_size: B, rows per batch per process.
     pad_id: token id of padding.
@@ -335,6 +403,8 @@ def lm_batches(
     read_options: Grain reader threads and buffer; `DEFAULT_READ_OPTIONS` suits 2 cores.
     shard_index: this process's block of rows of each global batch, e.g. `jax.process_index()`.
     shard_count: number of processes, e.g. `jax.process_count()`.
+    features: per-token example fields carried into the batch as float32 [B, L] at the
+      targets, e.g. ("replay",) for a stream made with `tag_examples`.
 
   Returns:
     A `grain.IterDataset` of batches, prefetched by a background thread. A finite stream's
@@ -349,8 +419,9 @@ def lm_batches(
     pad_id=pad_id,
     packing=packing,
     read_options=read_options,
+    features=features,
   )
-  stack = functools.partial(_stack_rows, seq_len=seq_len, pad_id=pad_id)
+  stack = functools.partial(_stack_rows, seq_len=seq_len, pad_id=pad_id, features=features)
   return _sharded_batches(
     rows, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count, stack=stack
   )
@@ -452,7 +523,7 @@ def eval_batches(
     packing=packing,
     read_options=None,
   )
-  stack = functools.partial(_stack_rows, seq_len=seq_len, pad_id=tokenizer.pad_id)
+  stack = functools.partial(_stack_rows, seq_len=seq_len, pad_id=tokenizer.pad_id, features=())
   return _sharded_batches(
     rows, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count, stack=stack
   )
