@@ -3,8 +3,10 @@
 `train_and_evaluate(config, workdir)` is the one entry `train.py` calls. By `config.mode`:
 
 - `pretrain`: train a model from scratch on `config.data.train` (resumable from `workdir`).
-- `finetune`: start from `config.base_checkpoint`, measure the eval sets before, train on
-  `config.data.train`, measure them again, write `report.json`/`report.md` (resumable).
+- `finetune`: start from `config.base_checkpoint` (a finch_jax workdir or a Hugging Face model
+  directory), measure the eval sets before, train on `config.data.train`, measure them again,
+  write `report.json`/`report.md` (resumable); a Hugging Face base's fine-tuned model is
+  exported to `workdir/hf` (safetensors, config.json, tokenizer).
 - `compare`: pretrain a base (cached in `workdir/base`), then run each method's learning-rate
   sweep and report forgetting at matched task loss (`finch_jax.forgetting`).
 """
@@ -442,7 +444,18 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   report = forgetting.single_run_report(name, config, before, after)
   if jax.process_index() == 0:
     forgetting.write_report(workdir, report)
+  if is_hf_checkpoint(config.base_checkpoint):
+    # Checkpoints out as they came in: the fine-tuned model (adapters merged) with its tokenizer.
+    model = nnx.merge(trainer.graphdef, trainer.full_params(result.state.params))
+    hf.save_hf(
+      model,
+      os.path.join(workdir, HF_EXPORT_DIR),
+      tokenizer=hf.load_tokenizer(config.base_checkpoint),
+    )
   return report
+
+
+HF_EXPORT_DIR = "hf"  # where `finetune` writes a Hugging Face base's fine-tuned model
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:

@@ -635,6 +635,15 @@ class _Checker:
       if isinstance(name, str) and name.startswith(builders.JSONL_PREFIX):
         self._check_jsonl(run, f"{where}.name", name, kind)
         continue
+      if name == "base_samples":  # sequences the base model samples itself
+        if kind == "facts" or _get(c, "mode") == "pretrain":
+          self.fail(
+            run.name(f"{where}.name"),
+            name,
+            "base-model samples are a loss set (or replay data) of a run with a base model "
+            "(mode 'finetune' or 'compare'); name a dataset here.",
+          )
+        continue
       if not isinstance(spec, Mapping | ml_collections.ConfigDict) or not spec.get("split"):
         self.fail(
           run.name(where), spec, "give {'name': DATASET or '' for data.name, 'split': SPLIT}."
@@ -715,8 +724,9 @@ class _Checker:
   def _check_base_checkpoint(self, config: ml_collections.ConfigDict) -> None:
     base = _get(config, "base_checkpoint")
     hint = (
-      "point --config.base_checkpoint at the workdir (or its checkpoints/ folder) of a "
-      "pretraining run, e.g. one made with configs/pretrain_tiny.py"
+      "point --config.base_checkpoint at a Hugging Face model directory (config.json and "
+      "safetensors), or the workdir (or its checkpoints/ folder) of a pretraining run, e.g. "
+      "one made with configs/pretrain_tiny.py"
     )
     if not base or not isinstance(base, str):
       self.fail("base_checkpoint", base, f"fine-tuning needs a base model: {hint}.")

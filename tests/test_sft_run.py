@@ -1,0 +1,120 @@
+"""Supervised fine-tuning with FINCH of a tiny imported Hugging Face Qwen3, through train.py.
+
+The model is made here (random weights, saved with `save_hf` beside a byte-level BPE tokenizer
+with a ChatML template); the run reads it as any downloaded checkpoint, trains on chat JSONL
+with the loss on responses, measures forgetting on the base's own samples, and exports the
+fine-tuned model as a Hugging Face directory.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tokenizers")
+pytest.importorskip("safetensors")
+
+from flax import nnx  # noqa: E402
+
+from finch_jax.models import Llama, LlamaConfig, load_hf, save_hf  # noqa: E402
+from finch_jax.models.hf import HFTokenizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHATML = (
+  "{% for m in messages %}"
+  "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _chat(i):
+  return {
+    "messages": [
+      {"role": "user", "content": f"What is {i} plus {i}?"},
+      {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+    ]
+  }
+
+
+def _tokenizer():
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=300,
+    special_tokens=SPECIALS,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
+  corpus = [json.dumps(_chat(i)) for i in range(50)] + ["user assistant system"]
+  tokenizer.train_from_iterator(corpus, trainer)
+  return HFTokenizer(
+    tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML
+  )
+
+
+@pytest.mark.slow
+def test_sft_with_finch_on_an_imported_model_through_train_py(tmp_path):
+  tokenizer = _tokenizer()
+  config = LlamaConfig(
+    vocab_size=((tokenizer.vocab_size + 7) // 8) * 8,
+    d_model=32,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+    d_ff=64,
+    model_type="qwen3",
+    tie_embeddings=True,
+    max_len=256,
+  )
+  base_dir = str(tmp_path / "qwen3-tiny")
+  save_hf(Llama(config, rngs=nnx.Rngs(0)), base_dir, tokenizer=tokenizer)
+  train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+  train.write_text("".join(json.dumps(_chat(i)) + "\n" for i in range(40)))
+  held_out.write_text("".join(json.dumps(_chat(i)) + "\n" for i in range(40, 50)))
+  workdir = str(tmp_path / "run")
+  overrides = {
+    "base_checkpoint": base_dir,
+    "data.train.name": f"jsonl:{train}",
+    "data.eval_sets.task.name": f"jsonl:{train}",
+    "num_train_steps": 30,
+    "log_every": 5,
+    "eval_every": 15,
+    "checkpoint_every": 15,
+    "data.seq_len": 64,
+    "data.batch_size": 8,
+    "replay.num_samples": 16,
+    "replay.sample_len": 32,
+    "model.dtype": "float32",
+    "model.remat": False,
+    "optimizer.learning_rate": 1e-2,
+    "optimizer.warmup_steps": 0,
+  }
+  command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", "configs/sft.py"]
+  command += ["--workdir", workdir] + [f"--config.{k}={v}" for k, v in overrides.items()]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+
+  with open(os.path.join(workdir, "report.json")) as f:
+    report = json.load(f)
+  entry = report["methods"]["finch"]
+  assert entry["task_loss"] < report["before"]["task_loss"] - 0.5  # it learned the responses
+  assert np.isfinite(entry["forgetting"])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  scales = [r["finch_scale"] for r in records if "finch_scale" in r]
+  assert scales[0] == pytest.approx(1.0, abs=0.2) and max(scales) > 1.0  # FINCH acted
+  # The retain set is the base's own samples; the export loads back with the same tokenizer.
+  assert len(np.load(os.path.join(workdir, "retain_samples.npz")).files) == 16
+  model, exported_tokenizer = load_hf(os.path.join(workdir, "hf"))
+  assert model.config == config
+  assert exported_tokenizer.chat_template == CHATML
+  assert not np.allclose(model.embed[...], Llama(config, rngs=nnx.Rngs(0)).embed[...])
