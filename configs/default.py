@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.name = "embedded/biographies"  # Dataset: embedded/..., local_text:PATH or TFDS.
   config.data.data_dir = ""  # Where datasets are built; "" means WORKDIR/data.
-  config.data.options = {  # Builder options per dataset ("/" written as "_").
+  config.data.options = {  # Builder options per dataset (non-alphanumerics as "_").
     "embedded_biographies": {"num_base_people": 100, "num_new_people": 100},
   }
   config.data.train = {"name": "", "split": "finetune"}  # Training split ("" = data.name).

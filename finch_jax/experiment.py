@@ -43,7 +43,7 @@ def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def _dataset_options(config: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
   options = config.data.get("options", {}) or {}
-  return dict(options.get(name.replace("/", "_"), {}) or {})
+  return dict(options.get(data_lib.builders.options_key(name), {}) or {})
 
 
 def source(config: ml_collections.ConfigDict, workdir: str, spec: Mapping[str, str]):

@@ -716,7 +716,8 @@ class _Checker:
         f"data.options.{key}",
         options[key],
         f"no dataset read by this config has that key{_did_you_mean(key, bare)}, so these "
-        "options are ignored; options are keyed by the dataset name with '/' written as '_'.",
+        "options are ignored; options are keyed by the dataset name with each run of "
+        "characters other than letters and digits written as '_'.",
       )
 
   # ----- checkpoints ---------------------------------------------------------------------------
@@ -807,7 +808,7 @@ class _Checker:
 
 
 def _options_key(name: str) -> str:
-  return name.replace("/", "_")
+  return builders.options_key(name)
 
 
 def _dataset_options(config: ml_collections.ConfigDict, name: str) -> dict[str, Any]:

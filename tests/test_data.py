@@ -279,6 +279,16 @@ def test_local_text_paragraphs_and_lines(tmp_path):
   assert sorted(len(v) for v in duplicates.values()) == [1, 2]
 
 
+def test_local_text_reads_fortune_files(tmp_path):
+  # The format of Debian's fortunes packages: records between lines holding only "%".
+  _write(tmp_path / "f" / "wisdom.u8", "Look before\nyou leap.\n%\n%\nOne.\n%\n50% off: two.\n%\n")
+  name = f"local_text:{tmp_path / 'f' / '*.u8'}"
+  options = dict(unit="percent", validation_fraction=0.0)
+  data.prepare(name, tmp_path / "tfds", **options)
+  records = _records_of(data.data_source(name, "train", tmp_path / "tfds", **options))
+  assert [r["text"] for r in records] == ["Look before\nyou leap.", "One.", "50% off: two."]
+
+
 def test_local_text_errors_name_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"does not exist.*local_text:<directory>"):
     data.prepare(f"local_text:{tmp_path / 'missing'}", tmp_path / "tfds")

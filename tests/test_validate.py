@@ -114,6 +114,12 @@ def test_shipped_configs_validate(name, tmp_path):
   config = importlib.import_module(f"configs.{name}").get_config()
   if config.mode == "finetune":  # they name their base on the command line
     config.base_checkpoint = save_base(tmp_path, config)
+  # ... and their instruction data (JSONL) too.
+  for spec in [config.data.train, *config.data.eval_sets.values()]:
+    if spec["name"].startswith("jsonl:"):
+      path = tmp_path / f"{len(list(tmp_path.glob('*.jsonl')))}.jsonl"
+      path.write_text(json.dumps({"prompt": "2 + 2?", "response": "4"}) + "\n")
+      spec["name"] = f"jsonl:{path}"
   with no_compilation():
     validate(config)  # 8 CPU devices (tests/conftest.py), one process
     if name == "large_pod":

@@ -53,6 +53,13 @@ VALID_NAMES_HELP = (
 _FEATURE_NAMES = ("text", "prompt", "answer")
 
 
+def options_key(name: str) -> str:
+  """The key of a dataset's builder options in `config.data.options`: its name with each run of
+  characters other than letters and digits written as one '_' ("embedded/biographies" ->
+  "embedded_biographies", "local_text:/data/de/*.u8" -> "local_text_data_de_u8")."""
+  return re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_")
+
+
 def decode_text(value: str | bytes) -> str:
   """A text field of a source record as str: TFDS sources give UTF-8 `bytes` without TF."""
   return value.decode("utf-8") if isinstance(value, bytes) else value
@@ -158,7 +165,8 @@ class LocalTextConfig(tfds.core.BuilderConfig):
 
   Attributes:
     path: absolute directory (all `*.txt` below it, recursively), file, or glob.
-    unit: `"paragraph"` (blocks separated by blank lines) or `"line"` (each non-empty line).
+    unit: `"paragraph"` (blocks separated by blank lines), `"line"` (each non-empty line), or
+      `"percent"` (records separated by lines holding only `%`, the format of fortune files).
     validation_fraction: share of examples sent to `validation`, chosen by a hash of the text.
   """
 
@@ -167,7 +175,12 @@ class LocalTextConfig(tfds.core.BuilderConfig):
   validation_fraction: float = 0.05
 
 
-UNITS = ("paragraph", "line")
+UNITS = ("paragraph", "line", "percent")
+_SEPARATORS = {
+  "paragraph": re.compile(r"\n[ \t]*\n"),
+  "line": re.compile(r"\n"),
+  "percent": re.compile(r"^%[ \t]*$", re.MULTILINE),
+}
 
 
 def local_text_files(path: str) -> list[Path]:
@@ -207,7 +220,7 @@ def _read_units(file: Path, unit: str) -> list[str]:
       "convert it, e.g. `iconv -f latin1 -t utf-8`."
     ) from None
   text = text.replace("\r\n", "\n")
-  pieces = text.split("\n") if unit == "line" else re.split(r"\n[ \t]*\n", text)
+  pieces = _SEPARATORS[unit].split(text)
   return [piece.strip() for piece in pieces if piece.strip()]
 
 
