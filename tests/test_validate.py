@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import glob
 import importlib
 import json
 import os
@@ -120,11 +121,25 @@ def test_shipped_configs_validate(name, tmp_path):
       path = tmp_path / f"{len(list(tmp_path.glob('*.jsonl')))}.jsonl"
       path.write_text(json.dumps({"prompt": "2 + 2?", "response": "4"}) + "\n")
       spec["name"] = f"jsonl:{path}"
+  missing = [name for name in _local_text_names(config) if not glob.glob(name.split(":", 1)[1])]
+  if missing:  # text the user installs (e.g. Debian's fortunes): only its absence is wrong
+    with no_compilation(), pytest.raises(ConfigError) as error:
+      validate(config)
+    assert all("local_text: no files" in p for p in error.value.problems), error.value.problems
+    return
   with no_compilation():
     validate(config)  # 8 CPU devices (tests/conftest.py), one process
     if name == "large_pod":
       # Written for a pod: 32 chips in 4 hosts of a TPU v5p slice, 8 rows per chip.
       validate(config, device_count=32, process_count=4)
+
+
+def _local_text_names(config):
+  specs = [config.data.train, *config.data.eval_sets.values(), config.replay.data]
+  specs += [m.get("replay", {}).get("data", {}) for m in config.compare.methods.values()]
+  specs.append(config.compare.pretrain.get("data", {}).get("train", {}))
+  names = {spec.get("name") or config.data.name for spec in specs if spec is not None}
+  return sorted(n for n in names if n.startswith("local_text:"))
 
 
 def test_large_pod_config_fails_on_a_machine_it_does_not_fit():
