@@ -70,9 +70,8 @@ def _segments(batch):
       yield row, segment, np.flatnonzero(ids == segment)
 
 
-@pytest.fixture(scope="module")
-def bpe():
-  """A tiny byte-level BPE tokenizer with ChatML special tokens."""
+def make_bpe(corpus):
+  """A tiny byte-level BPE tokenizer with ChatML special tokens, trained on `corpus`."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   tokenizer = Tokenizer(models.BPE())
@@ -84,10 +83,13 @@ def bpe():
     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     show_progress=False,
   )
-  tokenizer.train_from_iterator(
-    ["user assistant system hello there how are you fine thanks"], trainer
-  )
+  tokenizer.train_from_iterator(corpus, trainer)
   return tokenizer
+
+
+@pytest.fixture(scope="module")
+def bpe():
+  return make_bpe(["user assistant system hello there how are you fine thanks"])
 
 
 def _chat_tokenizer(bpe, template):

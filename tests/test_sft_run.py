@@ -21,15 +21,9 @@ from flax import nnx  # noqa: E402
 
 from finch_jax.models import Llama, LlamaConfig, load_hf, save_hf  # noqa: E402
 from finch_jax.models.hf import HFTokenizer  # noqa: E402
+from tests.test_sft import CHATML, make_bpe  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHATML = (
-  "{% for m in messages %}"
-  "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
-  "{% endfor %}"
-  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _chat(i):
@@ -42,20 +36,9 @@ def _chat(i):
 
 
 def _tokenizer():
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-  tokenizer = Tokenizer(models.BPE())
-  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tokenizer.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-    vocab_size=300,
-    special_tokens=SPECIALS,
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-  )
   corpus = [json.dumps(_chat(i)) for i in range(50)] + ["user assistant system"]
-  tokenizer.train_from_iterator(corpus, trainer)
   return HFTokenizer(
-    tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML
+    make_bpe(corpus), eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML
   )
 
 
