@@ -67,13 +67,28 @@ def interpolate(
 def common_target(
   sweeps: Mapping[str, Sequence[Sequence[Mapping[str, float]]]], key: str, increasing: bool = False
 ) -> float:
-  """The best `key` that every sweep (one per method and seed) reaches."""
-  reach = []
-  for method_sweeps in sweeps.values():
+  """The best `key` at which the most methods can be read, every seed of them.
+
+  A sweep (one method and seed) can be read between the worst and the best `key` of its
+  monotone part. Where one value lies within every sweep, that is the best such value (the best
+  `key` every sweep reaches). Otherwise no value serves all methods, and the target is the best
+  value that the sweeps of the most methods all span; the others read NaN there (their sweeps
+  start beyond it or end before it) and are compared pairwise (`build_report`'s headlines).
+  """
+  spans = {}
+  for method, method_sweeps in sweeps.items():
+    spans[method] = []
     for points in method_sweeps:
       values = [p[key] for p in monotone_sweep(points, key, increasing)]
-      reach.append(max(values) if increasing else min(values))
-  return min(reach) if increasing else max(reach)
+      spans[method].append((min(values), max(values)))
+  candidates = sorted({v for ranges in spans.values() for r in ranges for v in r})
+
+  def served(target: float) -> int:
+    return sum(all(lo <= target <= hi for lo, hi in ranges) for ranges in spans.values())
+
+  best = max(served(t) for t in candidates)
+  reachable = [t for t in candidates if served(t) == best]
+  return max(reachable) if increasing else min(reachable)
 
 
 def _seed_means(runs: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, float]]:

@@ -32,6 +32,18 @@ def test_monotone_sweep_stops_where_a_higher_rate_no_longer_helps():
   assert [p["learning_rate"] for p in kept] == [1e-4, 1e-3, 3e-3]
 
 
+def test_common_target_serves_the_most_methods_when_no_loss_serves_all():
+  def sweep(*losses):
+    # Rising rates, falling losses.
+    return [[run("m", 10.0 ** (i - 5), 0, loss, 0.0) for i, loss in enumerate(losses)]]
+
+  # Spans: a [0.5, 2.0], b [0.6, 1.5], c [0.3, 0.4] (already low at its lowest rate).
+  sweeps = {"a": sweep(2.0, 0.5), "b": sweep(1.5, 0.6), "c": sweep(0.4, 0.3)}
+  assert forgetting.common_target(sweeps, "task_loss") == pytest.approx(0.6)  # a and b
+  del sweeps["c"]
+  assert forgetting.common_target(sweeps, "task_loss") == pytest.approx(0.6)  # all, lowest
+
+
 def test_interpolation_is_linear_in_task_loss_and_log_linear_in_rate():
   points = [run("a", 1e-4, 0, 2.0, 0.1), run("a", 1e-3, 0, 1.0, 0.3)]
   assert forgetting.interpolate(points, "task_loss", 1.5, "forgetting") == pytest.approx(0.2)
