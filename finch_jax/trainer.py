@@ -232,8 +232,16 @@ class Trainer:
       )
       self.trained_shardings = lora_lib.lora_shardings(adapters, self.param_shardings)
     self.batch_sharding = shd.batch_sharding(mesh, rules)
+    self._logits_sharding = jax.sharding.NamedSharding(
+      mesh, shd.logical_to_mesh(("batch", "length", "vocab"), rules)
+    )
     self.has_finch = bool(find_finch_states(jax.eval_shape(tx.init, self._abstract_params())))
-    self._train_step = jax.jit(self._train_step_impl, donate_argnums=(0,))
+    # The new state keeps the old one's layout, so it is written over the donated buffers and
+    # the next step reuses the compiled program (left free, the compiler may hand back, e.g.,
+    # replicated norm scales sharded over fsdp).
+    self._train_step = jax.jit(
+      self._train_step_impl, donate_argnums=(0,), out_shardings=(self._state_shardings(), None)
+    )
     self._eval_step = jax.jit(self._eval_step_impl)
     self._fact_step = jax.jit(self._fact_step_impl)
     self._merge = jax.jit(self._full_params_impl)
@@ -312,17 +320,19 @@ class Trainer:
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of a state, for restoring a checkpoint without allocating."""
     shapes = jax.eval_shape(self._make_state, self._abstract_params())
+    return jax.tree.map(
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      shapes,
+      self._state_shardings(),
+    )
+
+  def _state_shardings(self) -> TrainState:
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    shardings = TrainState(
+    return TrainState(
       step=replicated,
       params=self.trained_shardings,
       opt_state=self._opt_shardings(),
       num_skipped=replicated,
-    )
-    return jax.tree.map(
-      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-      shapes,
-      shardings,
     )
 
   def abstract_model_params(self) -> Any:
@@ -369,7 +379,11 @@ class Trainer:
 
   def _logits(self, params: Any, batch: Batch) -> jax.Array:
     model = nnx.merge(self.graphdef, params)
-    return model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+    # Laid out like the batch (and the vocabulary over `tensor`): otherwise, with the embedding
+    # sharded over fsdp, the compiler may gather the whole batch's logits on every device,
+    # [batch, length, vocab] floats each (74 GiB per chip for Qwen3-4B at 32 x 4096 tokens).
+    return jax.lax.with_sharding_constraint(logits, self._logits_sharding)
 
   def _loss_sums(self, params: Any, micro: Batch, reference: Any) -> tuple[jax.Array, Any]:
     """(sum of the token losses of `micro`, auxiliary sums for the metrics)."""

@@ -1,0 +1,88 @@
+"""A FINCH fine-tune of Qwen3-4B on one node of 8 NVIDIA H100 80GB GPUs (one process).
+
+One process drives all 8 GPUs (docs/pods.md):
+
+  huggingface-cli download Qwen/Qwen3-4B --local-dir /path/to/Qwen3-4B
+  python train.py --config configs/qwen3_4b_gpu8.py --workdir /data/runs/qwen3-4b-finch \
+      --config.base_checkpoint=/path/to/Qwen3-4B \
+      --config.data.train.name=jsonl:/path/train.jsonl \
+      --config.data.eval_sets.task.name=jsonl:/path/eval.jsonl \
+      --config.data.eval_sets.retain.name=local_text:/path/retain_text \
+      --config.data.eval_sets.retain.split=validation
+
+The model, data, batch and optimizer are those of `configs/qwen3_4b_tpu_v5p.py` (see its
+docstring for the shared reasoning: float32 parameters and Adam moments with bfloat16 compute,
+remat, 64 rows x 4096 tokens per step, AdamW at 1e-5 with cosine decay, FINCH's defaults), so
+a run on either machine follows the same recipe. What differs is the machine:
+
+- 8 GPUs, 80 GB each (79.6 GiB as CUDA counts it). JAX preallocates 75% of it by default
+  (XLA_PYTHON_CLIENT_MEM_FRACTION=.75), so the budget checked is 59.7 GiB per GPU.
+- Mesh: tensor parallelism over 4 GPUs (heads, KV heads, MLP and the 151,936-entry vocabulary),
+  times 2 data-parallel groups. NVLink carries the per-layer activation all-reduces of tensor
+  parallelism at 900 GB/s, so within one node it costs little; tensor=4 rather than 8 halves
+  that traffic per GPU (each group handles half the rows) and still leaves the parameters,
+  gradients and Adam moments 4-way split: 16 B x 4.02e9 / 4 = 16.1 GB per GPU (12.1 GB of it
+  between steps). FSDP would split them 8 ways, but in today's trainer it replicates the
+  logits across the FSDP axis (docs/pods.md), which no GPU holds at this vocabulary.
+- Batch: 64 rows per step as on the TPU slice, in 8 micro-batches of 8 rows
+  (grad_accum_steps=8): 4 rows per data-parallel group at a time, 16,384 tokens per matmul.
+  Measured by `python benchmarks/pod_memory.py` (docs/pods.md): 32.1 GiB per GPU compiled by
+  XLA:CPU, 54% of the 59.7 GiB budget. The TPU config's 8 rows per group (grad_accum_steps=4)
+  measured 43.6 GiB, 73%: too close to the limit for a figure no GPU compiler produced (the CUDA
+  context, cuBLAS and NCCL workspaces come on top).
+"""
+
+import ml_collections
+
+from configs import default
+from configs.qwen3_4b_tpu_v5p import QWEN3_4B
+
+# The machine this config is written for; benchmarks/pod_memory.py and the tests read it.
+TARGET = {
+  "name": "8 x H100 80GB",  # One node, NVLink between the GPUs.
+  "devices": 8,  # JAX devices: one per GPU.
+  "processes": 1,  # One process drives all 8 GPUs.
+  "hbm_gib": 79.6,  # HBM per GPU as CUDA reports it (81,559 MiB).
+  "usable_fraction": 0.75,  # JAX's default preallocation (XLA_PYTHON_CLIENT_MEM_FRACTION).
+}
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Qwen3-4B fine-tuning with FINCH on one 8 x H100 node."""
+  config = default.get_config()
+  config.mode = "finetune"
+  config.num_train_steps = 1000  # 262M tokens; set from your data: epochs x tokens / 262,144.
+  config.grad_accum_steps = 8  # 8 micro-batches of 8 rows: 4 rows per data-parallel group.
+  config.log_every = 10
+  config.eval_every = 200
+  config.checkpoint_every = 200
+  config.base_checkpoint = ""  # --config.base_checkpoint=/path/to/Qwen3-4B (Hugging Face dir).
+  config.data.name = ""
+  config.data.train = {"name": "jsonl:/data/sft/train.jsonl", "split": "train"}
+  config.data.eval_sets = {
+    "task": {"name": "jsonl:/data/sft/eval.jsonl", "split": "eval"},  # held-out SFT data
+    # Text whose loss must not rise: here what the base model samples itself (needs no data);
+    # your own: --config.data.eval_sets.retain.name=local_text:DIR (and .split=validation).
+    "retain": {"name": "base_samples", "split": "samples"},
+  }
+  config.data.fact_sets = {}
+  config.data.seq_len = 4096
+  config.data.batch_size = 64  # as on the TPU slice: 262,144 tokens per step
+  config.data.eval_examples = 512
+  config.model = dict(
+    **QWEN3_4B,
+    dtype="bfloat16",  # compute
+    param_dtype="float32",  # parameters, gradients and Adam's moments
+    remat=True,  # recompute each block in the backward pass
+  )
+  config.mesh.data = -1  # 2 data-parallel groups on 8 GPUs
+  config.mesh.fsdp = 1  # see the docstring: FSDP replicates the logits in today's trainer
+  config.mesh.tensor = 4  # heads, MLP and vocabulary over 4 GPUs (NVLink)
+  config.optimizer.learning_rate = 1e-5
+  config.optimizer.schedule = "cosine"
+  config.optimizer.warmup_steps = 50
+  config.optimizer.final_lr_fraction = 0.1
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.grad_clip = 1.0
+  config.finch.enabled = True
+  return config
