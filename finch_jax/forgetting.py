@@ -16,6 +16,7 @@ import json
 import math
 import os
 import statistics
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -240,10 +241,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for name, cfg in configs.items():
     trainer = trainers[name]
     rates = config.compare.methods[name].learning_rates
-    r = cfg.replay
-    cache = os.path.join(
-      base_dir, f"replay_samples_n{r.num_samples}_len{r.sample_len}_t{r.temperature:g}.npz"
-    )
+    cache = os.path.join(base_dir, _samples_file(cfg))
     samples = experiment.replay_samples(cfg, trainer, base, cache=cache)
     for learning_rate in rates:
       for seed in config.compare.seeds:
@@ -289,17 +287,81 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         runs.append(run)
         _print(primary, f"{name:>10s} lr={learning_rate:<8.3g} seed={seed}: " + _fmt(run))
 
-  report = build_report(config, before, runs)
+  step_times = measure_step_times(
+    {name: trainers[name] for name in configs},
+    {name: _first_batch(cfg, workdir, trainers[name], base) for name, cfg in configs.items()},
+    base,
+  )
+  report = build_report(config, before, runs, step_times)
   if primary:
     write_report(workdir, report)
     _print(primary, "\n" + markdown_table(report))
   return report
 
 
-def build_report(
-  config: ml_collections.ConfigDict, before: Mapping[str, float], runs: Sequence[Mapping]
+def _first_batch(
+  config: ml_collections.ConfigDict, workdir: str, trainer: Any, base: Any
 ) -> dict[str, Any]:
-  """report.json's content: methods at matched task loss, the headline, every run."""
+  """A training batch of a method (its replay marker included), on the mesh."""
+  samples = experiment.replay_samples(
+    config, trainer, base, cache=os.path.join(workdir, "base", _samples_file(config))
+  )
+  iterator = iter(experiment.train_batches(config, workdir, config.seed, samples))
+  batch = trainer.global_batch(next(iterator))
+  iterator.close()
+  return batch
+
+
+def _samples_file(config: ml_collections.ConfigDict) -> str:
+  r = config.replay
+  return f"replay_samples_n{r.num_samples}_len{r.sample_len}_t{r.temperature:g}.npz"
+
+
+def measure_step_times(
+  trainers: Mapping[str, Any],
+  batches: Mapping[str, Any],
+  base: Any,
+  *,
+  rounds: int = 5,
+  steps: int = 10,
+) -> dict[str, float]:
+  """Seconds per train step of each method, timed back to back in the same process.
+
+  The methods take turns (`rounds` rounds of `steps` steps each, the order rotating every
+  round) on a fixed batch each, starting from the base, so a load that comes and goes on the
+  machine touches them all alike; each method's figure is the median of its rounds. The step
+  times logged during the sweeps (`metrics.jsonl`) ran minutes apart and vary with the load.
+  """
+  names = list(trainers)
+  states = {}
+  for name in names:  # compiled before timing; a step's output feeds the next
+    states[name], _ = trainers[name].train_step(trainers[name].create_state(base), batches[name])
+  jax.block_until_ready(states)
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for round_index in range(rounds):
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+      trainer, state = trainers[name], states[name]
+      start = time.perf_counter()
+      for _ in range(steps):
+        state, _ = trainer.train_step(state, batches[name])
+      jax.block_until_ready(state)
+      times[name].append((time.perf_counter() - start) / steps)
+      states[name] = state
+  return {name: statistics.median(values) for name, values in times.items()}
+
+
+def build_report(
+  config: ml_collections.ConfigDict,
+  before: Mapping[str, float],
+  runs: Sequence[Mapping],
+  step_times: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+  """report.json's content: methods at matched task loss, the headline, every run.
+
+  `step_times` (seconds per step, `measure_step_times`) give the cost column; without them the
+  median step time logged in each method's runs stands in.
+  """
   baseline = config.compare.baseline
   by_loss = matched(runs, "task_loss", "forgetting")
   methods = {}
@@ -314,7 +376,9 @@ def build_report(
       "forgetting_per_seed": {str(s): v["forgetting"] for s, v in entry["per_seed"].items()},
       "learning_rate": entry["learning_rate"],
       "seeds_reaching_target": entry["seeds_reaching_target"],
-      "step_time": statistics.median(r["step_time"] for r in method_runs),
+      "step_time": (step_times or {}).get(name)
+      or statistics.median(r["step_time"] for r in method_runs),
+      "step_time_in_runs": statistics.median(r["step_time"] for r in method_runs),
       "optimizer_state_bytes": method_runs[0]["optimizer_state_bytes"],
       "held_bytes": method_runs[0]["held_bytes"],
     }
