@@ -30,7 +30,7 @@ What the CPU compile does and does not capture:
   two dimensions to multiples of 8 x 128) and may rematerialize on their own to fit. XLA:CPU
   keeps float32 copies of some bfloat16 values and transposes operands for its matmuls, which
   inflates its temporaries: for the Qwen3-4B configs it reports 23-34% more temporaries than
-  the TPU compiler does for the same program (docs/pods.md).
+  the TPU compiler does for the same program (README, "Fine-tune Qwen3-4B on a pod").
 - Not captured: the runtime's own reservations (TPU: a few hundred MB for programs and
   collectives; GPU: the CUDA context, cuBLAS workspaces and NCCL buffers, about 1-3 GB) and
   allocator fragmentation.

@@ -1,6 +1,6 @@
 """A FINCH fine-tune of Qwen3-4B on one node of 8 NVIDIA H100 80GB GPUs (one process).
 
-One process drives all 8 GPUs (docs/pods.md):
+One process drives all 8 GPUs (README, "Fine-tune Qwen3-4B on a pod"):
 
   huggingface-cli download Qwen/Qwen3-4B --local-dir /path/to/Qwen3-4B
   python train.py --config configs/qwen3_4b_gpu8.py --workdir /data/runs/qwen3-4b-finch \
@@ -22,11 +22,11 @@ a run on either machine follows the same recipe. What differs is the machine:
   parallelism at 900 GB/s, so within one node it costs little; tensor=4 rather than 8 halves
   that traffic per GPU (each group handles half the rows) and still leaves the parameters,
   gradients and Adam moments 4-way split: 16 B x 4.02e9 / 4 = 16.1 GB per GPU (12.1 GB of it
-  between steps). FSDP would split them 8 ways, but in today's trainer it replicates the
-  logits across the FSDP axis (docs/pods.md), which no GPU holds at this vocabulary.
+  between steps). FSDP would split them 8 ways, but its temporaries measured far beyond any
+  GPU's memory (README, "Fine-tune Qwen3-4B on a pod").
 - Batch: 64 rows per step as on the TPU slice, in 8 micro-batches of 8 rows
   (grad_accum_steps=8): 4 rows per data-parallel group at a time, 16,384 tokens per matmul.
-  Measured by `python benchmarks/pod_memory.py` (docs/pods.md): 32.1 GiB per GPU compiled by
+  Measured by `python benchmarks/pod_memory.py` (README): 32.1 GiB per GPU compiled by
   XLA:CPU, 54% of the 59.7 GiB budget. The TPU config's 8 rows per group (grad_accum_steps=4)
   measured 43.6 GiB, 73%: too close to the limit for a figure no GPU compiler produced (the CUDA
   context, cuBLAS and NCCL workspaces come on top).

@@ -1,6 +1,7 @@
 """A FINCH fine-tune of Qwen3-4B on a TPU v5p-32 slice (16 chips, 95 GiB HBM each, 4 hosts).
 
-Every host runs the same command; JAX reads the slice from the TPU environment (docs/pods.md):
+Every host runs the same command; JAX reads the slice from the TPU environment (README, "Fine-tune
+Qwen3-4B on a pod"):
 
   huggingface-cli download Qwen/Qwen3-4B --local-dir /path/to/Qwen3-4B   # on every host
   python train.py --config configs/qwen3_4b_tpu_v5p.py --workdir gs://BUCKET/qwen3-4b-finch \
@@ -22,7 +23,7 @@ local text of your own as in the command above.
 The paths in `get_config` are examples; `finch_jax.validate` names any that does not exist.
 
 Sizes (Qwen3-4B, tied embeddings): 4,022,468,096 parameters, of which 389M are the embedding.
-Memory per chip, measured by `python benchmarks/pod_memory.py` (docs/pods.md): 43.6 GiB of 95
+Memory per chip, measured by `python benchmarks/pod_memory.py` (README): 43.6 GiB of 95
 compiled by XLA:CPU on 16 fake devices (54% headroom), 35.4 GiB compiled by the TPU compiler
 itself for the v5p-32 topology (63% headroom).
 
@@ -37,11 +38,11 @@ Choices, and why:
   151,936-entry vocabulary: 32, 8, 9728 and 151936 all divide by 4), times 4 data-parallel
   groups (mesh.data=-1). The vocabulary is what decides it: the logits of 8 rows of 4096 tokens
   are 8 x 4096 x 151936 x 4 B = 19.9 GB in float32, and tensor parallelism splits them 4 ways.
-  FSDP over all 16 chips would split the parameters further, but in today's trainer the
-  compiler then computes the logits of the whole micro-batch on every chip (74 GiB per chip,
-  measured; docs/pods.md), so mesh.fsdp stays 1. Each host's 4 chips form one tensor-parallel
-  group, so the activation all-reduces (2 per layer forward, 2 for remat's recomputation, 2
-  backward, 168 MB each) stay on ICI within the host's chips and the batch splits by host.
+  FSDP over all 16 chips would split the parameters further, but its temporaries measured 154
+  GiB per chip on XLA:CPU (the README), so mesh.fsdp stays 1. Each host's 4 chips form one
+  tensor-parallel group, so the activation all-reduces (2 per layer forward, 2 for remat's
+  recomputation, 2 backward, 168 MB each) stay on ICI within the host's chips and the batch
+  splits by host.
 - Precision: bfloat16 compute, float32 parameters and Adam moments. Bytes per parameter: 4
   (params) + 4 (gradients, float32 because they are taken with respect to the float32 params) + 8
   (Adam's two moments) = 16 B, 64.4 GB in all; split 4 ways, 16.1 GB per chip, 12.1 GB of it

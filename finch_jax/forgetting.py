@@ -518,6 +518,21 @@ def write_report(workdir: str, report: Mapping[str, Any]) -> None:
     plot(workdir, report)
 
 
+def _line_styles(methods: Sequence[str], plt: Any) -> dict[str, dict[str, Any]]:
+  """A colour per remedy; a method with FINCH on top ("X+finch") dashed in X's colour."""
+  bases = list(dict.fromkeys(m.removesuffix(COMBINED_SUFFIX) for m in methods))
+  colors = {
+    b: plt.get_cmap("tab20" if len(bases) > 10 else "tab10")(i) for i, b in enumerate(bases)
+  }
+  return {
+    m: {
+      "color": colors[m.removesuffix(COMBINED_SUFFIX)],
+      "ls": "--" if m != m.removesuffix(COMBINED_SUFFIX) else "-",
+    }
+    for m in methods
+  }
+
+
 def plot(workdir: str, report: Mapping[str, Any]) -> None:
   """frontier.png (task loss against forgetting per method) and curves.png (losses over steps)."""
   import matplotlib
@@ -528,9 +543,11 @@ def plot(workdir: str, report: Mapping[str, Any]) -> None:
   runs = report["runs"]
   methods = list(report["methods"])
   fig, ax = plt.subplots(figsize=(6, 4.5))
+  styles = _line_styles(methods, plt)
   for name in methods:
     means = _seed_means([r for r in runs if r["method"] == name], ["task_loss", "forgetting"])
-    ax.plot([p["task_loss"] for p in means], [p["forgetting"] for p in means], "o-", label=name)
+    x, y = [p["task_loss"] for p in means], [p["forgetting"] for p in means]
+    ax.plot(x, y, marker="o", label=name, **styles[name])
     for p in means:
       ax.annotate(f"{p['learning_rate']:.2g}", (p["task_loss"], p["forgetting"]), fontsize=7)
     ax.scatter(
@@ -559,8 +576,8 @@ def plot(workdir: str, report: Mapping[str, Any]) -> None:
       run = candidates[0]
     steps = [e["step"] for e in run["curve"]]
     label = f"{name} (lr {run['learning_rate']:.2g})"
-    axes[0].plot(steps, [e["task_loss"] for e in run["curve"]], label=label)
-    axes[1].plot(steps, [e["retain_loss"] for e in run["curve"]], label=label)
+    axes[0].plot(steps, [e["task_loss"] for e in run["curve"]], label=label, **styles[name])
+    axes[1].plot(steps, [e["retain_loss"] for e in run["curve"]], label=label, **styles[name])
   axes[0].set_title("task loss")
   axes[1].set_title("retain loss")
   axes[1].axhline(report["before"]["retain_loss"], color="grey", ls="--", lw=1, label="before")

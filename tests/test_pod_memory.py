@@ -1,6 +1,6 @@
 """benchmarks/pod_memory.py and the pod configs: compiled per-device memory, validation for the pod.
 
-The full Qwen3-4B compiles take minutes (their output is in docs/pods.md); here a tiny Llama on
+The full Qwen3-4B compiles take minutes (their output is in the README); here a tiny Llama on
 the 8 CPU devices of tests/conftest.py checks what the script's numbers rest on: the compiled
 program's per-device arguments are the parameter and optimizer shards its shardings promise.
 """
