@@ -275,7 +275,7 @@ def test_sigint_in_process_saves_then_resumes_logs_and_evaluations(
   workdir = str(tmp_path / "run")
   real_batches = experiment.train_batches
 
-  def interrupted_batches(config, workdir, seed):
+  def interrupted_batches(config, workdir, seed, *samples):
     fetched = 0
 
     def count(batch):
@@ -285,7 +285,7 @@ def test_sigint_in_process_saves_then_resumes_logs_and_evaluations(
         os.kill(os.getpid(), signal.SIGINT)
       return batch
 
-    return real_batches(config, workdir, seed).map(count)
+    return real_batches(config, workdir, seed, *samples).map(count)
 
   def unhandled(signum, frame):  # what SIGINT does unless fit takes it over
     raise AssertionError("SIGINT was not handled by fit")
@@ -317,7 +317,7 @@ def test_poisoned_batch_is_skipped_counted_and_never_saved(
   poisoned = {5, 6}  # one window of records holds two bad batches; one checkpoint spans them
   real_batches = experiment.train_batches
 
-  def poisoned_batches(config, workdir, seed):
+  def poisoned_batches(config, workdir, seed, *samples):
     fetched = 0
 
     def poison(batch):
@@ -327,7 +327,7 @@ def test_poisoned_batch_is_skipped_counted_and_never_saved(
         batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
       return batch
 
-    return real_batches(config, workdir, seed).map(poison)
+    return real_batches(config, workdir, seed, *samples).map(poison)
 
   monkeypatch.setattr(experiment, "train_batches", poisoned_batches)
   if finch_enabled:
