@@ -113,6 +113,8 @@ def get_config() -> ml_collections.ConfigDict:
     "standard": {"finch": {"enabled": False}, "learning_rates": (3e-4, 1e-3, 3e-3)},
     "finch": {"finch": {"enabled": True}, "learning_rates": (1e-4, 3e-4, 1e-3)},
   }
+  # The cost column's step times: every method's step timed in turn, rounds x steps each.
+  config.compare.timing = {"rounds": 5, "steps": 10}
   config.compare.pretrain = {  # Overrides that make the base model (cached in WORKDIR/base).
     "num_train_steps": 600,
     "checkpoint_every": 200,

@@ -287,10 +287,13 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         runs.append(run)
         _print(primary, f"{name:>10s} lr={learning_rate:<8.3g} seed={seed}: " + _fmt(run))
 
+  timing = config.compare.get("timing", {}) or {}
   step_times = measure_step_times(
     {name: trainers[name] for name in configs},
     {name: _first_batch(cfg, workdir, trainers[name], base) for name, cfg in configs.items()},
     base,
+    rounds=timing.get("rounds", 5),
+    steps=timing.get("steps", 10),
   )
   report = build_report(config, before, runs, step_times)
   if primary:
