@@ -34,8 +34,7 @@ a run on either machine follows the same recipe. What differs is the machine:
 
 import ml_collections
 
-from configs import default
-from configs.qwen3_4b_tpu_v5p import QWEN3_4B
+from configs import qwen3_4b_tpu_v5p
 
 # The machine this config is written for; benchmarks/pod_memory.py and the tests read it.
 TARGET = {
@@ -48,41 +47,10 @@ TARGET = {
 
 
 def get_config() -> ml_collections.ConfigDict:
-  """Qwen3-4B fine-tuning with FINCH on one 8 x H100 node."""
-  config = default.get_config()
-  config.mode = "finetune"
-  config.num_train_steps = 1000  # 262M tokens; set from your data: epochs x tokens / 262,144.
+  """Qwen3-4B fine-tuning with FINCH on one 8 x H100 node: the TPU slice's recipe and batch."""
+  config = qwen3_4b_tpu_v5p.get_config()
   config.grad_accum_steps = 8  # 8 micro-batches of 8 rows: 4 rows per data-parallel group.
-  config.log_every = 10
-  config.eval_every = 200
-  config.checkpoint_every = 200
-  config.base_checkpoint = ""  # --config.base_checkpoint=/path/to/Qwen3-4B (Hugging Face dir).
-  config.data.name = ""
-  config.data.train = {"name": "jsonl:/data/sft/train.jsonl", "split": "train"}
-  config.data.eval_sets = {
-    "task": {"name": "jsonl:/data/sft/eval.jsonl", "split": "eval"},  # held-out SFT data
-    # Text whose loss must not rise: here what the base model samples itself (needs no data);
-    # your own: --config.data.eval_sets.retain.name=local_text:DIR (and .split=validation).
-    "retain": {"name": "base_samples", "split": "samples"},
-  }
-  config.data.fact_sets = {}
-  config.data.seq_len = 4096
-  config.data.batch_size = 64  # as on the TPU slice: 262,144 tokens per step
-  config.data.eval_examples = 512
-  config.model = dict(
-    **QWEN3_4B,
-    dtype="bfloat16",  # compute
-    param_dtype="float32",  # parameters, gradients and Adam's moments
-    remat=True,  # recompute each block in the backward pass
-  )
   config.mesh.data = -1  # 2 data-parallel groups on 8 GPUs
-  config.mesh.fsdp = 1  # see the docstring: FSDP replicates the logits in today's trainer
+  config.mesh.fsdp = 1  # see the docstring: FSDP's temporaries measured beyond any GPU's HBM
   config.mesh.tensor = 4  # heads, MLP and vocabulary over 4 GPUs (NVLink)
-  config.optimizer.learning_rate = 1e-5
-  config.optimizer.schedule = "cosine"
-  config.optimizer.warmup_steps = 50
-  config.optimizer.final_lr_fraction = 0.1
-  config.optimizer.weight_decay = 0.0
-  config.optimizer.grad_clip = 1.0
-  config.finch.enabled = True
   return config

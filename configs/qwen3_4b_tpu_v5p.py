@@ -133,7 +133,7 @@ def get_config() -> ml_collections.ConfigDict:
     remat=True,  # recompute each block in the backward pass
   )
   config.mesh.data = -1  # 4 data-parallel groups on 16 chips, one per host
-  config.mesh.fsdp = 1  # see the docstring: FSDP replicates the logits in today's trainer
+  config.mesh.fsdp = 1  # see the docstring: FSDP's temporaries measured 154 GiB per chip
   config.mesh.tensor = 4  # heads, MLP and vocabulary over the 4 chips of a host
   config.optimizer.learning_rate = 1e-5
   config.optimizer.schedule = "cosine"
