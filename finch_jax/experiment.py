@@ -187,7 +187,7 @@ def train_batches(
   )
 
 
-BASE_SAMPLES = "base_samples"  # replay.data name: sequences sampled from the base model
+BASE_SAMPLES = data_lib.builders.BASE_SAMPLES  # replay.data / eval set: the base's samples
 
 
 EVAL_SAMPLE_SEED_OFFSET = 10_007  # base samples for evaluation never repeat replay's

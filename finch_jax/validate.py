@@ -589,7 +589,7 @@ class _Checker:
     for name, spec in (_get(c, "data.fact_sets", {}) or {}).items():
       yield f"data.fact_sets.{name}", spec, "facts"
     replay = _get(c, "replay.data")
-    if _get(c, "replay.share", 0) and replay and replay.get("name") != "base_samples":
+    if _get(c, "replay.share", 0) and replay and replay.get("name") != builders.BASE_SAMPLES:
       yield "replay.data", replay, "text"
 
   def _check_remedies(self, run: _Run) -> None:
@@ -616,7 +616,7 @@ class _Checker:
       except (TypeError, ValueError) as error:
         self.fail(run.name("lora"), _get(c, "lora"), _one_line(error))
     needs_base = rank or (share and _is_number(kl) and kl > 0)
-    needs_base = needs_base or (share and _get(c, "replay.data.name") == "base_samples")
+    needs_base = needs_base or (share and _get(c, "replay.data.name") == builders.BASE_SAMPLES)
     if needs_base and _get(c, "mode") == "pretrain":
       self.fail(
         run.name("mode"),
@@ -635,7 +635,7 @@ class _Checker:
       if isinstance(name, str) and name.startswith(builders.JSONL_PREFIX):
         self._check_jsonl(run, f"{where}.name", name, kind)
         continue
-      if name == "base_samples":  # sequences the base model samples itself
+      if name == builders.BASE_SAMPLES:  # sequences the base model samples itself
         if kind == "facts" or _get(c, "mode") == "pretrain":
           self.fail(
             run.name(f"{where}.name"),

@@ -9,6 +9,7 @@ import pytest
 from finch_jax import data
 from finch_jax.data import pipeline, sft
 from finch_jax.models.hf import HFTokenizer
+from tests.test_data import _take
 
 TOK = data.ByteTokenizer()
 
@@ -53,13 +54,6 @@ CHAT = [
 def _write_jsonl(path, records):
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
   return str(path)
-
-
-def _take(ds, n):
-  iterator = iter(ds)
-  batches = [next(iterator) for _ in range(n)]
-  iterator.close()
-  return batches
 
 
 def _segments(batch):

@@ -42,6 +42,8 @@ FILE_FORMAT = tfds.core.FileFormat.ARRAY_RECORD
 EMBEDDED_PREFIX = "embedded/"
 LOCAL_TEXT_PREFIX = "local_text:"
 JSONL_PREFIX = "jsonl:"  # instruction data for supervised fine-tuning, `finch_jax.data.sft`
+# Not a dataset: as replay data or an eval set, sequences the base model samples itself.
+BASE_SAMPLES = "base_samples"
 
 VALID_NAMES_HELP = (
   "valid dataset names are 'embedded/biographies', 'embedded/synthetic_language', "

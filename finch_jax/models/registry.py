@@ -45,13 +45,6 @@ def config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
   return cls(**values)
 
 
-def config_to_dict(config: ModelConfig) -> dict[str, Any]:
-  """The `config.model` dict of `config` (inverse of `config_from_dict`)."""
-  values = dataclasses.asdict(config)
-  values["family"] = family_of(config)
-  return values
-
-
 def family_of(config: ModelConfig) -> str:
   """ "transformer" or "llama"."""
   for family, (cls, _) in FAMILIES.items():
