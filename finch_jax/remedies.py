@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from finch_jax.models.generate import sample
+
 
 class AnchorState(NamedTuple):
   """State of `anchor_to_init`: a copy of the parameters fine-tuning started from."""
@@ -118,8 +120,6 @@ def sample_replay_set(
     raise ValueError(
       f"num_samples ({num_samples}), length ({length}) and batch_size ({batch_size}) must be >= 1."
     )
-  from finch_jax.models import sample
-
   out: list[np.ndarray] = []
   key = jax.random.key(seed)
   for start in range(0, num_samples, batch_size):

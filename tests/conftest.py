@@ -7,3 +7,29 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+# Under CI (CI=true) a skip is a failure: a test whose dependency did not import must not let the
+# suite go green without it (the Hugging Face parity tests, say). Locally a skip stays a skip.
+STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _fail_if_skipped(report) -> None:
+  if STRICT and report.skipped and not hasattr(report, "wasxfail"):
+    report.outcome = "failed"
+    report.longrepr = f"skipped under CI=true, where every test must run: {report.longrepr}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+  """A module skipped at import (`pytest.importorskip`) fails under CI."""
+  outcome = yield
+  _fail_if_skipped(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """A test skipped while it runs fails under CI."""
+  outcome = yield
+  _fail_if_skipped(outcome.get_result())

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from finch_jax import experiment
+from finch_jax import configure, loop, run
 from finch_jax.checkpoint import Checkpointer, CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,16 +78,16 @@ class Reference:
     self.data_dir = os.path.join(root, "data")
     self.workdir = os.path.join(root, "reference")
     self.config = drill_config(self.data_dir)
-    self.trainer = experiment.make_trainer(self.config)
-    self.evaluator = experiment.Evaluator(self.config, self.workdir, self.trainer)
-    self.result = experiment.run_training(
+    self.trainer = configure.make_trainer(self.config)
+    self.evaluator = run.Evaluator(self.config, self.workdir, self.trainer)
+    self.result = run.run_training(
       self.config, self.workdir, trainer=self.trainer, evaluator=self.evaluator, progress=False
     )
 
   def run(self, workdir: str, **kwargs):
     """run_training in `workdir` with the reference's config, trainer and evaluator."""
     kwargs = {"trainer": self.trainer, "evaluator": self.evaluator, "progress": False, **kwargs}
-    return experiment.run_training(self.config, workdir, **kwargs)
+    return run.run_training(self.config, workdir, **kwargs)
 
   def checkpoint(self, workdir: str, step: int):
     """The state saved at `step` in `workdir`, on the host."""
@@ -273,7 +273,7 @@ def test_sigint_in_process_saves_then_resumes_logs_and_evaluations(
   """Ctrl-C inside `fit` stops after that step with code 130; the resumed run carries on the
   unfinished logging window and the evaluations, and the handlers are put back."""
   workdir = str(tmp_path / "run")
-  real_batches = experiment.train_batches
+  real_batches = run.train_batches
 
   def interrupted_batches(config, workdir, seed, *samples):
     fetched = 0
@@ -290,10 +290,10 @@ def test_sigint_in_process_saves_then_resumes_logs_and_evaluations(
   def unhandled(signum, frame):  # what SIGINT does unless fit takes it over
     raise AssertionError("SIGINT was not handled by fit")
 
-  monkeypatch.setattr(experiment, "train_batches", interrupted_batches)
+  monkeypatch.setattr(run, "train_batches", interrupted_batches)
   pytest_handler = signal.signal(signal.SIGINT, unhandled)  # not pytest's: it would end the session
   try:
-    with pytest.raises(experiment.Preempted) as stopped:
+    with pytest.raises(loop.Preempted) as stopped:
       reference.run(workdir)
     assert signal.getsignal(signal.SIGINT) is unhandled  # fit put the handler back
   finally:
@@ -315,7 +315,7 @@ def test_poisoned_batch_is_skipped_counted_and_never_saved(
   reference, tmp_path, monkeypatch, finch_enabled
 ):
   poisoned = {5, 6}  # one window of records holds two bad batches; one checkpoint spans them
-  real_batches = experiment.train_batches
+  real_batches = run.train_batches
 
   def poisoned_batches(config, workdir, seed, *samples):
     fetched = 0
@@ -329,14 +329,14 @@ def test_poisoned_batch_is_skipped_counted_and_never_saved(
 
     return real_batches(config, workdir, seed, *samples).map(poison)
 
-  monkeypatch.setattr(experiment, "train_batches", poisoned_batches)
+  monkeypatch.setattr(run, "train_batches", poisoned_batches)
   if finch_enabled:
     trainer = reference.trainer
     result = reference.run(str(tmp_path), evaluator=None)
   else:
     config = drill_config(reference.data_dir, **{"finch.enabled": False})
-    trainer = experiment.make_trainer(config)
-    result = experiment.run_training(config, str(tmp_path), trainer=trainer, progress=False)
+    trainer = configure.make_trainer(config)
+    result = run.run_training(config, str(tmp_path), trainer=trainer, progress=False)
 
   # Training went on to the end with finite parameters, and counted what it skipped.
   assert int(result.state.step) == NUM_STEPS and int(result.state.num_skipped) == 2
@@ -479,9 +479,9 @@ def test_checkpoint_directory_that_cannot_be_created_is_named(tmp_path):
 def test_two_fresh_runs_are_bit_identical(reference, tmp_path):
   """A fresh trainer (compiled anew) in a fresh workdir: the same parameters and records."""
   workdir = str(tmp_path / "run")
-  trainer = experiment.make_trainer(reference.config)
-  evaluator = experiment.Evaluator(reference.config, workdir, trainer)
-  result = experiment.run_training(
+  trainer = configure.make_trainer(reference.config)
+  evaluator = run.Evaluator(reference.config, workdir, trainer)
+  result = run.run_training(
     reference.config, workdir, trainer=trainer, evaluator=evaluator, progress=False
   )
   assert_same_state(result.state, reference.result.state)

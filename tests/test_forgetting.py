@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from finch_jax import forgetting
+from finch_jax import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,7 @@ def test_monotone_sweep_stops_where_a_higher_rate_no_longer_helps():
   points = [
     run("a", lr, 0, loss, 0.0) for lr, loss in [(3e-3, 0.8), (1e-4, 2.0), (1e-3, 1.0), (1e-2, 0.9)]
   ]
-  kept = forgetting.monotone_sweep(points, "task_loss", increasing=False)
+  kept = report.monotone_sweep(points, "task_loss", increasing=False)
   assert [p["learning_rate"] for p in kept] == [1e-4, 1e-3, 3e-3]
 
 
@@ -39,17 +39,17 @@ def test_common_target_serves_the_most_methods_when_no_loss_serves_all():
 
   # Spans: a [0.5, 2.0], b [0.6, 1.5], c [0.3, 0.4] (already low at its lowest rate).
   sweeps = {"a": sweep(2.0, 0.5), "b": sweep(1.5, 0.6), "c": sweep(0.4, 0.3)}
-  assert forgetting.common_target(sweeps, "task_loss") == pytest.approx(0.6)  # a and b
+  assert report.common_target(sweeps, "task_loss") == pytest.approx(0.6)  # a and b
   del sweeps["c"]
-  assert forgetting.common_target(sweeps, "task_loss") == pytest.approx(0.6)  # all, lowest
+  assert report.common_target(sweeps, "task_loss") == pytest.approx(0.6)  # all, lowest
 
 
 def test_interpolation_is_linear_in_task_loss_and_log_linear_in_rate():
   points = [run("a", 1e-4, 0, 2.0, 0.1), run("a", 1e-3, 0, 1.0, 0.3)]
-  assert forgetting.interpolate(points, "task_loss", 1.5, "forgetting") == pytest.approx(0.2)
-  lr = forgetting.interpolate(points, "task_loss", 1.5, "learning_rate")
+  assert report.interpolate(points, "task_loss", 1.5, "forgetting") == pytest.approx(0.2)
+  lr = report.interpolate(points, "task_loss", 1.5, "learning_rate")
   assert lr == pytest.approx(math.sqrt(1e-4 * 1e-3))
-  assert math.isnan(forgetting.interpolate(points, "task_loss", 0.5, "forgetting"))
+  assert math.isnan(report.interpolate(points, "task_loss", 0.5, "forgetting"))
 
 
 def test_matched_reads_every_method_at_the_best_loss_all_reach():
@@ -64,7 +64,7 @@ def test_matched_reads_every_method_at_the_best_loss_all_reach():
       run("finch", 3e-5, seed, 2.0, 0.05 + shift),
       run("finch", 3e-4, seed, 1.0, 0.15 + shift),
     ]
-  out = forgetting.matched(runs, "task_loss", "forgetting")
+  out = report.matched(runs, "task_loss", "forgetting")
   assert out["target"] == pytest.approx(1.0)
   # standard at 1.0: 10% of the way from 2.0 to 0.9 ... 1.0 is 1.0/1.1 of the way.
   frac = (2.0 - 1.0) / (2.0 - 0.9)
@@ -72,7 +72,7 @@ def test_matched_reads_every_method_at_the_best_loss_all_reach():
   assert out["methods"]["standard"]["forgetting"] == pytest.approx(want_standard)
   assert out["methods"]["finch"]["forgetting"] == pytest.approx(0.16)
   assert out["methods"]["finch"]["forgetting_std"] == pytest.approx(0.01)
-  change = forgetting.relative_change(
+  change = report.relative_change(
     out["methods"]["finch"]["per_seed"], out["methods"]["standard"]["per_seed"], "forgetting"
   )
   assert change[0] == pytest.approx(
@@ -139,3 +139,18 @@ def test_default_run_end_to_end_through_train_py(tmp_path):
       k: v for k, v in entry.items() if k not in timing
     }
   assert again["runs"] == report["runs"]
+
+  # A changed field that determines the runs redoes them (the base, which the field does not
+  # touch, is reused); the old runs are set aside, not deleted.
+  third = subprocess.run(
+    [*args, "--config.num_train_steps=4"], capture_output=True, text=True, timeout=600, env=env,
+    cwd=tmp_path,
+  )
+  assert third.returncode == 0, third.stderr[-3000:]
+  with open(workdir / "report.json") as f:
+    redone = json.load(f)
+  assert [run["curve"][-1]["step"] for run in redone["runs"]] == [4] * 4
+  finch_runs = {p.name for p in (workdir / "runs" / "finch").iterdir()}
+  old = next(r for r in report["runs"] if r["method"] == "finch" and r["learning_rate"] == 1e-3)
+  assert f"lr0.001_seed0.stale-{old['fingerprint']}" in finch_runs
+  assert redone["before"] == report["before"]

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from finch_jax import experiment, forgetting, lora
+from finch_jax import configure, data, experiment, lora, run, sweep
 from tests.test_trainer import small_config
 
 
@@ -17,7 +17,7 @@ def _replay_config(**changes):
 
 def test_replay_share_of_examples_in_batches(tmp_path):
   config = _replay_config()
-  batches = iter(experiment.train_batches(config, str(tmp_path), seed=0))
+  batches = iter(run.train_batches(config, str(tmp_path), seed=0))
   replayed = total = 0
   for _ in range(40):
     batch = next(batches)
@@ -35,8 +35,8 @@ def test_replay_share_of_examples_in_batches(tmp_path):
 
 def test_replay_examples_come_from_the_replay_split(tmp_path):
   config = _replay_config(**{"replay.share": 0.5})
-  batch = next(iter(experiment.train_batches(config, str(tmp_path), seed=0)))
-  tokenizer = experiment.make_tokenizer(config)
+  batch = next(iter(run.train_batches(config, str(tmp_path), seed=0)))
+  tokenizer = configure.make_tokenizer(config)
   base_names = {r["text"].split(" was born")[0] for r in _split(config, tmp_path, "pretrain")}
   new_names = {r["text"].split(" was born")[0] for r in _split(config, tmp_path, "finetune")}
   ids = batch["segment_ids"][0]
@@ -48,8 +48,8 @@ def test_replay_examples_come_from_the_replay_split(tmp_path):
 
 
 def _split(config, tmp_path, split):
-  source = experiment.source(config, str(tmp_path), {"name": "", "split": split})
-  return [{"text": experiment.data_lib.decode_text(source[i]["text"])} for i in range(len(source))]
+  source = run.source(config, str(tmp_path), {"name": "", "split": split})
+  return [{"text": data.decode_text(source[i]["text"])} for i in range(len(source))]
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +83,9 @@ def test_kl_on_base_samples_finetune_runs_and_logs_the_kl(tmp_path, base):
 
 def test_lora_finetune_trains_adapters_only_and_checkpoints_them(tmp_path, base):
   config = small_config(mode="finetune", base_checkpoint=base, **{"lora.rank": 2})
-  trainer = experiment.make_trainer(config)
+  trainer = configure.make_trainer(config)
   abstract = trainer.abstract_state()
-  expected = lora.expected_num_params(trainer.model_config, experiment.lora_config(config))
+  expected = lora.expected_num_params(trainer.model_config, configure.lora_config(config))
   assert lora.num_params(abstract.params) == expected
   report = experiment.train_and_evaluate(config, str(tmp_path))
   entry = report["methods"]["finch"]
@@ -119,13 +119,13 @@ def test_compare_runs_every_method_and_reports_costs(tmp_path):
     },
     "lora": {"finch": {"enabled": False}, "lora": {"rank": 2}, "learning_rates": rates},
   }
-  report = forgetting.compare(config, str(tmp_path))
+  report = sweep.compare(config, str(tmp_path))
   assert set(report["methods"]) <= set(config.compare.methods)
   runs = report["runs"]
   assert {r["method"] for r in runs} == set(config.compare.methods)
   held = {r["method"]: r["held_bytes"] for r in runs}
   params = sum(
-    x.size * 4 for x in jax.tree.leaves(experiment.make_trainer(config).abstract_state().params)
+    x.size * 4 for x in jax.tree.leaves(configure.make_trainer(config).abstract_state().params)
   )
   # Anchoring keeps one copy of the weights more; KL keeps the base model; LoRA trains adapters
   # of a frozen base, so its optimizer state is small.

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from finch_jax import data, experiment
+from finch_jax import configure, data
 from finch_jax.checkpoint import restore_params
 
 pytestmark = pytest.mark.slow
@@ -170,7 +170,7 @@ def _assert_same_metrics(got, want):
 
 
 def _params(config, workdir):
-  trainer = experiment.make_trainer(config)
+  trainer = configure.make_trainer(config)
   abstract = trainer.abstract_state().params
   return jax.device_get(restore_params(str(workdir), abstract)), trainer
 

@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks import pod_memory
 from configs import default
-from finch_jax import experiment, models, sharding
+from finch_jax import configure, models, sharding
 from finch_jax.models import hf
 from finch_jax.validate import ConfigError, validate
 
@@ -75,7 +75,7 @@ def replicated_state_bytes(config) -> int:
   """Bytes of parameters and optimizer state that every device holds whole (norm scales,
   scalars: Adam's count, the learning rate, FINCH's statistics)."""
   mesh = sharding.make_mesh(**config.mesh.to_dict(), devices=jax.devices()[:8])
-  state = experiment.make_trainer(config, mesh).abstract_state()
+  state = configure.make_trainer(config, mesh).abstract_state()
   leaves = jax.tree.leaves((state.params, state.opt_state))
   return sum(
     math.prod(x.shape) * x.dtype.itemsize for x in leaves if x.sharding.is_fully_replicated

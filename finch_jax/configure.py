@@ -1,0 +1,269 @@
+"""What a config implies: its overrides, the configs of a comparison, and the objects a run builds
+from a config (model config, tokenizer, trainer), plus the fingerprint that keys a cached run.
+
+Everything here reads a config and builds; nothing trains. `validate`, `run` and `sweep` import
+it, so each of them reads a config the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+from ml_collections import ConfigDict
+
+from finch_jax import data as data_lib
+from finch_jax import lora as lora_lib
+from finch_jax import models
+from finch_jax import sharding as shd
+from finch_jax.models import hf
+from finch_jax.optim import make_optimizer
+from finch_jax.trainer import Trainer
+
+BASE_SAMPLES = data_lib.builders.BASE_SAMPLES  # replay.data / eval set: the base's samples
+
+
+# ----- overrides and the configs of a comparison -----------------------------------------------
+
+
+def override(
+  config: ml_collections.ConfigDict,
+  changes: Mapping[str, Any],
+  *,
+  on_unknown: Callable[[str, Any, list[str]], None] | None = None,
+) -> ml_collections.ConfigDict:
+  """A copy of `config` with the nested `changes` applied.
+
+  A key that is not a field of `config` raises KeyError, or, with `on_unknown`, is reported as
+  `on_unknown(dotted_path, value, known_fields_there)` and skipped, so one typo does not hide
+  other problems. A dict value for a dict-valued field is merged key by key; any other value
+  replaces the field whole (e.g. `data.train: {...}`).
+  """
+  out = copy.deepcopy(config)
+
+  def apply(node: Any, updates: Mapping[str, Any], prefix: str) -> None:
+    for key, value in updates.items():
+      if key not in node:
+        if on_unknown is None:
+          raise KeyError(f"Override {prefix}{key} is not a config field.")
+        on_unknown(f"{prefix}{key}", value, sorted(node.keys()))
+      elif isinstance(value, Mapping) and isinstance(node[key], Mapping | ConfigDict):
+        apply(node[key], value, f"{prefix}{key}.")
+      else:
+        node[key] = value
+
+  with out.unlocked():
+    apply(out, changes, "")
+  return out
+
+
+def _as_dict(node: Any) -> dict[str, Any]:
+  return node.to_dict() if hasattr(node, "to_dict") else dict(node or {})
+
+
+def pretrain_config(config: ml_collections.ConfigDict, **override_options: Any):
+  """The config that trains a comparison's base model (`compare.pretrain` applied)."""
+  pre = override(config, _as_dict(config.compare.pretrain), **override_options)
+  with pre.unlocked():
+    pre.mode = "pretrain"
+    pre.finch.enabled = False
+  return pre
+
+
+def method_overrides(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+  """Each method of `compare.methods` as its config overrides (its learning rates aside)."""
+  return {
+    name: {k: v for k, v in _as_dict(spec).items() if k != "learning_rates"}
+    for name, spec in (config.compare.methods or {}).items()
+  }
+
+
+def method_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """One full config per method named in `compare.methods`."""
+  return {name: override(config, changes) for name, changes in method_overrides(config).items()}
+
+
+# ----- data ------------------------------------------------------------------------------------
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where datasets are built: `config.data.data_dir`, or `WORKDIR/data`."""
+  return config.data.data_dir or os.path.join(workdir, "data")
+
+
+def dataset_options(config: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
+  """The builder options of dataset `name` (`config.data.options`, keyed by its options key)."""
+  options = config.data.get("options", {}) or {}
+  return dict(options.get(data_lib.builders.options_key(name), {}) or {})
+
+
+def spec_name(config: ml_collections.ConfigDict, spec: Mapping[str, str]) -> str:
+  """The dataset a `{name, split}` spec names ('' means `data.name`)."""
+  return spec.get("name") or config.data.name
+
+
+def dataset_specs(config: ml_collections.ConfigDict) -> dict[str, Mapping[str, Any]]:
+  """Every dataset spec a run reads, by where it is set (`data.train`, `data.eval_sets.task`,
+  ..., `replay.data` when replay is on)."""
+  specs = {"data.train": config.data.train}
+  for group in ("eval_sets", "fact_sets"):
+    for name, spec in (config.data.get(group, {}) or {}).items():
+      specs[f"data.{group}.{name}"] = spec
+  replay = config.get("replay")
+  if replay and replay.share:
+    specs["replay.data"] = replay.data
+  return specs
+
+
+def local_batch_size(config: ml_collections.ConfigDict) -> int:
+  """This process's share of `data.batch_size`."""
+  if config.data.batch_size % jax.process_count():
+    raise ValueError(
+      f"data.batch_size={config.data.batch_size} does not divide among "
+      f"{jax.process_count()} processes: use a multiple of {jax.process_count()}."
+    )
+  return config.data.batch_size // jax.process_count()
+
+
+# ----- model, tokenizer, trainer ---------------------------------------------------------------
+
+
+def is_hf_checkpoint(path: str) -> bool:
+  """Whether `path` is a Hugging Face model directory (config.json beside safetensors)."""
+  return bool(path) and os.path.isfile(os.path.join(path, hf.CONFIG_FILE))
+
+
+def hf_model_config(path: str, model: Mapping[str, Any]) -> models.ModelConfig:
+  """The architecture of the Hugging Face model in `path`, with `model`'s `dtype`,
+  `param_dtype` and `remat`."""
+  with open(os.path.join(path, hf.CONFIG_FILE)) as f:
+    values = json.load(f)
+  return hf.config_from_hf(
+    values, dtype=model.get("dtype", "float32"), param_dtype=model.get("param_dtype", None)
+  ).replace(remat=bool(model.get("remat", False)))
+
+
+def model_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
+  """The architecture: the base checkpoint's own when it is a Hugging Face directory (its
+  config.json, with `config.model`'s `dtype` and `param_dtype`), else `config.model`."""
+  if is_hf_checkpoint(config.get("base_checkpoint", "")):
+    return hf_model_config(config.base_checkpoint, config.model)
+  return models.config_from_dict(config.model)
+
+
+def make_tokenizer(config: ml_collections.ConfigDict) -> data_lib.Tokenizer:
+  """`data.tokenizer` (a directory with tokenizer.json); "" means the base checkpoint's when it is
+  a Hugging Face directory, else the byte-level tokenizer of the embedded benchmarks."""
+  path = config.data.get("tokenizer", "")
+  if not path and is_hf_checkpoint(config.get("base_checkpoint", "")):
+    path = config.base_checkpoint
+  if not path:
+    return data_lib.ByteTokenizer()
+  tokenizer = hf.load_tokenizer(path)
+  if tokenizer is None:
+    raise FileNotFoundError(
+      f"No tokenizer.json in {path!r}: set --config.data.tokenizer to a directory that has one."
+    )
+  return tokenizer
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
+  """`config.lora` as a `LoraConfig`, or None when its rank is 0 (every weight trained)."""
+  spec = config.get("lora")
+  if not spec or not spec.rank:
+    return None
+  return lora_lib.LoraConfig(rank=int(spec.rank), alpha=float(spec.alpha), targets=spec.targets)
+
+
+def replay_kl_weight(config: ml_collections.ConfigDict) -> float:
+  """The KL-to-base weight on replay tokens (0 when replay is off or trains on cross-entropy)."""
+  replay = config.get("replay")
+  if not replay or not replay.share:
+    return 0.0
+  return float(replay.kl_weight)
+
+
+def make_trainer(
+  config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> Trainer:
+  """The trainer a config describes (model, optimizer with or without FINCH, mesh, remedies)."""
+  tx, shape = make_optimizer(
+    config.optimizer.to_dict(), config.finch.to_dict(), config.num_train_steps
+  )
+  return Trainer(
+    model_config(config),
+    tx,
+    shape,
+    mesh or shd.make_mesh(**config.mesh.to_dict()),
+    grad_accum_steps=config.grad_accum_steps,
+    kl_weight=replay_kl_weight(config),
+    lora=lora_config(config),
+    loss_floor=float(config.finch.get("loss_floor", 0.0)) if config.finch.enabled else 0.0,
+  )
+
+
+# ----- what determines a run -------------------------------------------------------------------
+
+# Fields that change where and how often a run writes, not what it computes.
+_NOT_DETERMINING = ("checkpoint_every", "keep_checkpoints")
+
+
+def _local_files(config: ml_collections.ConfigDict) -> list[str]:
+  """The local files a config's datasets and base checkpoint read."""
+  patterns = []
+  for spec in dataset_specs(config).values():
+    name = spec_name(config, spec)
+    for prefix in (data_lib.builders.LOCAL_TEXT_PREFIX, data_lib.builders.JSONL_PREFIX):
+      if name.startswith(prefix):
+        patterns.append(name.removeprefix(prefix))
+  base = config.get("base_checkpoint", "")
+  if base and os.path.isdir(base):
+    patterns.append(os.path.join(base, "*"))
+  elif base:
+    patterns.append(base)
+  return sorted({f for p in patterns for f in glob.glob(p) if os.path.isfile(f)})
+
+
+def fingerprint(config: ml_collections.ConfigDict, **extra: Any) -> str:
+  """A hash of everything that determines a run: the effective config (without the other methods
+  and sweeps of a comparison, and without checkpoint cadence), `extra` (e.g. the learning rate
+  and seed of a sweep's run), and the size and modification time of every local file its data
+  or base checkpoint reads. A cached run is reused only when this is unchanged."""
+  values = json.loads(config.to_json_best_effort(sort_keys=True))
+  compare = values.pop("compare", None) or {}
+  values["compare.pretrain"] = compare.get("pretrain")
+  values["data"].pop("data_dir", None)  # where datasets are built, not what they hold
+  for key in _NOT_DETERMINING:
+    values.pop(key, None)
+  files = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in _local_files(config)]
+  text = json.dumps({"config": values, "extra": extra, "files": files}, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+__all__ = [
+  "BASE_SAMPLES",
+  "data_dir",
+  "dataset_options",
+  "dataset_specs",
+  "fingerprint",
+  "hf_model_config",
+  "is_hf_checkpoint",
+  "local_batch_size",
+  "lora_config",
+  "make_tokenizer",
+  "make_trainer",
+  "method_configs",
+  "method_overrides",
+  "model_config",
+  "override",
+  "pretrain_config",
+  "replay_kl_weight",
+  "spec_name",
+]

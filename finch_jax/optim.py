@@ -1,0 +1,114 @@
+"""The optimizer a config describes: base optimizer, schedule, clipping, anchoring, FINCH.
+
+`make_optimizer(optimizer, finch, num_train_steps)` builds the chain
+
+    clip_by_global_norm -> inject_hyperparams(adamw | sgd [+ anchor_to_init]) -> schedule -> FINCH
+
+The peak learning rate sits in the optimizer state (`optax.inject_hyperparams`), not in the
+compiled step, so one jitted step serves a whole learning-rate sweep; the schedule is a shape with
+peak 1 that multiplies it. FINCH comes last, so it scales whatever the base optimizer proposes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import optax
+
+from finch_jax.remedies import anchor_to_init
+from finch_jax.transform import finch
+
+
+def schedule_shape(
+  kind: str, num_train_steps: int, warmup_steps: int = 0, final_fraction: float = 0.0
+) -> optax.Schedule:
+  """A learning-rate schedule with peak 1: linear warm-up, then `constant` or `cosine` decay."""
+  if kind not in ("constant", "cosine"):
+    raise ValueError(f"Unknown schedule {kind!r}: use 'constant' or 'cosine'.")
+  if kind == "constant":
+    after = optax.constant_schedule(1.0)
+  else:
+    decay_steps = max(num_train_steps - warmup_steps, 1)
+    after = optax.cosine_decay_schedule(1.0, decay_steps, alpha=final_fraction)
+  if warmup_steps <= 0:
+    return after
+  warmup = optax.linear_schedule(0.0, 1.0, warmup_steps)
+  return optax.join_schedules([warmup, after], [warmup_steps])
+
+
+def make_optimizer(
+  optimizer: Mapping[str, Any], finch_options: Mapping[str, Any] | None, num_train_steps: int
+) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
+  """The optimizer a config asks for, and its schedule shape (peak 1).
+
+  Args:
+    optimizer: `name` ('adamw' or 'sgd'), `learning_rate` (peak), `schedule`, `warmup_steps`,
+      `final_lr_fraction`, `weight_decay`, `b1`, `b2`, `eps` (adamw), `momentum` (sgd),
+      `grad_clip` (global norm; 0 disables) and `anchor_strength`: when > 0, each step also
+      moves the weights `learning_rate * anchor_strength` of the way back to where fine-tuning
+      started (`finch_jax.remedies.anchor_to_init`, decoupled like AdamW's weight decay; its
+      state holds a copy of the starting weights).
+    finch_options: None or a mapping with `enabled` and the keyword arguments of
+      `finch_jax.finch`; when enabled, FINCH scales the base optimizer's updates.
+    num_train_steps: length of the run, for decaying schedules.
+
+  Returns:
+    (optimizer, schedule shape). The effective learning rate at step t is
+    `learning_rate * shape(t)`, times FINCH's scale when it is on.
+  """
+  o = dict(optimizer)
+  shape = schedule_shape(
+    o.get("schedule", "constant"),
+    num_train_steps,
+    o.get("warmup_steps", 0),
+    o.get("final_lr_fraction", 0.0),
+  )
+  name = o.get("name", "adamw")
+  anchor = o.get("anchor_strength", 0.0)
+  if name == "adamw":
+    core = optax.inject_hyperparams(_anchored_adamw if anchor else optax.adamw)(
+      learning_rate=o["learning_rate"],
+      b1=o.get("b1", 0.9),
+      b2=o.get("b2", 0.95),
+      eps=o.get("eps", 1e-8),
+      weight_decay=o.get("weight_decay", 0.0),
+      **({"anchor_strength": anchor} if anchor else {}),
+    )
+  elif name == "sgd":
+    core = optax.inject_hyperparams(_anchored_sgd if anchor else optax.sgd)(
+      learning_rate=o["learning_rate"],
+      momentum=o.get("momentum", 0.9) or None,
+      **({"anchor_strength": anchor} if anchor else {}),
+    )
+  else:
+    raise ValueError(f"Unknown optimizer {name!r}: use 'adamw' or 'sgd'.")
+  parts = [optax.clip_by_global_norm(o["grad_clip"])] if o.get("grad_clip", 0) else []
+  base = optax.chain(*parts, core, optax.scale_by_schedule(shape))
+  if finch_options and finch_options.get("enabled", False):
+    kwargs = {k: v for k, v in finch_options.items() if k != "enabled"}
+    return finch(base, **kwargs), shape
+  return optax.with_extra_args_support(base), shape
+
+
+def _anchored_adamw(
+  learning_rate, b1, b2, eps, weight_decay, anchor_strength
+) -> optax.GradientTransformation:
+  """AdamW with a decoupled pull toward the starting weights beside its weight decay."""
+  return optax.chain(
+    optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+    optax.add_decayed_weights(weight_decay),
+    anchor_to_init(anchor_strength),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def _anchored_sgd(learning_rate, momentum, anchor_strength) -> optax.GradientTransformation:
+  """SGD (with momentum) plus a decoupled pull toward the starting weights."""
+  parts = [optax.trace(decay=momentum)] if momentum else []
+  return optax.chain(
+    *parts, anchor_to_init(anchor_strength), optax.scale_by_learning_rate(learning_rate)
+  )
+
+
+__all__ = ["make_optimizer", "schedule_shape"]

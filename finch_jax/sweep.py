@@ -1,0 +1,263 @@
+"""A comparison: one base model, then each method's learning-rate sweep over seeds, then the
+report at matched task loss (`finch_jax.report`).
+
+`compare(config, workdir)` pretrains (or reuses) the base in `workdir/base`, runs every method of
+`compare.methods` at each of its learning rates and each seed of `compare.seeds` in
+`workdir/runs/METHOD/lrRATE_seedSEED`, times every method's step back to back, and writes
+report.json, report.md and the plots.
+
+A finished run leaves `result.json` beside its checkpoints, stamped with the fingerprint of
+everything that determines it (`finch_jax.configure.fingerprint`: the effective config, the
+rate and seed, the local data files). A rerun reuses a run only when that fingerprint is
+unchanged; otherwise the old directory is set aside (renamed with its fingerprint, nothing
+deleted) and the run is redone. The base model is kept the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+
+from finch_jax import configure, run
+from finch_jax.report import build_report, markdown_table, write_report
+from finch_jax.trainer import Trainer
+
+FINGERPRINT_FILE = "fingerprint.json"  # in a run directory: what its checkpoints were made from
+
+
+def _print(text: str) -> None:
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
+def _fmt(values: Mapping[str, Any]) -> str:
+  keys = ("task_loss", "retain_loss", "forgetting", "task_fact_accuracy", "retain_fact_accuracy")
+  return "  ".join(f"{k} {values[k]:.4f}" for k in keys if k in values)
+
+
+def _tree_bytes(tree: Any) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def _median_step_time(workdir: str) -> float:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    times = [r["step_time"] for r in map(json.loads, f) if "step_time" in r]
+  # The first logged window includes compilation.
+  return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def _run_name(learning_rate: float, seed: int) -> str:
+  return f"lr{learning_rate:.3g}_seed{seed}"
+
+
+def _samples_file(config: ml_collections.ConfigDict) -> str:
+  r = config.replay
+  return f"replay_samples_n{r.num_samples}_len{r.sample_len}_t{r.temperature:g}.npz"
+
+
+def claim(directory: str, key: str) -> None:
+  """Makes `directory` hold the run of fingerprint `key`: a directory made for another
+  fingerprint is renamed aside (`DIR.stale-OLDKEY`), never deleted, and the key is recorded."""
+  path = os.path.join(directory, FINGERPRINT_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)["fingerprint"]
+    if old == key:
+      return
+    if jax.process_index() == 0:
+      os.replace(directory, f"{directory}.stale-{old}")
+      _print(f"{directory}: its config or data changed; the old run is kept in .stale-{old}.")
+  elif os.path.isdir(directory) and os.listdir(directory):
+    # Made before runs were fingerprinted: which config made it is unknown, so it is redone.
+    if jax.process_index() == 0:
+      os.replace(directory, f"{directory}.stale-unknown")
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump({"fingerprint": key}, f)
+
+
+def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains (or reuses) the base, runs every method's sweep, writes and prints the report."""
+  # Every run of the comparison reads the one dataset built under the top workdir.
+  config = configure.override(config, {"data": {"data_dir": configure.data_dir(config, workdir)}})
+  base_dir = os.path.join(workdir, "base")
+  base = _base_model(config, base_dir)
+  configs = configure.method_configs(config)
+  trainers = {name: configure.make_trainer(cfg) for name, cfg in configs.items()}
+  evaluator = run.Evaluator(config, workdir, next(iter(trainers.values())), base=base)
+  before = _evaluate_base(evaluator, base, base_dir)
+  _print("base model: " + _fmt(before))
+  runs = []
+  for name, cfg in configs.items():
+    samples = run.replay_samples(
+      cfg, trainers[name], base, cache=os.path.join(base_dir, _samples_file(cfg))
+    )
+    for learning_rate in config.compare.methods[name].learning_rates:
+      for seed in config.compare.seeds:
+        sweep_run = SweepRun(name, cfg, float(learning_rate), int(seed), trainers[name], samples)
+        runs.append(sweep_run.result(workdir, base, evaluator, before))
+  timing = config.compare.get("timing", {}) or {}
+  step_times = measure_step_times(
+    trainers,
+    {name: _first_batch(cfg, workdir, trainers[name], base) for name, cfg in configs.items()},
+    base,
+    rounds=timing.get("rounds", 5),
+    steps=timing.get("steps", 10),
+  )
+  report = build_report(config.compare.baseline, before, runs, step_times)
+  if jax.process_index() == 0:
+    write_report(workdir, report)
+    _print("\n" + markdown_table(report))
+  return report
+
+
+def _base_model(config: ml_collections.ConfigDict, base_dir: str) -> Any:
+  """The comparison's base model: pretrained in `base_dir`, or resumed or reused from there."""
+  pre = configure.pretrain_config(config)
+  claim(base_dir, configure.fingerprint(pre))
+  return run.run_training(pre, base_dir, trainer=configure.make_trainer(pre)).state.params
+
+
+def _evaluate_base(evaluator: run.Evaluator, base: Any, base_dir: str) -> dict[str, float]:
+  """The eval sets on the base model, kept in `base_dir/eval_before.json`."""
+  path = os.path.join(base_dir, "eval_before.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  before = evaluator(base)
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(before, f)
+  return before
+
+
+class SweepRun:
+  """One method at one learning rate and seed, fine-tuned from the base."""
+
+  def __init__(
+    self,
+    method: str,
+    config: ml_collections.ConfigDict,
+    learning_rate: float,
+    seed: int,
+    trainer: Trainer,
+    samples: Any,
+  ):
+    self.method, self.config, self.trainer, self.samples = method, config, trainer, samples
+    self.learning_rate, self.seed = learning_rate, seed
+    self.fingerprint = configure.fingerprint(config, learning_rate=learning_rate, seed=seed)
+
+  def result(
+    self, workdir: str, base: Any, evaluator: run.Evaluator, before: Mapping[str, float]
+  ) -> dict[str, Any]:
+    """The run's result: read from its `result.json` when its fingerprint is unchanged, else
+    trained (resuming its own checkpoints) and written there."""
+    run_dir = os.path.join(workdir, "runs", self.method, _run_name(self.learning_rate, self.seed))
+    claim(run_dir, self.fingerprint)
+    result_path = os.path.join(run_dir, "result.json")
+    if os.path.exists(result_path):
+      with open(result_path) as f:
+        return json.load(f)
+    fit = run.run_training(
+      self.config,
+      run_dir,
+      trainer=self.trainer,
+      init_params=base,
+      learning_rate=self.learning_rate,
+      seed=self.seed,
+      evaluator=evaluator,
+      progress=False,
+      samples=self.samples,
+    )
+    result = self._summary(fit, run_dir, evaluator, before)
+    if jax.process_index() == 0:
+      with open(result_path, "w") as f:
+        json.dump(result, f)
+    _print(f"{self.method:>10s} lr={self.learning_rate:<8.3g} seed={self.seed}: " + _fmt(result))
+    return result
+
+  def _summary(
+    self, fit: Any, run_dir: str, evaluator: run.Evaluator, before: Mapping[str, float]
+  ) -> dict[str, Any]:
+    final = fit.evals[-1]
+    result = {
+      "method": self.method,
+      "learning_rate": self.learning_rate,
+      "seed": self.seed,
+      "fingerprint": self.fingerprint,
+      "task_loss": final["task_loss"],
+      "retain_loss": final["retain_loss"],
+      "forgetting": final["retain_loss"] - before["retain_loss"],
+      "curve": fit.evals,
+      "step_time": _median_step_time(run_dir),
+      "optimizer_state_bytes": _tree_bytes(fit.state.opt_state),
+      # What the method holds on top of the model it trains: trained weights (or adapters),
+      # optimizer state, the frozen base or reference model, replay samples.
+      "held_bytes": self.trainer.held_bytes(fit.state)
+      + sum(x.nbytes for x in self.samples or ()),
+    }
+    for set_name in evaluator.fact_sets:
+      result[f"{set_name}_fact_accuracy"] = final[f"{set_name}_fact_accuracy"]
+    if "retain_fact_accuracy" in result:
+      result["retain_accuracy_drop"] = (
+        before["retain_fact_accuracy"] - result["retain_fact_accuracy"]
+      )
+    return result
+
+
+def _first_batch(
+  config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, base: Any
+) -> dict[str, Any]:
+  """A training batch of a method (its replay marker included), on the mesh."""
+  samples = run.replay_samples(
+    config, trainer, base, cache=os.path.join(workdir, "base", _samples_file(config))
+  )
+  iterator = iter(run.train_batches(config, workdir, config.seed, samples))
+  batch = trainer.global_batch(next(iterator))
+  iterator.close()
+  return batch
+
+
+def measure_step_times(
+  trainers: Mapping[str, Trainer],
+  batches: Mapping[str, Any],
+  base: Any,
+  *,
+  rounds: int = 5,
+  steps: int = 10,
+) -> dict[str, float]:
+  """Seconds per train step of each method, timed back to back in the same process.
+
+  The methods take turns (`rounds` rounds of `steps` steps each, the order rotating every
+  round) on a fixed batch each, starting from the base, so a load that comes and goes on the
+  machine touches them all alike; each method's figure is the median of its rounds. The step
+  times logged during the sweeps (`metrics.jsonl`) ran minutes apart and vary with the load.
+  """
+  names = list(trainers)
+  states = {}
+  for name in names:  # compiled before timing; a step's output feeds the next
+    states[name], _ = trainers[name].train_step(trainers[name].create_state(base), batches[name])
+  jax.block_until_ready(states)
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for round_index in range(rounds):
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+      trainer, state = trainers[name], states[name]
+      start = time.perf_counter()
+      for _ in range(steps):
+        state, _ = trainer.train_step(state, batches[name])
+      jax.block_until_ready(state)
+      times[name].append((time.perf_counter() - start) / steps)
+      states[name] = state
+  return {name: statistics.median(values) for name, values in times.items()}
+
+
+__all__ = ["FINGERPRINT_FILE", "SweepRun", "claim", "compare", "measure_step_times"]
