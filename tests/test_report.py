@@ -1,0 +1,85 @@
+"""The report: headlines of each method and of "X+finch" against X, and values it cannot give."""
+
+import math
+
+import pytest
+
+from finch_jax import report
+
+BEFORE = {"task_loss": 3.0, "retain_loss": 1.0}
+
+
+def _run(method, lr, seed, task_loss, forgetting):
+  return {
+    "method": method,
+    "learning_rate": lr,
+    "seed": seed,
+    "task_loss": task_loss,
+    "retain_loss": BEFORE["retain_loss"] + forgetting,
+    "forgetting": forgetting,
+    "curve": [{"step": 5, "task_loss": task_loss + 0.5, "retain_loss": 1.0}],
+    "step_time": 0.1,
+    "optimizer_state_bytes": 8,
+    "held_bytes": 16,
+  }
+
+
+def _sweep(method, seeds, points):
+  return [_run(method, lr, s, loss, f + 0.01 * s) for s in seeds for lr, loss, f in points]
+
+
+RUNS = (
+  _sweep("standard", (0, 1), [(1e-4, 2.0, 0.2), (1e-3, 1.0, 0.4)])
+  + _sweep("anchor", (0, 1), [(1e-4, 2.0, 0.1), (1e-3, 1.0, 0.3)])
+  + _sweep("anchor+finch", (0, 1), [(1e-4, 2.0, 0.05), (1e-3, 1.0, 0.15)])
+)
+
+
+def test_headlines_put_each_method_against_the_baseline_and_x_finch_against_x():
+  out = report.build_report("standard", BEFORE, RUNS)
+  headline = out["headline"]
+  assert set(headline) == {
+    "anchor_vs_standard_forgetting_change",
+    "anchor+finch_vs_standard_forgetting_change",
+    "anchor+finch_vs_anchor_forgetting_change",
+  }
+  # At task loss 1.0 (both sweeps end there): anchor+finch 0.15(+0.01) against anchor 0.3(+0.01).
+  pair = headline["anchor+finch_vs_anchor_forgetting_change"]
+  assert pair["task_loss"] == pytest.approx(1.0)
+  want = ((0.15 - 0.3) / 0.3 + (0.16 - 0.31) / 0.31) / 2
+  assert pair["mean"] == pytest.approx(want)
+  assert pair["seeds"] == 2
+  assert out["methods"]["anchor+finch"]["extra_bytes"] == 0
+  text = report.markdown_table(out)
+  assert "anchor+finch_vs_anchor_forgetting_change: -" in text
+  assert "nan" not in text
+
+
+def test_a_method_that_never_reaches_the_target_says_so_and_one_seed_shows_no_spread():
+  runs = _sweep("standard", (0,), [(1e-4, 2.0, 0.2), (1e-3, 1.0, 0.4)]) + _sweep(
+    "lora", (0,), [(1e-4, 2.5, 0.3), (1e-3, 2.2, 0.35)]
+  )
+  out = report.build_report("standard", BEFORE, runs)
+  assert math.isnan(out["methods"]["lora"]["forgetting"])  # its sweep stops before 1.0
+  text = report.markdown_table(out)
+  assert "not reached" in text
+  assert "nan" not in text
+  assert "±" not in text.split("\n", 2)[2]  # one seed: no spread in the table or headlines
+
+
+def test_plots_show_the_base_model_at_step_zero_and_label_their_axes(tmp_path):
+  out = report.build_report("standard", BEFORE, RUNS)
+  curves = report.plot_curves(out)
+  task_axis = curves.axes[0]
+  first_line = task_axis.get_lines()[0]
+  assert first_line.get_xdata()[0] == 0 and first_line.get_ydata()[0] == BEFORE["task_loss"]
+  assert all(ax.get_ylabel() and ax.get_xlabel() for ax in curves.axes)
+  frontier = report.plot_frontier(out)
+  labels = [t.get_text() for t in frontier.axes[0].get_legend().get_texts()]
+  assert "one seed's run" in labels
+  # Joined along task loss: x never goes back within a method's line.
+  for line in frontier.axes[0].get_lines()[:3]:
+    xs = list(line.get_xdata())
+    assert xs == sorted(xs)
+  report.write_report(str(tmp_path), out)
+  assert (tmp_path / "frontier.png").stat().st_size > 10_000
