@@ -4,7 +4,7 @@ python train.py --config configs/compare.py --workdir workdir/compare
 
 The embedded benchmark of configs/default.py (a tiny byte-level transformer pretrained on one
 population of synthetic biographies, fine-tuned on another), with each method's learning-rate
-sweep over two seeds, read at matched task loss (finch_jax.forgetting). About 35 minutes on two
+sweep over two seeds, read at matched task loss (finch_jax.sweep, finch_jax.report). About 35 minutes on two
 CPU cores. Methods, with the settings chosen before any run (never tuned on the outcome):
 
 - standard: AdamW at a constant rate; cosine: the same with cosine decay to 10%.
@@ -24,7 +24,7 @@ CPU cores. Methods, with the settings chosen before any run (never tuned on the 
 The sweeps span the task losses every method reaches, so that all can be read at one matched
 task loss: AdamW's best 150-step loss comes at 1e-3 (3e-3 overshoots), LoRA's at 3e-3. FINCH's
 scale rises from 1 toward max_scale=4 as the loss falls, so it takes larger steps than AdamW at
-the same base rate (DESIGN.md, "The rule").
+the same base rate (docs/design.md, "The rule").
 """
 
 import ml_collections

@@ -18,7 +18,7 @@ from finch_jax import FinchState, finch, finch_stats, scale_by_finch
 def expected_scales(
   losses, *, reference_loss=None, loss_floor=0.0, min_scale=0.1, max_scale=4.0, ema_decay=0.0
 ):
-  """The rule of DESIGN.md written out in plain Python, one finite loss after another."""
+  """The rule of docs/design.md written out in plain Python, one finite loss after another."""
   scales, ref, m, t = [], reference_loss, 0.0, 0
   for loss in losses:
     t += 1
