@@ -1,0 +1,101 @@
+"""The optimizer a config describes: schedule values, the logged learning rate, SGD, and FINCH's
+logged bound with a loss floor."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from finch_jax import finch_stats
+from finch_jax import sharding as shd
+from finch_jax.models import LlamaConfig
+from finch_jax.optim import make_optimizer, schedule_shape
+from finch_jax.trainer import Trainer, eval_step
+
+MODEL = LlamaConfig.tiny(num_layers=1, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64)
+
+
+def _batch(seed=0, batch=8, length=16):
+  tokens = np.random.default_rng(seed).integers(3, 259, (batch, length + 1)).astype(np.int32)
+  return {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "weights": np.ones((batch, length), np.float32),
+    "segment_ids": np.ones((batch, length), np.int32),
+    "positions": np.tile(np.arange(length, dtype=np.int32), (batch, 1)),
+  }
+
+
+def test_warmup_then_cosine_values():
+  shape = schedule_shape("cosine", num_train_steps=110, warmup_steps=10, final_fraction=0.1)
+  assert float(shape(0)) == 0.0
+  assert float(shape(5)) == pytest.approx(0.5)
+  assert float(shape(10)) == pytest.approx(1.0)
+  # Half-way through the decay: alpha + (1 - alpha) * (1 + cos(pi / 2)) / 2 = 0.55.
+  assert float(shape(60)) == pytest.approx(0.55)
+  assert float(shape(110)) == pytest.approx(0.1)
+  constant = schedule_shape("constant", num_train_steps=10, warmup_steps=4)
+  assert [float(constant(t)) for t in (0, 2, 4, 9)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
+  with pytest.raises(ValueError, match="use 'constant' or 'cosine'"):
+    schedule_shape("linear", 10)
+
+
+def _trainer(optimizer, finch_options=None, steps=20, **kwargs):
+  tx, shape = make_optimizer(optimizer, finch_options, steps)
+  return Trainer(MODEL, tx, shape, shd.make_mesh(data=-1), **kwargs)
+
+
+def test_logged_learning_rate_follows_the_schedule_and_finch():
+  trainer = _trainer(
+    {"name": "adamw", "learning_rate": 2e-3, "schedule": "cosine", "warmup_steps": 4},
+    {"enabled": True, "max_scale": 4.0},
+  )
+  state = trainer.create_state(trainer.init_params(0))
+  shape = schedule_shape("cosine", 20, 4)
+  for step in range(6):
+    state, metrics = trainer.train_step(state, trainer.global_batch(_batch(step)))
+    assert float(metrics["learning_rate"]) == pytest.approx(2e-3 * float(shape(step)), rel=1e-6)
+    assert float(metrics["effective_learning_rate"]) == pytest.approx(
+      float(metrics["learning_rate"]) * float(metrics["finch_scale"]), rel=1e-6
+    )
+
+
+def test_sgd_with_momentum_matches_optax():
+  trainer = _trainer({"name": "sgd", "learning_rate": 0.1, "momentum": 0.9})
+  params = trainer.init_params(0)
+  state = trainer.create_state(params)
+  batch = trainer.global_batch(_batch())
+  reference = optax.sgd(0.1, momentum=0.9)
+  expected, opt_state = params, reference.init(params)
+  for _ in range(2):
+    grads = jax.grad(lambda p: _mean_loss(trainer, p, batch))(expected)
+    updates, opt_state = reference.update(grads, opt_state, expected)
+    expected = optax.apply_updates(expected, updates)
+    state, _ = trainer.train_step(state, batch)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), state.params, expected
+  )
+  with pytest.raises(ValueError, match="use 'adamw' or 'sgd'"):
+    make_optimizer({"name": "lion", "learning_rate": 1e-3}, None, 10)
+
+
+def _mean_loss(trainer, params, batch):
+  loss_sum, weight_sum = eval_step(trainer.spec, params, batch)
+  return loss_sum / weight_sum
+
+
+def test_logged_forgetting_bound_honours_the_loss_floor():
+  floor = 4.0  # below the first loss of a byte-level model (about log 264 = 5.6)
+  trainer = _trainer(
+    {"name": "adamw", "learning_rate": 1e-3}, {"enabled": True, "loss_floor": floor},
+    loss_floor=floor,
+  )
+  state = trainer.create_state(trainer.init_params(0))
+  for step in range(3):
+    state, metrics = trainer.train_step(state, trainer.global_batch(_batch(step)))
+  stats = finch_stats(state.opt_state, loss_floor=floor)
+  smoothed = float(stats["smoothed_loss"])
+  assert float(metrics["forgetting_bound"]) == pytest.approx(
+    float(stats["scale"]) * np.sqrt(smoothed - floor), rel=1e-6
+  )
+  assert float(metrics["forgetting_bound"]) < float(stats["scale"]) * np.sqrt(smoothed) * 0.9
