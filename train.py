@@ -56,11 +56,16 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  # Imported here, after flag parsing: JAX reads XLA_FLAGS and the platform when first imported.
   from finch_jax import experiment, sharding
+  from finch_jax.validate import ConfigError
 
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
-  experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except ConfigError as error:  # its message names every problem and its fix: no traceback
+    sys.exit(f"FATAL {error}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run: python benchmarks/trainer_throughput.py [--steps 40] [--rounds 3]
 
-The trainer side is the real thing: `finch_jax.trainer.fit` fed by the Grain pipeline over the
+The trainer side is the real thing: `finch_jax.loop.fit` fed by the Grain pipeline over the
 embedded biographies (packing, prefetch), with metrics kept on device between log steps. The
 baseline is the shortest correct loop: one `jax.jit` step (forward, backward, AdamW) over a batch
 already on the device. Both train the default tiny model with the same batch shape and the same
@@ -27,14 +27,13 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
-from finch_jax import experiment  # noqa: E402
-from finch_jax.models import Transformer, TransformerConfig  # noqa: E402
-from finch_jax.trainer import MetricsWriter, fit  # noqa: E402
+from finch_jax import configure, models, run  # noqa: E402
+from finch_jax.loop import MetricsWriter, fit  # noqa: E402
 
 
 def minimal_loop(model_config, learning_rate):
   """The plainest jitted step and its initial (params, opt_state)."""
-  model = Transformer(model_config, rngs=nnx.Rngs(0))
+  model = models.Llama(model_config, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   tx = optax.adamw(learning_rate, b1=0.9, b2=0.95)
 
@@ -69,11 +68,11 @@ def main():
   config.eval_every = 0
   config.checkpoint_every = 0
   tokens = config.data.batch_size * config.data.seq_len
-  model_config = TransformerConfig.from_dict(config.model)
+  model_config = models.config_from_dict(config.model)
 
   with tempfile.TemporaryDirectory() as workdir:
-    trainer = experiment.make_trainer(config)
-    dataset = experiment.train_batches(config, workdir, seed=0)
+    trainer = configure.make_trainer(config)
+    dataset = run.train_batches(config, workdir, seed=0)
     iterator = iter(dataset)
     state = trainer.create_state(trainer.init_params(0))
     batch = next(iter(dataset))

@@ -4,8 +4,9 @@ python train.py --config configs/compare.py --workdir workdir/compare
 
 The embedded benchmark of configs/default.py (a tiny byte-level transformer pretrained on one
 population of synthetic biographies, fine-tuned on another), with each method's learning-rate
-sweep over two seeds, read at matched task loss (finch_jax.sweep, finch_jax.report). About 35 minutes on two
-CPU cores. Methods, with the settings chosen before any run (never tuned on the outcome):
+sweep over two seeds, read at matched task loss (finch_jax.sweep, finch_jax.report). About 35
+minutes on two CPU cores. Methods, with the settings chosen before any run (never tuned on the
+outcome):
 
 - standard: AdamW at a constant rate; cosine: the same with cosine decay to 10%.
 - finch: FINCH around the same AdamW.

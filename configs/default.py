@@ -8,7 +8,7 @@ sweep and two seeds, and reports forgetting at matched task loss.
 
 import ml_collections
 
-from finch_jax.models import TransformerConfig
+from finch_jax.models import LlamaConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Hugging Face directory, else bytes (ByteTokenizer, the embedded benchmarks' tokenizer).
   config.data.tokenizer = ""
 
-  config.model = TransformerConfig.tiny().__dict__.copy()  # Architecture (TransformerConfig).
+  config.model = LlamaConfig.tiny().__dict__.copy()  # Architecture (LlamaConfig fields).
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1  # Data-parallel devices (-1: all that the other axes leave).

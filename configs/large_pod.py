@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     num_kv_heads=8,
     d_ff=5632,
     tie_embeddings=True,
+    init="scaled",  # the compact model's depth-scaled init (this pretrains from scratch)
     rope_theta=500_000.0,
     dtype="bfloat16",
     param_dtype="float32",

@@ -86,7 +86,6 @@ TARGET = {
 
 # Qwen3-4B as its Hugging Face config.json describes it (Qwen/Qwen3-4B).
 QWEN3_4B = dict(
-  family="llama",
   model_type="qwen3",
   vocab_size=151936,
   d_model=2560,

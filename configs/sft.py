@@ -44,7 +44,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.replay.num_samples = 256  # also the size of the base_samples retain set
   config.replay.sample_len = 256
   config.model = dict(
-    family="llama",
     model_type="qwen3",
     vocab_size=151936,
     d_model=1024,

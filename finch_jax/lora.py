@@ -3,8 +3,8 @@
 The base weights stay as they are; a separate, small tree of adapters holds, for each targeted
 projection kernel W, a pair A [*input_dims, rank] and B [rank, *output_dims]. `merge` returns the
 parameter state with W + (alpha / rank) * A @ B in place of each targeted W, which
-`nnx.merge(graphdef, ...)` turns into an ordinary `Transformer` or `Llama`. Nothing in the model
-changes, so one function serves both families, any depth, tied or untied embeddings, and the
+`nnx.merge(graphdef, ...)` turns into an ordinary `Llama`. Nothing in the model changes, so one
+function serves Llama 3, Qwen3 and the compact model, any depth, tied or untied embeddings, and the
 merged state is also the plain model to evaluate or export after training.
 
 A kernel is viewed as a matrix [inputs, outputs], its input axes being the leading axes up to
@@ -50,8 +50,8 @@ weights (plus the float32 delta of one kernel at a time, or more as XLA schedule
 
 Example:
   >>> from flax import nnx
-  >>> from finch_jax.models import Transformer, TransformerConfig
-  >>> model = Transformer(TransformerConfig.tiny(), rngs=nnx.Rngs(0))
+  >>> from finch_jax.models import Llama, LlamaConfig
+  >>> model = Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
   >>> graphdef, base = nnx.split(model)
   >>> base = nnx.as_pure(base)
   >>> config = LoraConfig(rank=8, alpha=16.0)
@@ -412,7 +412,7 @@ def expected_num_params(model_config: Any, config: LoraConfig) -> int:
   """Adapter scalars for a model, from its sizes: rank * (inputs + outputs) per target and layer.
 
   Args:
-    model_config: a `TransformerConfig` or `LlamaConfig` (anything with `d_model`, `num_heads`,
+    model_config: a `LlamaConfig` (or anything with `d_model`, `num_heads`,
       `num_kv_heads`, `resolved_head_dim`, `d_ff` and `num_layers`).
     config: ranks and targets.
   """

@@ -1,7 +1,7 @@
 """Device mesh, logical-axis rules and multi-process start.
 
 As in MaxText, parameters name their axes logically (`vocab`, `embed`, `heads`, ... — see
-`finch_jax.models.transformer`) and one table of rules maps those names to the mesh axes
+`finch_jax.models.llama`) and one table of rules maps those names to the mesh axes
 ("data", "fsdp", "tensor"). The same model then runs data parallel (data=-1), fully sharded
 (fsdp=N) or tensor parallel (tensor=N) by changing the mesh sizes, not the model; an axis of size
 1 costs nothing.
@@ -10,7 +10,7 @@ Typical use:
 
   initialize_distributed()                        # no-op for a single process
   mesh = make_mesh(data=-1, fsdp=2)
-  model = create_sharded_model(lambda: Transformer(config, rngs=nnx.Rngs(0)), mesh)
+  model = create_sharded_model(lambda: Llama(config, rngs=nnx.Rngs(0)), mesh)
   batch = make_global_batch({"tokens": local_tokens}, mesh)
 """
 

@@ -217,7 +217,7 @@ class Trainer:
   parameters into the model's (merging the adapters), which evaluation takes.
 
   Args:
-    model_config: the model's architecture (`TransformerConfig` or `LlamaConfig`).
+    model_config: the model's architecture (a `LlamaConfig`).
     tx: the optimizer, e.g. from `finch_jax.optim.make_optimizer`; it receives the loss as
       `value`.
     schedule: the schedule shape (peak 1) to report the effective learning rate.

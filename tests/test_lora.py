@@ -13,10 +13,10 @@ from jax.sharding import PartitionSpec as P
 
 import finch_jax.lora
 from finch_jax import lora, sharding
-from finch_jax.models import Llama, LlamaConfig, Transformer, TransformerConfig
+from finch_jax.models import Llama, LlamaConfig
 
-TINY = TransformerConfig.tiny()  # 4 layers, d_model 96, 4 heads of 24, 2 kv heads, d_ff 256
-SMALL = TransformerConfig.tiny(num_layers=2)
+TINY = LlamaConfig.tiny()  # 4 layers, d_model 96, 4 heads of 24, 2 kv heads, d_ff 256
+SMALL = LlamaConfig.tiny(num_layers=2)
 QWEN = LlamaConfig(
   vocab_size=128,
   d_model=64,
@@ -32,8 +32,7 @@ QWEN = LlamaConfig(
 @functools.cache
 def build(config):
   """(graphdef, pure parameter state) of the model for `config`; arrays are immutable, so shared."""
-  model_class = Llama if isinstance(config, LlamaConfig) else Transformer
-  graphdef, state = nnx.split(model_class(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
   return graphdef, nnx.as_pure(state)
 
 
@@ -69,7 +68,7 @@ def randomize_b(adapters, seed=1):
   [
     # per layer, rank 4: q 4*(96+96) + k, v 4*(96+48) + o 4*(96+96) + gate, up, down 4*(96+256)
     (TINY, lora.LoraConfig(rank=4, alpha=8.0), 4 * (768 + 2 * 576 + 768 + 3 * 1408)),
-    (TransformerConfig.tiny(tie_embeddings=False), lora.LoraConfig(rank=4, alpha=8.0), 27648),
+    (LlamaConfig.tiny(tie_embeddings=False), lora.LoraConfig(rank=4, alpha=8.0), 27648),
     # per layer, rank 4: q, o 4*(64+96); k, v 4*(64+48); gate, up, down 4*(64+96)
     (QWEN, lora.LoraConfig(rank=4, alpha=4.0), 2 * (5 * 640 + 2 * 448)),
     # q 2*(96+96), v 2*(96+48)
@@ -136,7 +135,7 @@ def test_merged_model_equals_base_at_init(model_config):
 
 
 def test_merge_of_a_variable_state_updates_the_model():
-  model = Transformer(SMALL, rngs=nnx.Rngs(0))
+  model = Llama(SMALL, rngs=nnx.Rngs(0))
   config = lora.LoraConfig(rank=2, alpha=2.0, targets=("v_proj", "down_proj"))
   adapters = randomize_b(lora.init_lora(nnx.state(model), config, jax.random.key(0)))
   assert isinstance(adapters["blocks"][0]["mlp"]["down_proj"]["b"], nnx.Param)
@@ -320,10 +319,10 @@ def test_sharded_adapters_follow_their_kernels():
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   config = lora.LoraConfig(rank=4, alpha=8.0)
   key = jax.random.key(0)
-  abstract = nnx.eval_shape(lambda: Transformer(SMALL, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: Llama(SMALL, rngs=nnx.Rngs(0)))
   _, abstract_state = nnx.split(abstract)
   base_shardings = nnx.as_pure(sharding.param_shardings(abstract_state, mesh))
-  model = sharding.create_sharded_model(lambda: Transformer(SMALL, rngs=nnx.Rngs(0)), mesh)
+  model = sharding.create_sharded_model(lambda: Llama(SMALL, rngs=nnx.Rngs(0)), mesh)
   base = nnx.as_pure(nnx.state(model))
 
   adapters = lora.create_sharded_lora(nnx.as_pure(abstract_state), config, key, base_shardings)

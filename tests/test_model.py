@@ -1,6 +1,7 @@
-"""Tests for the transformer LM and batched generation."""
+"""Tests for the decoder (the tiny configuration, Llama and Qwen3 options) and generation."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +10,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from finch_jax.models import Transformer, TransformerConfig, greedy_generate, sample
-from finch_jax.models.transformer import segment_positions
+from finch_jax.models import (
+  Llama,
+  Llama3RopeScaling,
+  LlamaConfig,
+  config_from_dict,
+  greedy_generate,
+  load_hf,
+  sample,
+  save_hf,
+)
+from finch_jax.models.llama import segment_positions
 
-CONFIG = TransformerConfig.tiny(num_layers=2)
+CONFIG = LlamaConfig.tiny(num_layers=2)
 
 
 @nnx.jit
@@ -22,7 +32,7 @@ def forward(model, tokens, segment_ids=None, positions=None):
 
 @pytest.fixture(scope="module")
 def model():
-  return Transformer(CONFIG, rngs=nnx.Rngs(0))
+  return Llama(CONFIG, rngs=nnx.Rngs(0))
 
 
 def random_tokens(shape, seed=0):
@@ -71,8 +81,8 @@ def test_packed_sequences_do_not_see_each_other(model):
 
 
 def test_grouped_query_attention_equals_repeated_kv():
-  gqa = Transformer(CONFIG, rngs=nnx.Rngs(1))
-  mha = Transformer(dataclasses.replace(CONFIG, num_kv_heads=CONFIG.num_heads), rngs=nnx.Rngs(2))
+  gqa = Llama(CONFIG, rngs=nnx.Rngs(1))
+  mha = Llama(dataclasses.replace(CONFIG, num_kv_heads=CONFIG.num_heads), rngs=nnx.Rngs(2))
   group = CONFIG.num_heads // CONFIG.num_kv_heads
   nnx.update(mha, nnx.state(gqa))
   for gqa_block, mha_block in zip(gqa.blocks, mha.blocks, strict=True):
@@ -86,12 +96,12 @@ def test_grouped_query_attention_equals_repeated_kv():
 @pytest.mark.parametrize("tie", [True, False])
 def test_num_params(tie):
   config = dataclasses.replace(CONFIG, tie_embeddings=tie)
-  model = Transformer(config, rngs=nnx.Rngs(0))
+  model = Llama(config, rngs=nnx.Rngs(0))
   assert num_model_params(model) == config.num_params()
   assert hasattr(model, "lm_head") != tie
   untied_extra = CONFIG.vocab_size * CONFIG.d_model
   assert config.num_params() == CONFIG.num_params() + (0 if tie else untied_extra)
-  assert 300_000 <= TransformerConfig.tiny().num_params() <= 500_000
+  assert 300_000 <= LlamaConfig.tiny().num_params() <= 500_000
 
 
 def test_every_param_has_logical_axis_names(model):
@@ -103,18 +113,18 @@ def test_every_param_has_logical_axis_names(model):
 
 def test_bfloat16_compute_returns_float32_logits(model):
   tokens = random_tokens((2, 16))
-  bf16 = Transformer(dataclasses.replace(CONFIG, dtype="bfloat16"), rngs=nnx.Rngs(0))
+  bf16 = Llama(dataclasses.replace(CONFIG, dtype="bfloat16"), rngs=nnx.Rngs(0))
   logits = forward(bf16, tokens)
   assert logits.dtype == jnp.float32
   assert bf16.embed[...].dtype == jnp.float32
   np.testing.assert_allclose(logits, forward(model, tokens), atol=0.05)
-  stored = Transformer(dataclasses.replace(CONFIG, param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  stored = Llama(dataclasses.replace(CONFIG, param_dtype="bfloat16"), rngs=nnx.Rngs(0))
   assert stored.blocks[0].mlp.up_proj[...].dtype == jnp.bfloat16
   assert forward(stored, tokens).dtype == jnp.float32
 
 
 def test_remat_changes_nothing_numerically(model):
-  remat = Transformer(dataclasses.replace(CONFIG, remat=True), rngs=nnx.Rngs(0))
+  remat = Llama(dataclasses.replace(CONFIG, remat=True), rngs=nnx.Rngs(0))
   tokens = random_tokens((2, 8))
 
   @nnx.jit
@@ -136,6 +146,9 @@ def test_remat_changes_nothing_numerically(model):
     (dict(dtype="int32"), "not a floating dtype: use 'float32' or 'bfloat16'"),
     (dict(param_dtype="float31"), "not a floating dtype"),
     (dict(norm_eps=0.0), "must be positive"),
+    (dict(max_len=0), "max_len must be a positive integer"),
+    (dict(init="xavier"), r"init='xavier'; supported: \('normal', 'scaled'\)"),
+    (dict(model_type="gpt2"), "model_type='gpt2'; supported"),
   ],
 )
 def test_config_validation(changes, message):
@@ -145,16 +158,123 @@ def test_config_validation(changes, message):
 
 def test_config_from_config_dict():
   config = ml_collections.ConfigDict(dataclasses.asdict(CONFIG))
-  assert TransformerConfig(**config.to_dict()) == CONFIG
-  assert TransformerConfig.from_dict(config) == CONFIG
+  assert LlamaConfig(**config.to_dict()) == CONFIG
+  assert config_from_dict(config) == CONFIG
   config.d_modle = 64
-  with pytest.raises(ValueError, match=r"Unknown TransformerConfig fields \['d_modle'\]"):
-    TransformerConfig.from_dict(config)
+  with pytest.raises(ValueError, match=r"Unknown LlamaConfig fields \['d_modle'\]"):
+    config_from_dict(config)
 
 
 def test_longer_than_max_len_raises(model):
   with pytest.raises(ValueError, match="exceeds max_len=256"):
     model(jnp.zeros((1, 257), jnp.int32))
+
+
+def test_tiny_configuration_keeps_its_parameter_count():
+  tiny = LlamaConfig.tiny()
+  expected = dict(vocab_size=264, max_len=256, num_layers=4, d_model=96, num_heads=4)
+  expected.update(num_kv_heads=2, d_ff=256, tie_embeddings=True, init="scaled")
+  assert {name: getattr(tiny, name) for name in expected} == expected
+  # Tied 264 x 96 embedding; per layer q and o 96 x 96, k and v 96 x 48, gate, up and down
+  # 96 x 256, two norms; the final norm.
+  per_layer = 96 * (2 * 96 + 2 * 48) + 3 * 96 * 256 + 2 * 96
+  assert tiny.num_params() == 264 * 96 + 4 * per_layer + 96 == 431_712
+  abstract = nnx.eval_shape(lambda: Llama(tiny, rngs=nnx.Rngs(0)))
+  assert num_model_params(abstract) == tiny.num_params()
+
+
+SQRT8 = 8**0.5  # sqrt(2 * num_layers) for the tiny model's 4 layers
+
+
+@pytest.mark.parametrize(
+  "init, expected",
+  [
+    # Inputs d_model ** -0.5 = 0.1021; o_proj (4 heads * 24) ** -0.5 / sqrt(8) = 0.0361;
+    # down_proj d_ff ** -0.5 / sqrt(8) = 0.0221; embedding and untied head 0.02.
+    (
+      "scaled",
+      dict(
+        embed=0.02,
+        lm_head=0.02,
+        q_proj=0.10206,
+        k_proj=0.10206,
+        v_proj=0.10206,
+        gate_proj=0.10206,
+        up_proj=0.10206,
+        o_proj=0.03608,
+        down_proj=0.02210,
+      ),
+    ),
+    # Hugging Face's: normal(0, 0.02) for every weight.
+    ("normal", dict.fromkeys(["embed", "lm_head", "q_proj", "o_proj", "down_proj"], 0.02)),
+  ],
+)
+def test_init_gives_the_documented_standard_deviations(init, expected):
+  config = LlamaConfig.tiny(init=init, tie_embeddings=False, attention_bias=True, mlp_bias=True)
+  model = Llama(config, rngs=nnx.Rngs(0))
+  by_name = {}
+  for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    by_name.setdefault(path[-1], []).append(np.asarray(param[...]).ravel())
+  by_name = {name: np.concatenate(values) for name, values in by_name.items()}
+  for name, std in expected.items():
+    assert abs(by_name[name].mean()) < 0.05 * std, name
+    np.testing.assert_allclose(by_name[name].std(), std, rtol=0.03, err_msg=name)
+  biases = [name for name in by_name if name.endswith("_bias")]
+  assert len(biases) == 7
+  for name in biases:
+    assert not by_name[name].any(), name  # biases start at zero
+  np.testing.assert_array_equal(by_name["scale"], 1.0)  # and norm scales at one
+  stds = config.init_stddevs()
+  exact = {"embed": "embed", "in": "q_proj", "attn_out": "o_proj", "mlp_out": "down_proj"}
+  for role, name in exact.items():
+    np.testing.assert_allclose(stds[role], expected[name], rtol=1e-3, err_msg=role)
+  if init == "scaled":
+    assert stds["attn_out"] == 96**-0.5 / SQRT8 and stds["mlp_out"] == 256**-0.5 / SQRT8
+
+
+def test_model_dicts_with_and_without_the_older_family_key():
+  sizes = dict(
+    vocab_size=264, max_len=256, num_layers=2, d_model=96, num_heads=4, num_kv_heads=2, d_ff=256
+  )
+  # Without `family`, the fields left out take LlamaConfig's (Hugging Face's) defaults.
+  assert config_from_dict(sizes) == LlamaConfig(**sizes)
+  assert not LlamaConfig(**sizes).tie_embeddings and LlamaConfig(**sizes).init == "normal"
+  assert config_from_dict({**sizes, "family": "llama"}) == LlamaConfig(**sizes)
+  # "transformer" stood for the compact model: tied embeddings and the scaled init by default.
+  assert config_from_dict({**sizes, "family": "transformer"}) == CONFIG
+  untied = config_from_dict({**sizes, "family": "transformer", "tie_embeddings": False})
+  assert untied == CONFIG.replace(tie_embeddings=False)
+  # A model dict saved before there was one decoder (the compact model's fields) still loads.
+  saved = dict(
+    sizes, head_dim=None, tie_embeddings=True, rope_theta=10_000.0, norm_eps=1e-6, remat=False
+  )
+  saved.update(dtype="float32", param_dtype="float32", family="transformer")
+  assert config_from_dict(saved) == CONFIG
+  with pytest.raises(ValueError, match=r"Unknown model family 'gpt'.*'d_model'.*'init'"):
+    config_from_dict({**sizes, "family": "gpt"})
+
+
+def test_hugging_face_style_llama_round_trips(tmp_path):
+  # Llama 3.1's scaling: factor 4, low and high frequency factors 1 and 4, original context 16.
+  scaling = Llama3RopeScaling(4.0, 1.0, 4.0, original_max_position_embeddings=16)
+  sizes = dict(vocab_size=128, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=96)
+  options = dict(attention_bias=True, mlp_bias=True, rope_theta=500_000.0, rope_scaling=scaling)
+  config = LlamaConfig(**sizes, **options, max_len=64, eos_token_id=(1, 2))
+  assert config.init == "normal" and not config.tie_embeddings  # Hugging Face's defaults
+  # Through a run config's JSON: the scaling comes back as its class, the eos ids as a tuple.
+  assert config_from_dict(json.loads(json.dumps(dataclasses.asdict(config)))) == config
+  model = Llama(config, rngs=nnx.Rngs(0))
+  save_hf(model, tmp_path)
+  again, _ = load_hf(tmp_path)
+  assert again.config == config.replace(head_dim=16)  # config.json states head_dim
+  before, after = (dict(nnx.to_flat_state(nnx.state(m, nnx.Param))) for m in (model, again))
+  assert before.keys() == after.keys()
+  for path in before:
+    np.testing.assert_array_equal(after[path][...], before[path][...], err_msg=str(path))
+  tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, config.vocab_size)
+  np.testing.assert_array_equal(forward(again, tokens), forward(model, tokens))
+  with pytest.raises(ValueError, match="exceeds max_len=64"):
+    model(jnp.zeros((1, 65), jnp.int32))
 
 
 # Right-padded prompts; the last row's padding is junk, which must not matter.

@@ -95,8 +95,9 @@ SMALL = dict(num_layers=1, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64, max
 
 def _trainer(kl_weight=0.0, anchor=0.0, finch_enabled=False, lr=1e-2):
   from finch_jax import sharding as shd
-  from finch_jax.models import TransformerConfig
-  from finch_jax.trainer import Trainer, make_optimizer
+  from finch_jax.models import LlamaConfig
+  from finch_jax.optim import make_optimizer
+  from finch_jax.trainer import Trainer
 
   tx, shape = make_optimizer(
     {"name": "adamw", "learning_rate": lr, "anchor_strength": anchor},
@@ -104,7 +105,7 @@ def _trainer(kl_weight=0.0, anchor=0.0, finch_enabled=False, lr=1e-2):
     10,
   )
   mesh = shd.make_mesh(data=1, devices=jax.devices()[:1])
-  return Trainer(TransformerConfig.tiny(**SMALL), tx, shape, mesh, kl_weight=kl_weight)
+  return Trainer(LlamaConfig.tiny(**SMALL), tx, shape, mesh, kl_weight=kl_weight)
 
 
 def _batch(seed=0, rows=4, length=16):
@@ -154,7 +155,7 @@ def test_kl_is_zero_at_the_start_where_the_model_is_its_reference():
 
 
 def test_anchored_adamw_pulls_back_by_lr_times_strength():
-  from finch_jax.trainer import make_optimizer
+  from finch_jax.optim import make_optimizer
 
   lr, strength = 0.1, 0.5
   tx, _ = make_optimizer(

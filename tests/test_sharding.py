@@ -15,13 +15,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from finch_jax import sharding
-from finch_jax.models import Transformer, TransformerConfig
+from finch_jax.models import Llama, LlamaConfig
 
-CONFIG = TransformerConfig.tiny(num_layers=2)
+CONFIG = LlamaConfig.tiny(num_layers=2)
 
 
 def factory(config=CONFIG):
-  return lambda: Transformer(config, rngs=nnx.Rngs(0))
+  return lambda: Llama(config, rngs=nnx.Rngs(0))
 
 
 @nnx.jit

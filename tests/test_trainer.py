@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from configs import default
-from finch_jax import experiment, find_finch_states
+from finch_jax import configure, experiment, find_finch_states, run
 from finch_jax import sharding as shd
-from finch_jax.models import TransformerConfig
-from finch_jax.trainer import Trainer, make_optimizer
+from finch_jax.models import LlamaConfig
+from finch_jax.optim import make_optimizer
+from finch_jax.trainer import Trainer
 
-SMALL_MODEL = TransformerConfig.tiny(
+SMALL_MODEL = LlamaConfig.tiny(
   num_layers=1, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64, max_len=128
 )
 
@@ -103,9 +104,9 @@ def test_fact_accuracy_equals_greedy_decoding(tmp_path):
   from finch_jax.models import greedy_generate
 
   config = small_config()
-  trainer = experiment.make_trainer(config)
+  trainer = configure.make_trainer(config)
   params = trainer.init_params(3)
-  facts = experiment.source(config, str(tmp_path), {"name": "", "split": "retain_facts"})
+  facts = run.source(config, str(tmp_path), {"name": "", "split": "retain_facts"})
   batches = list(
     data.fact_batches(
       facts, tokenizer=data.ByteTokenizer(), max_prompt_len=48, answer_len=40, batch_size=8
@@ -136,13 +137,13 @@ def _losses(workdir):
 def test_resume_matches_uninterrupted_run_exactly(tmp_path):
   config = small_config()
   straight = str(tmp_path / "straight")
-  full = experiment.run_training(config, straight, progress=False)
+  full = run.run_training(config, straight, progress=False)
 
   resumed = str(tmp_path / "resumed")
   config.num_train_steps = 3
-  experiment.run_training(config, resumed, progress=False)
+  run.run_training(config, resumed, progress=False)
   config.num_train_steps = 6
-  result = experiment.run_training(config, resumed, progress=False)
+  result = run.run_training(config, resumed, progress=False)
 
   jax.tree.map(
     np.testing.assert_array_equal,
@@ -181,7 +182,7 @@ def test_finetune_from_base_reports_forgetting(tmp_path):
 
 def test_metrics_hold_finch_telemetry(tmp_path):
   config = small_config(num_train_steps=2, eval_every=0)
-  experiment.run_training(config, str(tmp_path), progress=False)
+  run.run_training(config, str(tmp_path), progress=False)
   with open(tmp_path / "metrics.jsonl") as f:
     first = json.loads(f.readline())
   for key in (
@@ -204,7 +205,7 @@ def test_metrics_hold_finch_telemetry(tmp_path):
 def test_linen_and_mixed_precision_train_step_runs():
   config = SMALL_MODEL.__dict__ | {"dtype": "bfloat16"}
   tx, shape = make_optimizer({"name": "adamw", "learning_rate": 1e-3}, None, 10)
-  trainer = Trainer(TransformerConfig(**config), tx, shape, shd.make_mesh(data=-1))
+  trainer = Trainer(LlamaConfig(**config), tx, shape, shd.make_mesh(data=-1))
   state = trainer.create_state(trainer.init_params(0))
   state, metrics = trainer.train_step(
     state, trainer.global_batch(random_batch(np.random.default_rng(2)))

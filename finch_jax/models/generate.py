@@ -69,7 +69,7 @@ def greedy_generate(
   inside an outer `jax.jit`/`nnx.jit` (with a model rebuilt by `nnx.merge` there).
 
   Args:
-    model: maps tokens [batch, length] to logits [batch, length, vocab], e.g. `Transformer`.
+    model: maps tokens [batch, length] to logits [batch, length, vocab], e.g. `Llama`.
     prompt_tokens: int [batch, max_len]; row b holds its prompt in its first prompt_lengths[b]
       entries (anything after them is ignored).
     prompt_lengths: int [batch], each at least 1 (start prompts with a BOS token).

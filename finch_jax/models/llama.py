@@ -1,16 +1,29 @@
-"""The Llama family in Flax NNX: Llama 3 and Qwen3, laid out to load Hugging Face checkpoints.
+"""The decoder in Flax NNX: Llama 3 and Qwen3, and the compact model the benchmarks train.
 
-Qwen3 is Llama with an RMSNorm over each query and key head before the rotary embedding, so one
-module serves both (`LlamaConfig.model_type` picks). Against `finch_jax.models.transformer` the
-differences are the ones pretrained checkpoints need: Llama 3's rotary frequency scaling, optional
-biases on the attention and MLP projections, an untied output head by default, and numerics that
-follow the reference (attention scaled by head_dim ** -0.5, RMSNorm epsilon from the config).
-RMSNorm and segment positions are shared with `transformer.py`.
+One pre-norm decoder: RMSNorm, rotary position embeddings (rotate-half layout), grouped-query
+causal attention and a SwiGLU MLP, laid out to load Hugging Face checkpoints. Qwen3 is Llama with
+an RMSNorm over each query and key head before the rotary embedding, so one module serves both
+(`LlamaConfig.model_type` picks); Llama 3.1's rotary frequency scaling and the biases some
+checkpoints carry are options. `LlamaConfig.tiny()` is the compact model the embedded benchmarks
+train from scratch: a small Llama with a byte-level vocabulary, tied embeddings and a depth-scaled
+init (`LlamaConfig.init`). Parameters are kept in `param_dtype` and cast to the compute `dtype`
+where they are used; logits are float32.
 
-Parameters carry the logical axis names of `transformer.py` (`vocab`, `embed`, `heads`,
-`kv_heads`, `head_dim`, `mlp`, `norm`), so `finch_jax.sharding` shards both models alike; module
-and parameter names follow `transformer.py` too (`embed`, `blocks[i].attn.q_proj`, ...).
-`finch_jax.models.hf` maps them to and from Hugging Face tensor names.
+Every parameter carries logical axis names in its `out_sharding` metadata; the rules in
+`finch_jax.sharding` map them to mesh axes, so one module serves one device, data parallel, FSDP
+and tensor parallel runs. The names:
+
+  vocab      token vocabulary
+  embed      model width, `d_model`
+  heads      query heads
+  kv_heads   key/value heads
+  head_dim   width of one attention head
+  mlp        SwiGLU hidden width, `d_ff`
+  norm       RMSNorm scales (small; kept replicated)
+
+Activations are [batch, length, ...]; `sharding.DEFAULT_RULES` names those two axes as well.
+`finch_jax.models.hf` maps the parameters (`embed`, `blocks[i].attn.q_proj`, ...) to and from
+Hugging Face tensor names.
 """
 
 from __future__ import annotations
@@ -22,12 +35,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from finch_jax.models.transformer import RMSNorm, attention_mask_and_positions
-
 MODEL_TYPES = ("llama", "qwen3")
+# "normal": Hugging Face's normal(0, 0.02) everywhere; "scaled": see `LlamaConfig.init_stddevs`.
+INITS = ("normal", "scaled")
+# What sets the compact model apart from a Hugging Face Llama, beyond its sizes.
+COMPACT_DEFAULTS = dict(tie_embeddings=True, init="scaled")
+# Hugging Face initialises these models with normal(0, initializer_range=0.02) and zero biases.
+_HF_STD = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +77,8 @@ class Llama3RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Sizes and numerics of a `Llama` model; field names follow `TransformerConfig`.
-
-  `finch_jax.models.hf.config_from_hf` builds one from a Hugging Face `config.json`.
-  """
+  """Sizes and numerics of a `Llama` model; `finch_jax.models.config_from_dict` reads one from a
+  config's `model` dict, `finch_jax.models.hf.config_from_hf` from a Hugging Face `config.json`."""
 
   vocab_size: int  # Rows of the embedding (may exceed the tokenizer's vocabulary).
   d_model: int  # Width of the residual stream (HF `hidden_size`).
@@ -77,10 +91,11 @@ class LlamaConfig:
   attention_bias: bool = False  # Biases on the q, k, v and output projections.
   mlp_bias: bool = False  # Biases on the gate, up and down projections (Llama only).
   tie_embeddings: bool = False  # Reuse the token embedding as the output projection.
+  init: str = "normal"  # Initial weights: "normal" (Hugging Face's) or "scaled"; init_stddevs.
   rope_theta: float = 10_000.0  # Base period of the rotary embedding.
   rope_scaling: Llama3RopeScaling | None = None  # Llama 3.1 frequency scaling, or None.
   norm_eps: float = 1e-6  # Epsilon inside RMSNorm (HF `rms_norm_eps`).
-  max_len: int = 8192  # Context the model was trained for (HF `max_position_embeddings`).
+  max_len: int = 8192  # Longest sequence the model accepts (HF `max_position_embeddings`).
   bos_token_id: int | None = None  # Carried into an exported config.json.
   eos_token_id: int | tuple[int, ...] | None = None  # Carried into an exported config.json.
   pad_token_id: int | None = None  # Carried into an exported config.json.
@@ -89,24 +104,30 @@ class LlamaConfig:
   remat: bool = False  # Recompute each block's activations in the backward pass to save memory.
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
+    sizes = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff", "max_len")
+    for name in sizes:
       value = getattr(self, name)
       if not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}.")
     if self.model_type not in MODEL_TYPES:
       raise ValueError(f"LlamaConfig.model_type={self.model_type!r}; supported: {MODEL_TYPES}.")
+    if self.init not in INITS:
+      raise ValueError(f"LlamaConfig.init={self.init!r}; supported: {INITS}.")
     if self.num_heads % self.num_kv_heads:
+      divisors = [k for k in range(1, self.num_heads + 1) if self.num_heads % k == 0]
       raise ValueError(
-        f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})."
+        f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads}): "
+        f"use one of {divisors}."
       )
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(
         f"d_model ({self.d_model}) is not divisible by num_heads ({self.num_heads}): "
-        "set head_dim explicitly."
+        "change one of them or set head_dim explicitly."
       )
     if self.resolved_head_dim < 2 or self.resolved_head_dim % 2:
       raise ValueError(
-        f"head_dim must be even for rotary embeddings, got {self.resolved_head_dim}."
+        f"head_dim must be even for rotary embeddings, got {self.resolved_head_dim}: "
+        "set head_dim (or d_model / num_heads) to an even number."
       )
     if not self.rope_theta > 0 or not self.norm_eps > 0:
       raise ValueError(
@@ -125,6 +146,15 @@ class LlamaConfig:
           f"LlamaConfig.{name}={value!r} is not a floating dtype: use 'float32' or 'bfloat16'."
         )
 
+  @classmethod
+  def tiny(cls, **overrides: Any) -> LlamaConfig:
+    """The compact model the embedded benchmarks train from scratch: about 432k parameters for a
+    264-token (padded byte-level) vocabulary, tied embeddings and the scaled init; fast on a CPU."""
+    sizes = dict(
+      vocab_size=264, max_len=256, num_layers=4, d_model=96, num_heads=4, num_kv_heads=2, d_ff=256
+    )
+    return cls(**{**sizes, **COMPACT_DEFAULTS, **overrides})
+
   @property
   def resolved_head_dim(self) -> int:
     """`head_dim`, or `d_model // num_heads` when it is None."""
@@ -139,47 +169,74 @@ class LlamaConfig:
     """A copy with some fields changed."""
     return dataclasses.replace(self, **changes)
 
+  def init_stddevs(self) -> dict[str, float]:
+    """Standard deviations of the initial weights, which are normal with mean 0; biases start at
+    zero and RMSNorm scales at one.
+
+    Keys: `embed` (the embedding, and `lm_head` when untied), `in` (q, k, v, gate and up
+    projections), `attn_out` (o_proj) and `mlp_out` (down_proj). `init="normal"` gives 0.02 to
+    all, as Hugging Face does; `init="scaled"` gives the inputs d_model ** -0.5 and each output
+    projection fan_in ** -0.5 / sqrt(2 * num_layers), the embedding 0.02.
+    """
+    if self.init == "normal":
+      return dict.fromkeys(("embed", "in", "attn_out", "mlp_out"), _HF_STD)
+    # Output projections start small so each block begins near the identity (GPT-2's scaling);
+    # 0.02 for the embedding (as GPT-2 and Llama) puts the first loss near log(vocab_size).
+    depth = math.sqrt(2 * self.num_layers)
+    return {
+      "embed": _HF_STD,
+      "in": self.d_model**-0.5,
+      "attn_out": (self.num_heads * self.resolved_head_dim) ** -0.5 / depth,
+      "mlp_out": self.d_ff**-0.5 / depth,
+    }
+
   def num_params(self) -> int:
     """The number of parameters of `Llama(self)`, counted from the sizes alone."""
     hd = self.resolved_head_dim
     q, kv = self.num_heads * hd, self.num_kv_heads * hd
-    attention = self.d_model * (2 * q + 2 * kv)
+    attention = self.d_model * (2 * q + 2 * kv)  # q, k, v and output projections
     if self.attention_bias:
       attention += q + 2 * kv + self.d_model
     if self.qk_norm:
       attention += 2 * hd
     mlp = 3 * self.d_model * self.d_ff + (2 * self.d_ff + self.d_model if self.mlp_bias else 0)
-    block = attention + mlp + 2 * self.d_model
+    block = attention + mlp + 2 * self.d_model  # + two norms
     embeddings = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
-    return embeddings + self.num_layers * block + self.d_model
+    return embeddings + self.num_layers * block + self.d_model  # + final norm
 
 
 def rope_frequencies(
   head_dim: int, theta: float, scaling: Llama3RopeScaling | None = None
-) -> np.ndarray:
-  """Inverse frequencies [head_dim // 2] (float32) of the rotary embedding, as Hugging Face's.
+) -> jax.Array:
+  """Inverse frequencies [head_dim // 2] (float32) of the rotary embedding.
 
-  Computed in float64 on the host, so they are a constant under `jit`.
+  float32 throughout, as Hugging Face computes them; its `1 / theta ** (2i / head_dim)` rounds a
+  few entries one ulp apart from `theta ** (-i / half)` used here (a float64 computation would
+  too), far below the rounding of the float32 angles themselves. This form keeps the compact
+  model's logits as they were when it was trained.
   """
-  inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  half = head_dim // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   if scaling is not None:
     s = scaling
     old = s.original_max_position_embeddings
     wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > old / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    scaled = jnp.where(wavelen > old / s.low_freq_factor, inv_freq / s.factor, inv_freq)
     smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= old / s.high_freq_factor) & (wavelen <= old / s.low_freq_factor)
-    inv_freq = np.where(medium, smoothed, scaled)
-  return inv_freq.astype(np.float32)
+    inv_freq = jnp.where(medium, smoothed, scaled)
+  return inv_freq
 
 
-def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotary embedding (rotate-half layout) of x [batch, length, heads, head_dim].
+def apply_rotary(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding of x [batch, length, heads, head_dim] at integer positions [batch, length].
 
-  Angles and rotation in float32 whatever the dtype of `x`, which is kept.
+  Uses the rotate-half layout of Llama/Qwen checkpoints (first half of each head paired with the
+  second), so their weights load without permutation. Angles and rotation in float32 whatever the
+  dtype of `x`, which is kept.
   """
-  angles = positions.astype(jnp.float32)[..., None, None] * jnp.asarray(inv_freq)
+  angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [batch, length, 1, half]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -193,12 +250,53 @@ def _param(
     value = stddev * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype))
   else:
     value = jnp.zeros(shape, jnp.dtype(dtype))
-  # eager_sharding=False as in transformer._param: building needs no mesh; sharding places it.
+  # eager_sharding=False: the module stays mesh-agnostic (no mesh is needed to build it);
+  # finch_jax.sharding places parameters by these names.
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
-# Hugging Face initialises these models with normal(0, initializer_range=0.02) and zero biases.
-_INIT_STD = 0.02
+class RMSNorm(nnx.Module):
+  """Root-mean-square layer norm with a learned scale; statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype: str):
+    self.scale = nnx.Param(
+      jnp.ones((dim,), jnp.dtype(param_dtype)), out_sharding=("norm",), eager_sharding=False
+    )
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Normalises the last axis of `x`; the result has the dtype of `x`."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """Positions that restart at 0 wherever the segment id changes along a row."""
+  index = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1]), segment_ids.shape)
+  is_start = jnp.concatenate(
+    [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]],
+    axis=-1,
+  )
+  return index - jax.lax.cummax(jnp.where(is_start, index, 0), axis=segment_ids.ndim - 1)
+
+
+def attention_mask_and_positions(
+  tokens: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+  """The causal (and, for packed rows, same-segment) mask [batch or 1, query, key], and the
+  rotary positions: as given, else 0, 1, 2, ... restarting at each segment."""
+  length = tokens.shape[-1]
+  mask = jnp.tril(jnp.ones((length, length), bool))[None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  if positions is None:
+    positions = (
+      segment_positions(segment_ids)
+      if segment_ids is not None
+      else jnp.broadcast_to(jnp.arange(length), tokens.shape)
+    )
+  return mask, positions
 
 
 class LlamaAttention(nnx.Module):
@@ -206,17 +304,18 @@ class LlamaAttention(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c, hd, pd = config, config.resolved_head_dim, config.param_dtype
+    std = c.init_stddevs()
     self.q_proj = _param(
-      rngs, (c.d_model, c.num_heads, hd), _INIT_STD, ("embed", "heads", "head_dim"), pd
+      rngs, (c.d_model, c.num_heads, hd), std["in"], ("embed", "heads", "head_dim"), pd
     )
     self.k_proj = _param(
-      rngs, (c.d_model, c.num_kv_heads, hd), _INIT_STD, ("embed", "kv_heads", "head_dim"), pd
+      rngs, (c.d_model, c.num_kv_heads, hd), std["in"], ("embed", "kv_heads", "head_dim"), pd
     )
     self.v_proj = _param(
-      rngs, (c.d_model, c.num_kv_heads, hd), _INIT_STD, ("embed", "kv_heads", "head_dim"), pd
+      rngs, (c.d_model, c.num_kv_heads, hd), std["in"], ("embed", "kv_heads", "head_dim"), pd
     )
     self.o_proj = _param(
-      rngs, (c.num_heads, hd, c.d_model), _INIT_STD, ("heads", "head_dim", "embed"), pd
+      rngs, (c.num_heads, hd, c.d_model), std["attn_out"], ("heads", "head_dim", "embed"), pd
     )
     if c.attention_bias:
       self.q_bias = _param(rngs, (c.num_heads, hd), 0.0, ("heads", "head_dim"), pd)
@@ -259,9 +358,10 @@ class LlamaMLP(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c, pd = config, config.param_dtype
-    self.gate_proj = _param(rngs, (c.d_model, c.d_ff), _INIT_STD, ("embed", "mlp"), pd)
-    self.up_proj = _param(rngs, (c.d_model, c.d_ff), _INIT_STD, ("embed", "mlp"), pd)
-    self.down_proj = _param(rngs, (c.d_ff, c.d_model), _INIT_STD, ("mlp", "embed"), pd)
+    std = c.init_stddevs()
+    self.gate_proj = _param(rngs, (c.d_model, c.d_ff), std["in"], ("embed", "mlp"), pd)
+    self.up_proj = _param(rngs, (c.d_model, c.d_ff), std["in"], ("embed", "mlp"), pd)
+    self.down_proj = _param(rngs, (c.d_ff, c.d_model), std["mlp_out"], ("mlp", "embed"), pd)
     if c.mlp_bias:
       self.gate_bias = _param(rngs, (c.d_ff,), 0.0, ("mlp",), pd)
       self.up_bias = _param(rngs, (c.d_ff,), 0.0, ("mlp",), pd)
@@ -297,9 +397,11 @@ class LlamaBlock(nnx.Module):
 class Llama(nnx.Module):
   """Llama 3 / Qwen3 decoder: tokens [batch, length] -> float32 logits [batch, length, vocab].
 
-  Called like `Transformer`, so trainers, evaluation and generation take either.
+  The trainer, evaluation, sharding, LoRA and generation all take it.
 
   Example:
+    >>> Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))(jnp.ones((2, 16), jnp.int32)).shape
+    (2, 16, 264)
     >>> config = LlamaConfig(vocab_size=128, d_model=64, num_layers=2, num_heads=4,
     ...                      num_kv_heads=2, d_ff=96, model_type="qwen3")
     >>> Llama(config, rngs=nnx.Rngs(0))(jnp.ones((2, 8), jnp.int32)).shape
@@ -309,14 +411,15 @@ class Llama(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = config
+    embed_std = c.init_stddevs()["embed"]
     self.embed = _param(
-      rngs, (c.vocab_size, c.d_model), _INIT_STD, ("vocab", "embed"), c.param_dtype
+      rngs, (c.vocab_size, c.d_model), embed_std, ("vocab", "embed"), c.param_dtype
     )
     self.blocks = nnx.List([LlamaBlock(c, rngs=rngs) for _ in range(c.num_layers)])
     self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.param_dtype)
     if not c.tie_embeddings:
       self.lm_head = _param(
-        rngs, (c.d_model, c.vocab_size), _INIT_STD, ("embed", "vocab"), c.param_dtype
+        rngs, (c.d_model, c.vocab_size), embed_std, ("embed", "vocab"), c.param_dtype
       )
 
   def __call__(
@@ -329,7 +432,7 @@ class Llama(nnx.Module):
     """Next-token logits.
 
     Args:
-      tokens: int [batch, length].
+      tokens: int [batch, length], length at most `config.max_len`.
       segment_ids: optional int [batch, length] for packed rows: a token attends only to earlier
         tokens of its own segment (0 marks padding, which forms a segment of its own).
       positions: optional int [batch, length] rotary positions. Defaults to 0, 1, 2, ... restarting
@@ -337,8 +440,17 @@ class Llama(nnx.Module):
 
     Returns:
       float32 logits [batch, length, vocab_size].
+
+    Raises:
+      ValueError: when the sequence is longer than `config.max_len`.
     """
     c = self.config
+    length = tokens.shape[-1]
+    if length > c.max_len:
+      raise ValueError(
+        f"Sequence length {length} exceeds max_len={c.max_len}: shorten the input or raise "
+        "LlamaConfig.max_len."
+      )
     mask, positions = attention_mask_and_positions(tokens, segment_ids, positions)
 
     x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(c.dtype))

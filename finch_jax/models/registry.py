@@ -1,10 +1,9 @@
-"""The model families a config can name, and the one way to build a model from a config.
+"""From a config's `model` dict to a model: every model is a `Llama` of a `LlamaConfig`.
 
-`config.model` is a dict of a family's config fields plus `family`: "transformer" (the default,
-`Transformer`/`TransformerConfig`, the compact model the embedded benchmarks train from scratch)
-or "llama" (`Llama`/`LlamaConfig`: Llama 3 and Qwen3, the layout Hugging Face checkpoints load
-into). Both are called alike, `model(tokens, segment_ids=..., positions=...)`, and carry the same
-logical axis names, so the trainer, sharding and generation take either.
+`config.model` is a dict of `LlamaConfig` fields: `LlamaConfig.tiny().__dict__` for the compact
+model the embedded benchmarks train from scratch, Llama 3 / Qwen3 sizes for the layouts Hugging
+Face checkpoints load into. Configs written when the compact model was a class of its own may
+still say `family`: "transformer" (what they meant when they said nothing) or "llama".
 """
 
 from __future__ import annotations
@@ -15,44 +14,40 @@ from typing import Any
 
 from flax import nnx
 
-from finch_jax.models.llama import Llama, Llama3RopeScaling, LlamaConfig
-from finch_jax.models.transformer import Transformer, TransformerConfig
+from finch_jax.models.llama import COMPACT_DEFAULTS, Llama, Llama3RopeScaling, LlamaConfig
 
-ModelConfig = TransformerConfig | LlamaConfig
-FAMILIES = {"transformer": (TransformerConfig, Transformer), "llama": (LlamaConfig, Llama)}
+ModelConfig = LlamaConfig
+# The defaults each former `family` value stood for, under the fields a config gives.
+_FAMILY_DEFAULTS = {"llama": {}, "transformer": COMPACT_DEFAULTS}
 
 
-def config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
-  """The model config a `config.model` dict describes (`family` picks the class).
+def config_from_dict(values: Mapping[str, Any]) -> LlamaConfig:
+  """The `LlamaConfig` a `config.model` dict (or `ml_collections.ConfigDict`) describes.
+
+  A `family` key is read for configs written before every model was a Llama: "llama" changes
+  nothing, "transformer" gives the fields it leaves out the compact model's defaults (tied
+  embeddings, the scaled init), as `LlamaConfig.tiny` does.
 
   Raises:
-    ValueError: for an unknown family or field, naming the valid ones.
+    ValueError: for an unknown family or field, naming the valid fields.
   """
   values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-  family = values.pop("family", "transformer")
-  if family not in FAMILIES:
-    raise ValueError(f"Unknown model family {family!r}: use one of {sorted(FAMILIES)}.")
-  cls = FAMILIES[family][0]
-  known = {field.name for field in dataclasses.fields(cls)}
-  if unknown := sorted(set(values) - known):
+  known = sorted(field.name for field in dataclasses.fields(LlamaConfig))
+  family = values.pop("family", "llama")
+  if family not in _FAMILY_DEFAULTS:
     raise ValueError(
-      f"Unknown {cls.__name__} fields {unknown} for family {family!r}; known: {sorted(known)}."
+      f"Unknown model family {family!r}: leave `family` out (every model is a LlamaConfig, "
+      f"fields {known}), or use one of {sorted(_FAMILY_DEFAULTS)}."
     )
+  if unknown := sorted(set(values) - set(known)):
+    raise ValueError(f"Unknown LlamaConfig fields {unknown}; known: {known}.")
   if isinstance(values.get("rope_scaling"), Mapping):
     values["rope_scaling"] = Llama3RopeScaling(**values["rope_scaling"])
   if isinstance(values.get("eos_token_id"), list):
     values["eos_token_id"] = tuple(values["eos_token_id"])
-  return cls(**values)
+  return LlamaConfig(**{**_FAMILY_DEFAULTS[family], **values})
 
 
-def family_of(config: ModelConfig) -> str:
-  """ "transformer" or "llama"."""
-  for family, (cls, _) in FAMILIES.items():
-    if isinstance(config, cls):
-      return family
-  raise TypeError(f"Not a model config: {type(config).__name__}.")
-
-
-def build(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-  """A fresh model of `config`'s family."""
-  return FAMILIES[family_of(config)][1](config, rngs=rngs)
+def build(config: LlamaConfig, rngs: nnx.Rngs) -> Llama:
+  """A fresh model of `config`."""
+  return Llama(config, rngs=rngs)
