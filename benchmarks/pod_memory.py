@@ -168,7 +168,7 @@ def compiled_memory(
   """
   import jax
 
-  from finch_jax import experiment, models
+  from finch_jax import configure, models
   from finch_jax import sharding as shd
 
   devices = list(devices) if devices is not None else jax.devices("cpu")
@@ -178,7 +178,7 @@ def compiled_memory(
       f"XLA_FLAGS=--xla_force_host_platform_device_count={device_count} before importing jax."
     )
   mesh = shd.make_mesh(**config.mesh.to_dict(), devices=devices[:device_count])
-  trainer = experiment.make_trainer(config, mesh)
+  trainer = configure.make_trainer(config, mesh)
   state = trainer.abstract_state()
   batch = abstract_batch(trainer, config.data.batch_size, config.data.seq_len)
   reference = state.params if trainer.needs_reference else None

@@ -211,6 +211,8 @@ def make_trainer(
 
 # ----- what determines a run -------------------------------------------------------------------
 
+FINGERPRINT_FILE = "fingerprint.json"  # in a run directory: what its checkpoints were made from
+
 # Fields that change where and how often a run writes, not what it computes.
 _NOT_DETERMINING = ("checkpoint_every", "keep_checkpoints")
 
@@ -249,6 +251,7 @@ def fingerprint(config: ml_collections.ConfigDict, **extra: Any) -> str:
 
 __all__ = [
   "BASE_SAMPLES",
+  "FINGERPRINT_FILE",
   "data_dir",
   "dataset_options",
   "dataset_specs",

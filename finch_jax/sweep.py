@@ -29,7 +29,7 @@ from finch_jax import configure, run
 from finch_jax.report import build_report, markdown_table, write_report
 from finch_jax.trainer import Trainer
 
-FINGERPRINT_FILE = "fingerprint.json"  # in a run directory: what its checkpoints were made from
+FINGERPRINT_FILE = configure.FINGERPRINT_FILE
 
 
 def _print(text: str) -> None:

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import pytest
 
 from configs import default
+from finch_jax import configure, sweep
+from finch_jax import sharding as shd
 from finch_jax.checkpoint import Checkpointer
 from finch_jax.trainer import TrainState
 from finch_jax.validate import ConfigError, validate
@@ -80,20 +82,33 @@ def the_problem(config, *fragments, workdir=None, **kwargs):
   return found[0]
 
 
-def save_base(directory, config, step=5):
-  """A finished checkpoint whose saved config is `config` (the arrays are placeholders)."""
+def save_checkpoint(directory, config, state, step=5):
+  """A finished checkpoint of `state` in `directory`/checkpoints, its saved config `config`."""
   checkpointer = Checkpointer(
     str(directory / "checkpoints"),
     save_every=1,
     config=json.loads(config.to_json()),
     async_save=False,
   )
-  # Scalars for every field (step, counters), small arrays for the trees.
-  fields = {field.name: jnp.zeros([], jnp.int32) for field in dataclasses.fields(TrainState)}
-  state = TrainState(**{**fields, "params": {"w": jnp.zeros(2)}, "opt_state": {"m": jnp.zeros(2)}})
   checkpointer.maybe_save(step, state, force=True)
   checkpointer.close()
   return str(directory)
+
+
+def save_base(directory, config, step=5):
+  """A finished checkpoint whose saved config is `config` (the arrays are placeholders)."""
+  # Scalars for every field (step, counters), small arrays for the trees.
+  fields = {field.name: jnp.zeros([], jnp.int32) for field in dataclasses.fields(TrainState)}
+  state = TrainState(**{**fields, "params": {"w": jnp.zeros(2)}, "opt_state": {"m": jnp.zeros(2)}})
+  return save_checkpoint(directory, config, state, step)
+
+
+def save_run(directory, config, step=5):
+  """A checkpoint as a run of `config` leaves it: the state it trains, in zeros."""
+  mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  abstract = configure.make_trainer(config, mesh).abstract_state()
+  state = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), abstract)
+  return save_checkpoint(directory, config, state, step)
 
 
 @pytest.fixture(scope="module")
@@ -421,14 +436,104 @@ def test_finetune_model_must_match_the_base(tiny_base):
   the_problem(config, "model=", "d_model=96", "--config.model.d_model=96")
 
 
-def test_workdir_holding_another_model(tiny_base):
+def test_workdir_holding_another_model(tmp_path, tiny_base):
   config = config_with(mode="finetune", base_checkpoint=tiny_base)
-  validate(config, tiny_base)  # the same state: the run resumes from it
+  workdir = save_run(tmp_path, config)
+  validate(config, workdir)  # the same state: the run resumes from it
   config.model.num_layers = 2
-  found = problems(config, tiny_base)
-  assert any(p.startswith("--workdir=") and "num_layers: 4 there, 2 now" in p for p in found)
-  config = config_with(mode="pretrain", finch__enabled=False)
-  the_problem(config, "--workdir=", "finch.enabled: True there, False now", workdir=tiny_base)
+  found = problems(config, workdir)
+  assert any(
+    p.startswith("--workdir=")
+    and "params.blocks.2." in p
+    and ", new none" in p
+    and "model.num_layers 4 -> 2" in p
+    for p in found
+  ), found
+
+
+def test_workdir_holding_a_state_with_finch(tmp_path):
+  workdir = save_run(tmp_path, config_with(mode="pretrain", finch__enabled=True))
+  the_problem(
+    config_with(mode="pretrain", finch__enabled=False),
+    "--workdir=",
+    "of a different training state",
+    "opt_state.",
+    "finch.enabled True -> False",
+    workdir=workdir,
+  )
+
+
+# Each changes the arrays of the train state: LoRA trains adapters instead of the weights,
+# anchoring keeps a copy of the starting weights, and clipping (though its own state is empty)
+# moves the optimizer's state one place down its chain, so no saved path matches.
+@pytest.mark.parametrize(
+  "field, before, after, changed",
+  [
+    ("lora__rank", 0, 4, "params.blocks.0.attn.k_proj.a: saved none, new float32[96, 4]"),
+    ("optimizer__anchor_strength", 0.0, 0.1, "inner_state.2.anchor.blocks.0."),
+    ("optimizer__grad_clip", 0.0, 1.0, "opt_state.0.0.count: saved int32[], new none"),
+  ],
+)
+def test_resuming_a_run_whose_state_changed(tmp_path, tiny_base, field, before, after, changed):
+  def config(value):
+    return config_with(mode="finetune", base_checkpoint=tiny_base, **{field: value})
+
+  workdir = save_run(tmp_path, config(before))
+  the_problem(
+    config(after),
+    f"--workdir={workdir!r}: already holds a checkpoint (step 5)",
+    changed,
+    f"{field.replace('__', '.')} {before!r} -> {after!r}",
+    "fail to restore it: rerun with the config that wrote it, or use a new --workdir",
+    workdir=workdir,
+  )
+
+
+@pytest.mark.parametrize(
+  "field, before, after",
+  [
+    ("log_every", 25, 5),
+    ("optimizer__learning_rate", 1e-3, 3e-4),
+    ("optimizer__grad_clip", 1.0, 0.5),  # still clipped: the same chain
+    ("lora__alpha", 16.0, 32.0),  # a scale, not an array
+  ],
+)
+def test_resuming_after_a_change_that_keeps_the_state(tmp_path, tiny_base, field, before, after):
+  changes = {"mode": "finetune", "base_checkpoint": tiny_base, "lora__rank": 4}
+  workdir = save_run(tmp_path, config_with(**changes, **{field: before}))
+  with no_compilation():
+    validate(config_with(**changes, **{field: after}), workdir)
+
+
+def test_resuming_in_another_dtype_names_the_cast(tmp_path):
+  workdir = save_run(tmp_path, config_with(mode="pretrain"))
+  the_problem(
+    config_with(mode="pretrain", model__param_dtype="bfloat16"),
+    "saved float32[",
+    "new bfloat16[",
+    "cast it to the new dtypes",
+    workdir=workdir,
+  )
+
+
+def test_compare_resumes_its_base_only_while_its_fingerprint_matches(tmp_path):
+  """`sweep.compare` sets a base of another fingerprint aside and pretrains anew: no problem."""
+  config = config_with()
+  other = configure.pretrain_config(config_with(optimizer__grad_clip=0.0))
+  sweep.claim(str(tmp_path / "old" / "base"), configure.fingerprint(other))
+  save_run(tmp_path / "old" / "base", other)
+  validate(config, str(tmp_path / "old"))
+  # The same fingerprint over another state (e.g. the library changed what it builds).
+  sweep.claim(
+    str(tmp_path / "new" / "base"), configure.fingerprint(configure.pretrain_config(config))
+  )
+  save_run(tmp_path / "new" / "base", other)
+  the_problem(
+    config,
+    f"--workdir='{tmp_path / 'new' / 'base'}'",
+    "fail to restore",
+    workdir=str(tmp_path / "new"),
+  )
 
 
 # ----- compare ----------------------------------------------------------------------------------
