@@ -23,7 +23,8 @@ from finch_jax import data as data_lib
 from finch_jax import lora as lora_lib
 from finch_jax import models
 from finch_jax import sharding as shd
-from finch_jax.models import hf
+from finch_jax.models import gguf, hf
+from finch_jax.models.gguf import is_gguf_file
 from finch_jax.optim import make_optimizer
 from finch_jax.trainer import Trainer
 
@@ -140,6 +141,12 @@ def is_hf_checkpoint(path: str) -> bool:
   return bool(path) and os.path.isfile(os.path.join(path, hf.CONFIG_FILE))
 
 
+def is_pretrained(path: str) -> bool:
+  """Whether `path` is a pretrained model from elsewhere: a Hugging Face directory or a
+  llama.cpp GGUF file (else it is a finch_jax workdir)."""
+  return is_hf_checkpoint(path) or (bool(path) and is_gguf_file(path))
+
+
 def hf_model_config(path: str, model: Mapping[str, Any]) -> models.ModelConfig:
   """The architecture of the Hugging Face model in `path`, with `model`'s `dtype`,
   `param_dtype` and `remat`."""
@@ -150,26 +157,46 @@ def hf_model_config(path: str, model: Mapping[str, Any]) -> models.ModelConfig:
   ).replace(remat=bool(model.get("remat", False)))
 
 
+def pretrained_model_config(path: str, model: Mapping[str, Any]) -> models.ModelConfig:
+  """The architecture a pretrained model brings (its config.json, or a GGUF file's metadata),
+  with `model`'s `dtype`, `param_dtype` and `remat`."""
+  if is_hf_checkpoint(path):
+    return hf_model_config(path, model)
+  return gguf.gguf_config(
+    path, dtype=model.get("dtype", "float32"), param_dtype=model.get("param_dtype", None)
+  ).replace(remat=bool(model.get("remat", False)))
+
+
+def pretrained_tokenizer(path: str) -> data_lib.Tokenizer | None:
+  """The tokenizer that comes with a pretrained model (tokenizer.json, or the GGUF metadata)."""
+  return hf.load_tokenizer(path) if is_hf_checkpoint(path) else gguf.gguf_tokenizer(path)
+
+
 def model_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
-  """The architecture: the base checkpoint's own when it is a Hugging Face directory (its
-  config.json, with `config.model`'s `dtype` and `param_dtype`), else `config.model`."""
-  if is_hf_checkpoint(config.get("base_checkpoint", "")):
-    return hf_model_config(config.base_checkpoint, config.model)
+  """The architecture: a pretrained base's own (with `config.model`'s `dtype`, `param_dtype`
+  and `remat`), else `config.model`."""
+  base = config.get("base_checkpoint", "")
+  if is_pretrained(base):
+    return pretrained_model_config(base, config.model)
   return models.config_from_dict(config.model)
 
 
 def make_tokenizer(config: ml_collections.ConfigDict) -> data_lib.Tokenizer:
-  """`data.tokenizer` (a directory with tokenizer.json); "" means the base checkpoint's when it is
-  a Hugging Face directory, else the byte-level tokenizer of the embedded benchmarks."""
+  """`data.tokenizer` (a directory with tokenizer.json); "" means a pretrained base's own, else
+  the byte-level tokenizer of the embedded benchmarks."""
   path = config.data.get("tokenizer", "")
-  if not path and is_hf_checkpoint(config.get("base_checkpoint", "")):
-    path = config.base_checkpoint
-  if not path:
+  base = config.get("base_checkpoint", "")
+  tokenizer = None
+  if path:
+    tokenizer = hf.load_tokenizer(path)
+  elif is_pretrained(base):
+    tokenizer, path = pretrained_tokenizer(base), base
+  else:
     return data_lib.ByteTokenizer()
-  tokenizer = hf.load_tokenizer(path)
   if tokenizer is None:
     raise FileNotFoundError(
-      f"No tokenizer.json in {path!r}: set --config.data.tokenizer to a directory that has one."
+      f"No tokenizer in {path!r}: set --config.data.tokenizer to a directory with a "
+      "tokenizer.json."
     )
   return tokenizer
 
@@ -258,6 +285,9 @@ __all__ = [
   "fingerprint",
   "hf_model_config",
   "is_hf_checkpoint",
+  "is_pretrained",
+  "pretrained_model_config",
+  "pretrained_tokenizer",
   "local_batch_size",
   "lora_config",
   "make_tokenizer",

@@ -28,6 +28,7 @@ from finch_jax import data as data_lib
 from finch_jax.checkpoint import Checkpointer, restore_params
 from finch_jax.loop import FitResult, MetricsWriter, fit
 from finch_jax.models import hf
+from finch_jax.models.gguf import load_gguf
 from finch_jax.remedies import sample_replay_set
 from finch_jax.report import single_run_report, write_report
 from finch_jax.trainer import Trainer
@@ -326,15 +327,16 @@ def _final_facts_only(evaluator: Evaluator, config: ml_collections.ConfigDict):
 
 
 def base_params(config: ml_collections.ConfigDict, trainer: Trainer) -> Any:
-  """The base model's parameters from `config.base_checkpoint` (a finch_jax workdir or a Hugging
-  Face directory), laid out for `trainer`."""
+  """The base model's parameters from `config.base_checkpoint` (a finch_jax workdir, a Hugging
+  Face directory or a GGUF file), laid out for `trainer`."""
   if not config.base_checkpoint:
     raise ValueError(
       "Fine-tuning needs a base model: set --config.base_checkpoint=WORKDIR of a pretraining "
       "run (e.g. one made with configs/pretrain_tiny.py)."
     )
-  if configure.is_hf_checkpoint(config.base_checkpoint):
-    model, _ = hf.load_hf(
+  if configure.is_pretrained(config.base_checkpoint):
+    load = hf.load_hf if configure.is_hf_checkpoint(config.base_checkpoint) else load_gguf
+    model, _ = load(
       config.base_checkpoint,
       mesh=trainer.mesh,
       dtype=trainer.model_config.dtype,
@@ -357,13 +359,14 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   report = single_run_report(name, config.optimizer.learning_rate, before, after)
   if jax.process_index() == 0:
     write_report(workdir, report)
-  if configure.is_hf_checkpoint(config.base_checkpoint):
-    # Checkpoints out as they came in: the fine-tuned model (adapters merged) with its tokenizer.
+  if configure.is_pretrained(config.base_checkpoint):
+    # A pretrained base goes out as a Hugging Face checkpoint: the fine-tuned model (adapters
+    # merged) with its tokenizer.
     model = nnx.merge(trainer.graphdef, trainer.full_params(result.state.params))
     hf.save_hf(
       model,
       os.path.join(workdir, HF_EXPORT_DIR),
-      tokenizer=hf.load_tokenizer(config.base_checkpoint),
+      tokenizer=configure.pretrained_tokenizer(config.base_checkpoint),
     )
   return report
 

@@ -363,22 +363,23 @@ def _model_config(run: _Run, p: _Problems) -> ModelConfig | None:
   """The run's architecture, or None after reporting why there is none."""
   values = _get(run.config, "model")
   base = _get(run.config, "base_checkpoint")
-  hf_base = isinstance(base, str) and configure.is_hf_checkpoint(base)
-  if hf_base and _hf_config_error(base):
-    return None  # _check_base_checkpoint names what is wrong with its config.json
+  pretrained = isinstance(base, str) and configure.is_pretrained(base)
+  if pretrained and _pretrained_config_error(base):
+    return None  # _check_base_checkpoint names what is wrong with its config
   try:
-    if hf_base:  # a Hugging Face base brings its architecture; `model` gives its numerics
-      return configure.hf_model_config(base, _as_dict(values))
+    if pretrained:  # a pretrained base brings its architecture; `model` gives its numerics
+      return configure.pretrained_model_config(base, _as_dict(values))
     return models.config_from_dict(values)
   except (TypeError, ValueError, AttributeError) as error:
     p.fail(run.name("model"), values, str(error))
     return None
 
 
-def _hf_config_error(path: str) -> str | None:
-  """Why the config.json of the Hugging Face directory `path` cannot be used, if it cannot."""
+def _pretrained_config_error(path: str) -> str | None:
+  """Why the architecture of the pretrained model `path` (its config.json, or its GGUF metadata)
+  cannot be used, if it cannot."""
   try:
-    configure.hf_model_config(path, {})
+    configure.pretrained_model_config(path, {})
   except (OSError, ValueError, KeyError, TypeError) as error:
     return _one_line(error)
   return None
@@ -881,8 +882,8 @@ def _check_lora(run: _Run, p: _Problems) -> Any:
 
 _BASE_HINT = (
   "point --config.base_checkpoint at a Hugging Face model directory (config.json and "
-  "safetensors), or the workdir (or its checkpoints/ folder) of a pretraining run, e.g. "
-  "one made with configs/pretrain_tiny.py"
+  "safetensors), a llama.cpp .gguf file, or the workdir (or its checkpoints/ folder) of a "
+  "pretraining run, e.g. one made with configs/pretrain_tiny.py"
 )
 
 
@@ -894,6 +895,10 @@ def _check_base_checkpoint(config: ml_collections.ConfigDict, p: _Problems) -> N
     return
   if configure.is_hf_checkpoint(base):
     _check_hf_checkpoint(base, p)
+    return
+  if configure.is_pretrained(base):  # a GGUF file
+    if error := _pretrained_config_error(base):
+      p.fail("base_checkpoint", base, f"this GGUF file cannot be used: {error}")
     return
   found = _checkpoint_steps(base)
   if found is None:
@@ -924,7 +929,7 @@ def _check_base_checkpoint(config: ml_collections.ConfigDict, p: _Problems) -> N
 
 def _check_hf_checkpoint(path: str, p: _Problems) -> None:
   """A Hugging Face directory: a supported config.json, and weights beside it."""
-  error = _hf_config_error(path)
+  error = _pretrained_config_error(path)
   if error:
     p.fail("base_checkpoint", path, f"its config.json cannot be used: {error}")
     return

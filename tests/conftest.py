@@ -10,6 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
+from finch_jax.models.gguf import smollm2_path  # noqa: E402
+
 # Under CI (CI=true) a skip is a failure: a test whose dependency did not import must not let the
 # suite go green without it (the Hugging Face parity tests, say). Locally a skip stays a skip.
 STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -33,3 +35,12 @@ def pytest_runtest_makereport(item, call):
   """A test skipped while it runs fails under CI."""
   outcome = yield
   _fail_if_skipped(outcome.get_result())
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+  """The installed SmolLM2-135M-Instruct GGUF file (the README's test set-up installs it)."""
+  try:
+    return smollm2_path()
+  except FileNotFoundError as error:
+    pytest.skip(str(error))  # a failure under CI, where it is installed

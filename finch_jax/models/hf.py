@@ -310,6 +310,57 @@ def weight_files(path: str) -> dict[str, str]:
   )
 
 
+def place_weights(
+  config: LlamaConfig,
+  tensors: Mapping[str, Any],
+  *,
+  mesh: Mesh | None = None,
+  rules: shd.LogicalRules = shd.DEFAULT_RULES,
+  source: str = "config.json",
+) -> Llama:
+  """A `Llama` for `config` whose parameters are read from Hugging Face-named tensors.
+
+  `tensors` maps every Hugging Face name that `config` needs (see the module docstring; extra
+  names are ignored) to a tensor in Hugging Face layout: a numpy array, or anything with `shape`
+  (or safetensors' `get_shape()`) that reads just the block a tuple of slices asks for, such as a
+  safetensors slice. Tensors are cast to `config.param_dtype`. With `mesh`, each parameter is
+  built in its sharded layout (by its logical axis names and `rules`), each device's callback
+  reading only its own block; otherwise parameters go to the default device. Raises ValueError
+  naming a missing tensor, or a shape that disagrees with the config (`source` says where the
+  config came from).
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
+  table = _layout(config)
+  missing = sorted({name for name, _ in table.values()} - set(tensors))
+  if missing:
+    raise ValueError(f"Missing tensors {missing[:8]} that {source} implies.")
+  shardings = (
+    dict(nnx.to_flat_state(shd.param_shardings(abstract, mesh, rules))) if mesh is not None else {}
+  )
+  target_dtype = np.dtype(config.param_dtype)
+
+  def build(nnx_path: _Path, variable: nnx.Variable) -> nnx.Variable:
+    name, kind = table[nnx_path]
+    shape = tuple(variable.get_value().shape)
+    tensor = tensors[name]
+    found = tuple(tensor.shape if hasattr(tensor, "shape") else tensor.get_shape())
+    if found != _hf_shape(kind, shape):
+      raise ValueError(f"{name} has shape {found}, {source} implies {_hf_shape(kind, shape)}.")
+    if mesh is None:
+      sharding = SingleDeviceSharding(jax.local_devices()[0])
+    else:
+      sharding = shardings[nnx_path].get_value()
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+      block = _read_block(tensor, kind, shape, index)
+      return np.ascontiguousarray(block, dtype=target_dtype)
+
+    return variable.replace(jax.make_array_from_callback(shape, sharding, read))
+
+  flat = nnx.to_flat_state(abstract)
+  return nnx.merge(graphdef, nnx.from_flat_state([(p, build(p, v)) for p, v in flat]))
+
+
 def load_hf(
   path: str | os.PathLike,
   *,
@@ -341,7 +392,6 @@ def load_hf(
   with open(config_path) as f:
     config = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype)
 
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
   table = _layout(config)
   files = weight_files(path)
   expected = {name for name, _ in table.values()}
@@ -358,10 +408,6 @@ def load_hf(
       f"Checkpoint {path} does not match its config.json: missing tensors {missing[:8]}, "
       f"unexpected tensors {unexpected[:8]}."
     )
-  shardings = (
-    dict(nnx.to_flat_state(shd.param_shardings(abstract, mesh, rules))) if mesh is not None else {}
-  )
-  target_dtype = np.dtype(config.param_dtype)
 
   from safetensors import safe_open
 
@@ -370,30 +416,9 @@ def load_hf(
       file: stack.enter_context(safe_open(file, framework="numpy"))
       for file in sorted(set(files.values()))
     }
-
-    def build(nnx_path: _Path, variable: nnx.Variable) -> nnx.Variable:
-      name, kind = table[nnx_path]
-      shape = tuple(variable.get_value().shape)
-      tensor = handles[files[name]].get_slice(name)
-      if tuple(tensor.get_shape()) != _hf_shape(kind, shape):
-        raise ValueError(
-          f"{name} has shape {tuple(tensor.get_shape())}, config.json implies "
-          f"{_hf_shape(kind, shape)}."
-        )
-      if mesh is None:
-        sharding = SingleDeviceSharding(jax.local_devices()[0])
-      else:
-        sharding = shardings[nnx_path].get_value()
-
-      def read(index: tuple[slice, ...]) -> np.ndarray:
-        block = _read_block(tensor, kind, shape, index)
-        return np.ascontiguousarray(block, dtype=target_dtype)
-
-      return variable.replace(jax.make_array_from_callback(shape, sharding, read))
-
-    flat = nnx.to_flat_state(abstract)
-    state = nnx.from_flat_state([(p, build(p, v)) for p, v in flat])
-  return nnx.merge(graphdef, state), load_tokenizer(path)
+    tensors = {name: handles[files[name]].get_slice(name) for name in expected}
+    model = place_weights(config, tensors, mesh=mesh, rules=rules)
+  return model, load_tokenizer(path)
 
 
 # ----- saving -------------------------------------------------------------------------------
