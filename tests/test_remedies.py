@@ -125,6 +125,7 @@ def _batch(seed=0, rows=4, length=16):
 
 
 def test_trainer_loss_is_task_cross_entropy_plus_weighted_kl_on_replay_tokens():
+  from finch_jax import trainer as trainer_lib
   from finch_jax.trainer import token_cross_entropy
 
   trainer = _trainer(kl_weight=0.5)
@@ -135,8 +136,8 @@ def test_trainer_loss_is_task_cross_entropy_plus_weighted_kl_on_replay_tokens():
   batch = {k: jnp.asarray(v) for k, v in _batch().items()}
   _, metrics = trainer.train_step(state, trainer.global_batch(_batch()))
 
-  logits = trainer._logits(params, batch)
-  base_logits = trainer._logits(reference, batch)
+  logits = trainer_lib.logits(trainer.spec, params, batch)
+  base_logits = trainer_lib.logits(trainer.spec, reference, batch)
   task = batch["weights"] * (1 - batch["replay"])
   ce, _ = token_cross_entropy(logits, batch["targets"], task)
   kl, count = token_kl_to_base(logits, base_logits, batch["replay"])
