@@ -9,9 +9,13 @@
     iterator = iter(train)  # iterator.get_state() goes into the checkpoint
 
 See `builders` for dataset names, `pipeline` for the batch format, `sft` for instruction data
-(JSONL, loss on responses only), `synthetic` for the embedded corpora.
+(JSONL, loss on responses only), `synthetic` for the embedded corpora, `debian` for real text
+and facts from installed Debian packages (`debian/<config>`), `probes` for knowledge probes and
+the subset a model recalls.
 """
 
+# Importing `debian` registers its TFDS builder, so `debian/<config>` names a dataset.
+from finch_jax.data import debian, probes
 from finch_jax.data.builders import (
   EmbeddedCorpus,
   LocalText,
@@ -52,6 +56,7 @@ __all__ = [
   "biographies",
   "builder",
   "data_source",
+  "debian",
   "decode_text",
   "embedded_corpus",
   "eval_batches",
@@ -61,6 +66,7 @@ __all__ = [
   "lm_examples",
   "mixture",
   "prepare",
+  "probes",
   "read_sft",
   "sft_batches",
   "sft_dataset",
