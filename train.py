@@ -8,6 +8,7 @@ python train.py ... --coordinator_address=HOST:PORT --num_processes=N --process_
 On a TPU pod, SLURM or Kubernetes the cluster's environment is read instead.
 """
 
+import logging as pylogging
 import os
 import sys
 from typing import Any, NoReturn
@@ -54,6 +55,11 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-process)."
 FLAGS = flags.FLAGS
 
 
+class _NotCustomDataConfiguration(pylogging.Filter):
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
 def main(argv):
   del argv
   # Imported here, after flag parsing: JAX reads XLA_FLAGS and the platform when first imported.
@@ -62,6 +68,9 @@ def main(argv):
 
   sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
+  # TFDS warns "Using custom data configuration" each time a dataset with builder options is
+  # opened (every run of a sweep): nothing a user can act on, so it is not shown.
+  logging.get_absl_logger().addFilter(_NotCustomDataConfiguration())
   try:
     experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except ConfigError as error:  # its message names every problem and its fix: no traceback

@@ -4,15 +4,19 @@
 by every process for its own shards), `data` (the Grain iterator state, one file per process),
 `meta` (step, skipped steps, and what the fit loop needs to resume its logs exactly) and `config`
 (JSON). Saves are asynchronous: training continues while the files are written, and `close()`
-waits for the last one.
+waits for the last one. The directory is local or in a bucket (`gs://BUCKET/...`): every path
+here is an `etils.epath.Path`, as orbax's own are.
 
 What goes wrong, and what happens then:
 - A state holding NaN or inf is never written (`FloatingPointError`); the last good checkpoint
   stays the newest.
 - A write that fails (disk full, unwritable directory) raises `CheckpointError` naming the
   directory and the fix, at the save or, for an asynchronous one, at the next save or `close()`.
-  Orbax writes into a temporary directory and renames it when complete, so the previous
-  checkpoint is untouched; the leftover is removed when the directory is next opened.
+  On a local disk orbax writes into a temporary directory and renames it when complete; in a
+  bucket, which cannot rename a directory at once, it writes the step's objects in place and
+  marks the step complete last (`commit_success.txt`), and a step without that mark is not
+  listed. Either way the previous checkpoint is untouched, and the leftover is removed when the
+  directory is next opened.
 - A checkpoint that cannot be read (a file missing or cut short) is skipped with a warning and
   moved aside to `<step>.damaged`; the newest readable one is restored. When none can be read,
   `CheckpointError` says so rather than starting the run over.
@@ -20,6 +24,7 @@ What goes wrong, and what happens then:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from finch_jax.trainer import TrainState
 
@@ -39,21 +45,28 @@ class CheckpointError(RuntimeError):
   """A checkpoint could not be written, or none could be read; the message says what to do."""
 
 
-def _data_state(directory: str) -> dict[str, Any]:
+def _is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` names an object store (`gs://...`) rather than the local file system."""
+  return "://" in os.fspath(path)
+
+
+def _absolute(path: str | os.PathLike) -> epath.Path:
+  """`path` as orbax wants it: absolute when local (relative to the working directory), as
+  given when it is a bucket's (`os.path.abspath` would make `gs://b/x` a local `gs:/b/x`)."""
+  return epath.Path(path if _is_remote(path) else os.path.abspath(path))
+
+
+def _data_state(directory: epath.Path) -> dict[str, Any]:
   """The data iterator state saved in `directory`, whatever number of processes wrote it.
 
   Every process walks the same global stream, so all processes save the same state; a run with
   another process count can take any of them.
   """
-  mine = os.path.join(directory, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-  if os.path.exists(mine):
-    with open(mine) as f:
-      return json.load(f)
-  names = sorted(n for n in os.listdir(directory) if n.startswith("process_"))
-  states = []
-  for name in names:
-    with open(os.path.join(directory, name)) as f:
-      states.append(json.load(f))
+  mine = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if mine.exists():
+    return json.loads(mine.read_text())
+  names = sorted(p.name for p in directory.iterdir() if p.name.startswith("process_"))
+  states = [json.loads((directory / name).read_text()) for name in names]
   if not states:
     raise FileNotFoundError(f"No data iterator state in {directory}.")
   if any(state != states[0] for state in states[1:]):
@@ -100,7 +113,7 @@ class Checkpointer:
   """Periodic, asynchronous, multi-host-safe checkpoints of a training run.
 
   Args:
-    directory: where checkpoints go, normally `WORKDIR/checkpoints`.
+    directory: where checkpoints go, normally `WORKDIR/checkpoints`; local or `gs://...`.
     save_every: save when the step is a multiple of this (and whenever forced).
     max_to_keep: how many recent checkpoints to keep.
     config: a JSON-able mapping saved with every checkpoint.
@@ -109,14 +122,14 @@ class Checkpointer:
 
   def __init__(
     self,
-    directory: str,
+    directory: str | os.PathLike,
     *,
     save_every: int,
     max_to_keep: int = 2,
     config: Mapping[str, Any] | None = None,
     async_save: bool = True,
   ):
-    self.directory = os.path.abspath(directory)
+    self.directory = _absolute(directory)
     self.save_every = save_every
     self.config = dict(config or {})
     self.data_iterator = None
@@ -132,7 +145,9 @@ class Checkpointer:
     )
     try:
       # Orbax would only fail at the first save, steps into the run, when the path is taken.
-      os.makedirs(self.directory, exist_ok=True)
+      # (In a bucket there are no directories to make: this checks nothing, and the validator
+      # has checked the bucket before the run started.)
+      self.directory.mkdir(parents=True, exist_ok=True)
       self.manager = ocp.CheckpointManager(self.directory, options=options)
     except OSError as e:
       raise CheckpointError(
@@ -205,11 +220,20 @@ class Checkpointer:
 
   def _write_error(self, step: int | None, error: BaseException) -> CheckpointError:
     which = "a checkpoint" if step is None else f"the checkpoint of step {step}"
+    if _is_remote(self.directory):
+      fix = (
+        "Check the network and that these credentials may still write to that bucket (or rerun "
+        "with another --workdir)"
+      )
+    else:
+      fix = (
+        "Free space on that disk or make the directory writable (or rerun with --workdir on a "
+        "disk with room)"
+      )
     return CheckpointError(
-      f"Could not write {which} to {self.directory} ({_brief(error)}). Free space on that disk "
-      "or make the directory writable (or rerun with --workdir on a disk with room), then rerun "
-      f"the same command: it resumes from {self._newest_text(exclude=step)}, which this failure "
-      "left intact."
+      f"Could not write {which} to {self.directory} ({_brief(error)}). {fix}, then rerun the "
+      f"same command: it resumes from {self._newest_text(exclude=step)}, which this failure left "
+      "intact."
     )
 
   def _newest_text(self, exclude: int | None = None) -> str:
@@ -287,7 +311,7 @@ class Checkpointer:
     if self.data_iterator is not None:
       # Read by hand rather than with Grain's handler, which only looks for the file of this
       # process count: a checkpoint then resumes with another number of processes too.
-      self.data_iterator.set_state(_data_state(os.path.join(self.directory, str(step), "data")))
+      self.data_iterator.set_state(_data_state(self.directory / str(step) / "data"))
     meta = restored["meta"]
     replicated = abstract_state.step.sharding
     self.restored_extra = dict(meta.get("extra", {}))
@@ -300,17 +324,21 @@ class Checkpointer:
     )
 
   def _set_aside(self, steps: list[int]) -> list[str]:
-    """Renames the step directories to `<step>.damaged` (orbax ignores such names)."""
+    """Renames the step directories to `<step>.damaged` (orbax ignores such names).
+
+    In a bucket a rename is a copy of each object and a delete: slower, and not atomic, but the
+    damaged step is unreadable anyway and the copy is for inspection only.
+    """
     moved = []
     for step in steps:
-      source = os.path.join(self.directory, str(step))
-      target, n = f"{source}.damaged", 1
-      while os.path.exists(target):
+      source = self.directory / str(step)
+      target, n = source.with_name(f"{step}.damaged"), 1
+      while target.exists():
         n += 1
-        target = f"{source}.damaged{n}"
+        target = source.with_name(f"{step}.damaged{n}")
       if jax.process_index() == 0:
-        os.rename(source, target)
-      moved.append(target)
+        source.rename(target)
+      moved.append(str(target))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
@@ -326,15 +354,22 @@ class Checkpointer:
     """
     try:
       self._wait()
-    finally:
-      self.manager.close()
+    except CheckpointError:
+      # Orbax raises the failure of a save's last phase (in a bucket: its metadata, written by
+      # a thread of its own) again when closed; the error above already says it, and what to do.
+      with contextlib.suppress(Exception):
+        self.manager.close()
+      raise
+    self.manager.close()
 
 
-def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
+def restore_params(
+  directory: str | os.PathLike, abstract_params: Any, step: int | None = None
+) -> Any:
   """Only the parameters of a checkpoint (e.g. a base model to fine-tune), sharded as asked.
 
   Args:
-    directory: a `checkpoints/` folder, or a workdir that contains one.
+    directory: a `checkpoints/` folder, or a workdir that contains one; local or `gs://...`.
     abstract_params: `jax.ShapeDtypeStruct`s with shardings, e.g. from `Trainer`.
     step: which step; the latest by default.
 
@@ -343,14 +378,16 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
     CheckpointError: naming the step when it cannot be read. A base model does not fall back to
       an older step: fine-tuning another base than the one asked for would mislead.
   """
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
-    directory = os.path.join(directory, "checkpoints")
-  if not os.path.isdir(directory):
+  path = epath.Path(directory)
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  directory = str(path)  # as given, in the messages
+  if not path.is_dir():
     raise FileNotFoundError(
       f"Base checkpoint {directory!r} does not exist: point --config.base_checkpoint at a "
       "workdir (or its checkpoints/ folder) written by a pretraining run."
     )
-  with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
+  with ocp.CheckpointManager(_absolute(path)) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(

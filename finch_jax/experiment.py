@@ -14,10 +14,10 @@ Each is resumable: rerunning the same command continues from the newest checkpoi
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from finch_jax import run, sweep
 from finch_jax.validate import validate
@@ -26,7 +26,7 @@ from finch_jax.validate import validate
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
   """Runs what `config.mode` asks for in `workdir`; see the module docstring."""
   validate(config, workdir)  # every check before any compilation, each naming its fix
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs:// (a no-op in a bucket)
   if config.mode == "pretrain":
     return run.pretrain(config, workdir)
   if config.mode == "finetune":

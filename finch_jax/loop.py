@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -23,8 +24,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
 
 from finch_jax.trainer import Trainer, TrainState
 
@@ -33,7 +35,15 @@ class MetricsWriter:
   """One JSON object per logged step in `metrics.jsonl`, and TensorBoard event files.
 
   Every record is strict JSON: a value that is not finite (the loss of a window whose every step
-  was skipped, say) is written as `null`.
+  was skipped, say) is written as `null`. Each record is in the file when `write` returns, so a
+  run killed after it keeps it.
+
+  The workdir is local or in a bucket (`gs://BUCKET/...`); paths are `etils.epath.Path`s. A
+  bucket's objects cannot be appended to (gcsfs's append mode silently overwrites), so there the
+  whole file is uploaded again at each record: one upload per logged step, of a file that grows
+  by about 300 bytes a record. TensorBoard's event files go to a bucket through epath as well
+  (`_BucketEventFile`): held in memory and uploaded whole at each of TensorBoard's flushes
+  (every two minutes) and at `close`.
 
   Args:
     workdir: where `metrics.jsonl` and `tensorboard/` go; records are appended.
@@ -45,20 +55,31 @@ class MetricsWriter:
       (`purge_step`), so its curves show each step once.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True, truncate_after: int | None = None):
+  def __init__(
+    self,
+    workdir: str | os.PathLike,
+    *,
+    enabled: bool = True,
+    truncate_after: int | None = None,
+  ):
     self.enabled = enabled
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, "metrics.jsonl")
+      directory = epath.Path(workdir)
+      directory.mkdir(parents=True, exist_ok=True)
+      self._path = directory / "metrics.jsonl"
       if truncate_after is not None:
-        _drop_records_after(path, truncate_after)
-      self._file = open(path, "a")  # noqa: SIM115
+        _drop_records_after(self._path, truncate_after)
+      self._remote = _is_remote(workdir)
+      if self._remote:
+        self._lines = _read_lines(self._path) if self._path.exists() else []
+      else:
+        self._file = self._path.open("a")  # noqa: SIM115
       # TensorBoard drops the events of earlier runs from `purge_step` on; a fresh run has none.
       purge = truncate_after + 1 if truncate_after else None
       # Event files are named by the second they were opened in: the suffix keeps a quick
       # resume from writing over the file of the attempt it resumes.
       self._tb = SummaryWriter(
-        os.path.join(workdir, "tensorboard"),
+        os.fspath(directory / "tensorboard"),
         purge_step=purge,
         filename_suffix=f".{os.getpid()}.from{truncate_after or 0}",
       )
@@ -68,8 +89,13 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(record, allow_nan=False) + "\n")
-    self._file.flush()
+    line = json.dumps(record, allow_nan=False) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      self._path.write_text("".join(self._lines))  # an object is replaced whole, or not at all
+    else:
+      self._file.write(line)
+      self._file.flush()
     for key, value in record.items():
       if key != "step" and isinstance(value, int | float):
         self._tb.add_scalar(key, value, int(step))
@@ -77,16 +103,73 @@ class MetricsWriter:
   def close(self) -> None:
     """Flushes and closes the files."""
     if self.enabled:
-      self._file.close()
+      if not self._remote:
+        self._file.close()
       self._tb.close()
 
 
-def _drop_records_after(path: str, step: int) -> None:
+def _is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` names an object store (`gs://...`) rather than the local file system."""
+  return "://" in os.fspath(path)
+
+
+class _BucketEventFile:
+  """A TensorBoard event file in a bucket, written through epath for tensorboardX.
+
+  The events are kept in memory and the whole file is uploaded when tensorboardX flushes (an
+  object cannot be appended to), and not again while nothing new was written. tensorboardX's own
+  `gs://` writer does the same through google-cloud-storage, but it also uploads from `__del__`,
+  and its writers stay referenced until the interpreter exits (an `atexit` hook per file): each
+  file went up again at exit, when the network may be gone and the upload retries for minutes.
+  """
+
+  def __init__(self, path: str):
+    self._path = epath.Path(path)
+    self._buffer = io.BytesIO()
+    self._uploaded = -1  # bytes in the bucket's copy; -1 before the first upload
+
+  def write(self, data: bytes) -> None:
+    """Appends `data` to the file (in memory)."""
+    self._buffer.write(data)
+
+  def flush(self) -> None:
+    """Uploads the whole file, if it grew since the last upload."""
+    if self._buffer.tell() != self._uploaded:
+      self._path.write_bytes(self._buffer.getvalue())
+      self._uploaded = self._buffer.tell()
+
+  def close(self) -> None:
+    """Uploads what is left."""
+    self.flush()
+
+
+class _BucketEventFiles:
+  """tensorboardX's factory of record writers for `gs://` paths (`register_writer_factory`)."""
+
+  def open(self, path: str) -> _BucketEventFile:
+    """The writer of the event file at `path`."""
+    return _BucketEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    """Nothing to make: a bucket has no directories."""
+    del path
+
+
+# tensorboardX picks a record writer by the path's scheme; this one replaces its own for gs://.
+record_writer.register_writer_factory("gs", _BucketEventFiles())
+
+
+def _read_lines(path: epath.Path) -> list[str]:
+  """The lines of the text file at `path`, each with its newline (a torn last one without)."""
+  with path.open() as f:
+    return f.readlines()
+
+
+def _drop_records_after(path: epath.Path, step: int) -> None:
   """Rewrites the JSONL file at `path` without its records past `step` (and torn lines)."""
-  if not os.path.exists(path):
+  if not path.exists():
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = _read_lines(path)
   kept = []
   for line in lines:
     try:
@@ -98,10 +181,14 @@ def _drop_records_after(path: str, step: int) -> None:
   if len(kept) == len(lines):
     return
   logging.info("Dropped %d records past step %d from %s.", len(lines) - len(kept), step, path)
+  if _is_remote(path):
+    # An object is replaced whole or not at all; a rename would be a copy and a delete.
+    path.write_text("".join(kept))
+    return
   # Written aside and renamed, so that a crash here cannot lose the records that are kept.
-  with open(path + ".tmp", "w") as f:
-    f.writelines(kept)
-  os.replace(path + ".tmp", path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(kept))
+  tmp.replace(path)
 
 
 def _jsonable(value: Any) -> Any:
@@ -113,26 +200,51 @@ def _jsonable(value: Any) -> Any:
 
 
 class ProgressBar:
-  """A one-line console progress report, rewritten in place on a terminal."""
+  """A one-line console progress report with the time left, rewritten in place on a terminal
+  (one line per update elsewhere, e.g. in a log file)."""
 
-  def __init__(self, total: int, *, enabled: bool = True, stream=sys.stderr):
+  def __init__(
+    self, total: int, *, enabled: bool = True, stream=sys.stderr, description: str = ""
+  ):
     self.total, self.enabled, self.stream = total, enabled, stream
+    self.description = description
     self._tty = stream.isatty()
+    self._first: tuple[int, float] | None = None  # (step, time) of the first update
 
   def update(self, step: int, text: str) -> None:
-    """Shows `step` of `total` and a short text."""
+    """Shows `step` of `total`, a short text and, from the second update on, the time left at
+    the pace since the first (which includes compilation)."""
     if not self.enabled:
       return
+    now = time.perf_counter()
+    if self._first is None:
+      self._first = (step, now)
+    first_step, first_time = self._first
+    left = ""
+    if step > first_step:
+      seconds = (now - first_time) / (step - first_step) * (self.total - step)
+      left = f", {format_duration(seconds)} left"
     width = 24
     done = int(width * step / max(self.total, 1))
-    line = f"[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {text}"
-    self.stream.write(("\r" + line) if self._tty else (line + "\n"))
+    head = f"{self.description}: " if self.description else ""
+    line = f"{head}[{'#' * done}{'.' * (width - done)}] {step}/{self.total} {text}{left}"
+    self.stream.write(("\r" + line + "\x1b[K") if self._tty else (line + "\n"))
     self.stream.flush()
 
   def close(self) -> None:
     """Ends the line."""
     if self.enabled and self._tty:
       self.stream.write("\n")
+
+
+def format_duration(seconds: float) -> str:
+  """'45 s', '3 min 20 s' or '1 h 05 min'."""
+  seconds = max(int(round(seconds)), 0)
+  if seconds < 60:
+    return f"{seconds} s"
+  if seconds < 3600:
+    return f"{seconds // 60} min {seconds % 60:02d} s"
+  return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 @dataclasses.dataclass
@@ -260,6 +372,7 @@ def fit(
   writer: MetricsWriter | None = None,
   checkpointer: Any = None,
   progress: bool = True,
+  description: str = "",
   tokens_per_batch: int | None = None,
   resume: Mapping[str, Any] | None = None,
 ) -> FitResult:
@@ -293,6 +406,7 @@ def fit(
     writer: where records go, or None.
     checkpointer: a `finch_jax.checkpoint.Checkpointer`, or None.
     progress: show a progress bar on process 0.
+    description: what the bar says it is running (e.g. "run 3 of 12: finch lr 0.001 seed 0").
     tokens_per_batch: tokens in a global batch, for tokens/s.
     resume: `extra` of the checkpoint `state` was restored from (`Checkpointer.restored_extra`).
 
@@ -300,7 +414,9 @@ def fit(
     Preempted: after SIGTERM or SIGINT, once the checkpoint is saved.
   """
   resume = resume or {}
-  bar = ProgressBar(num_train_steps, enabled=progress and jax.process_index() == 0)
+  bar = ProgressBar(
+    num_train_steps, enabled=progress and jax.process_index() == 0, description=description
+  )
   # The unfinished window comes back from the checkpoint, so a resumed run logs the same means.
   window = _Window(_window_from_json(resume.get("metrics_window")), tokens_per_batch)
   evals: list[dict[str, float]] = [dict(e) for e in resume.get("evals", [])]
@@ -389,4 +505,4 @@ def _finite_mean(values: list[Any]) -> float | None:
   return float(np.mean(finite)) if finite else None
 
 
-__all__ = ["FitResult", "MetricsWriter", "Preempted", "ProgressBar", "fit"]
+__all__ = ["FitResult", "MetricsWriter", "Preempted", "ProgressBar", "fit", "format_duration"]

@@ -12,6 +12,7 @@ Pure: this module reads finished runs (dicts) and writes files; it runs nothing.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Any
 
 import matplotlib
 import numpy as np
+from etils import epath
 from matplotlib.figure import Figure
 
 COMBINED_SUFFIX = "+finch"  # a method name "X+finch" is method X with FINCH on top
@@ -331,15 +333,18 @@ def markdown_table(report: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def write_report(workdir: str, report: Mapping[str, Any]) -> None:
-  """Writes report.json, report.md and the plots into `workdir`."""
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write("# Forgetting report\n\n" + markdown_table(report) + "\n")
+def write_report(workdir: str | os.PathLike, report: Mapping[str, Any]) -> None:
+  """Writes report.json, report.md and the plots into `workdir` (local or `gs://...`)."""
+  directory = epath.Path(workdir)
+  (directory / "report.json").write_text(json.dumps(report, indent=2))
+  (directory / "report.md").write_text("# Forgetting report\n\n" + markdown_table(report) + "\n")
   if report.get("runs"):
-    plot_frontier(report).savefig(os.path.join(workdir, "frontier.png"), dpi=120)
-    plot_curves(report).savefig(os.path.join(workdir, "curves.png"), dpi=120)
+    plots = {"frontier.png": plot_frontier(report), "curves.png": plot_curves(report)}
+    for name, figure in plots.items():
+      # Rendered in memory: matplotlib writes to local paths or to a file object, not to a bucket.
+      png = io.BytesIO()
+      figure.savefig(png, format="png", dpi=120)
+      (directory / name).write_bytes(png.getvalue())
 
 
 def _line_styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -7,13 +7,18 @@
   fine-tuned model is exported to `workdir/hf` (safetensors, config.json, tokenizer).
 - `run_training(config, workdir, ...)`: the training run both share, and that a comparison's
   sweep (`finch_jax.sweep`) runs once per learning rate and seed.
+
+The workdir is local or in a bucket (`gs://BUCKET/...`): every file under it is read and written
+through `etils.epath.Path`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +26,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from finch_jax import configure
@@ -107,7 +113,10 @@ EVAL_SAMPLE_SEED_OFFSET = 10_007  # base samples for evaluation never repeat rep
 
 
 def replay_samples(
-  config: ml_collections.ConfigDict, trainer: Trainer, base: Any, cache: str | None = None
+  config: ml_collections.ConfigDict,
+  trainer: Trainer,
+  base: Any,
+  cache: str | os.PathLike | None = None,
 ) -> list[np.ndarray] | None:
   """The base model's samples for replay when the config asks for them, else None."""
   replay = config.get("replay")
@@ -122,16 +131,17 @@ def base_model_samples(
   base: Any,
   *,
   seed: int,
-  cache: str | None = None,
+  cache: str | os.PathLike | None = None,
 ) -> list[np.ndarray]:
   """`config.replay.num_samples` sequences sampled from the base model with `seed`.
 
   Drawn once (`finch_jax.remedies.sample_replay_set`, jitted on the mesh) and kept in `cache`
-  (an .npz file) when given, so a resumed run or a sweep sees the same ones.
+  (an .npz file, local or `gs://...`) when given, so a resumed run or a sweep sees the same ones.
   """
   replay = config.replay
-  if cache and os.path.exists(cache):
-    with np.load(cache) as stored:
+  cache = None if cache is None else epath.Path(cache)
+  if cache is not None and cache.exists():
+    with cache.open("rb") as f, np.load(f) as stored:
       return [stored[f"s{i}"] for i in range(len(stored.files))]
   tokenizer = configure.make_tokenizer(config)
   samples = sample_replay_set(
@@ -143,12 +153,32 @@ def base_model_samples(
     seed=seed,
     temperature=replay.temperature,
   )
-  if cache and jax.process_index() == 0:
-    os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-    tmp = cache + ".tmp.npz"
-    np.savez(tmp, **{f"s{i}": s for i, s in enumerate(samples)})
-    os.replace(tmp, cache)
+  if cache is not None and jax.process_index() == 0:
+    npz = io.BytesIO()  # numpy writes local paths or file objects; epath takes the bytes
+    np.savez(npz, **{f"s{i}": s for i, s in enumerate(samples)})
+    _write_whole(cache, npz.getvalue())
   return samples
+
+
+def _is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` names an object store (`gs://...`) rather than the local file system."""
+  return "://" in os.fspath(path)
+
+
+def _write_whole(path: epath.Path, data: bytes) -> None:
+  """Writes `path` so that no reader sees it half written.
+
+  A local file is written aside and renamed over the old one. A bucket's object is replaced
+  whole by its upload, or not at all, so it is written in place: there a rename would be a copy
+  and a delete, no more atomic than the upload itself.
+  """
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if _is_remote(path):
+    path.write_bytes(data)
+    return
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_bytes(data)
+  tmp.replace(path)
 
 
 class Evaluator:
@@ -164,7 +194,7 @@ class Evaluator:
   def __init__(
     self,
     config: ml_collections.ConfigDict,
-    workdir: str,
+    workdir: str | os.PathLike,
     trainer: Trainer,
     base: Any = None,
   ):
@@ -183,7 +213,7 @@ class Evaluator:
           trainer,
           base,
           seed=config.seed + EVAL_SAMPLE_SEED_OFFSET,
-          cache=os.path.join(workdir, "retain_samples.npz"),
+          cache=epath.Path(workdir) / "retain_samples.npz",
         )
         self.loss_sets[name] = data_lib.lm_batches(
           grain.MapDataset.source(samples),
@@ -230,7 +260,7 @@ class Evaluator:
 
 def run_training(
   config: ml_collections.ConfigDict,
-  workdir: str,
+  workdir: str | os.PathLike,
   *,
   trainer: Trainer | None = None,
   init_params: Any = None,
@@ -239,6 +269,7 @@ def run_training(
   evaluator: Evaluator | None = None,
   progress: bool = True,
   samples: Sequence[np.ndarray] | None = None,
+  description: str = "",
 ) -> FitResult:
   """One training run in `workdir`, resumed from its newest readable checkpoint when it has one.
 
@@ -264,7 +295,7 @@ def run_training(
       "--config.base_checkpoint."
     )
   checkpointer = Checkpointer(
-    os.path.join(workdir, "checkpoints"),
+    epath.Path(workdir) / "checkpoints",
     save_every=config.checkpoint_every,
     max_to_keep=config.keep_checkpoints,
     config=json.loads(config.to_json()),
@@ -272,7 +303,7 @@ def run_training(
   writer = None
   try:
     if samples is None and init_params is not None:
-      cache = os.path.join(workdir, "replay_samples.npz")
+      cache = epath.Path(workdir) / "replay_samples.npz"
       samples = replay_samples(config, trainer, init_params, cache=cache)
     iterator = iter(train_batches(config, workdir, seed, samples))
     checkpointer.data_iterator = iterator
@@ -291,6 +322,7 @@ def run_training(
       writer=writer,
       checkpointer=checkpointer,
       progress=progress,
+      description=description,
       tokens_per_batch=config.data.batch_size * config.data.seq_len,
       resume=checkpointer.restored_extra,
     )
@@ -307,7 +339,7 @@ def _start_state(
   init_params: Any,
   learning_rate: float | None,
   seed: int,
-  workdir: str,
+  workdir: str | os.PathLike,
 ):
   """The newest readable checkpoint's state, else a step-0 state from `init_params` (or fresh
   parameters drawn with `seed`)."""
@@ -347,7 +379,7 @@ def base_params(config: ml_collections.ConfigDict, trainer: Trainer) -> Any:
   return restore_params(config.base_checkpoint, trainer.abstract_model_params())
 
 
-def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def finetune(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Fine-tunes the base checkpoint and reports forgetting of this single run."""
   trainer = configure.make_trainer(config)
   params = base_params(config, trainer)
@@ -363,15 +395,31 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # A pretrained base goes out as a Hugging Face checkpoint: the fine-tuned model (adapters
     # merged) with its tokenizer.
     model = nnx.merge(trainer.graphdef, trainer.full_params(result.state.params))
-    hf.save_hf(
+    _export_hf(
       model,
-      os.path.join(workdir, HF_EXPORT_DIR),
+      epath.Path(workdir) / HF_EXPORT_DIR,
       tokenizer=configure.pretrained_tokenizer(config.base_checkpoint),
     )
   return report
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str) -> FitResult:
+def _export_hf(model: Any, path: epath.Path, *, tokenizer: Any) -> None:
+  """`hf.save_hf` into `path`, local or in a bucket (every process calls it; process 0 writes).
+
+  safetensors and tokenizers write local files only, so a bucket's export is written to a
+  temporary local directory first, its files uploaded, and the directory deleted.
+  """
+  if not _is_remote(path):
+    hf.save_hf(model, path, tokenizer=tokenizer)
+    return
+  with tempfile.TemporaryDirectory(prefix="finch_jax_hf_") as local:
+    hf.save_hf(model, local, tokenizer=tokenizer)
+    if jax.process_index() == 0:
+      for file in sorted(epath.Path(local).iterdir()):
+        file.copy(path / file.name, overwrite=True)
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> FitResult:
   """Trains a model from scratch on `config.data.train`, evaluating the eval sets if any."""
   trainer = configure.make_trainer(config)
   evaluator = Evaluator(config, workdir, trainer) if config.data.eval_sets else None

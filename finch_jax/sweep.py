@@ -11,6 +11,8 @@ everything that determines it (`finch_jax.configure.fingerprint`: the effective 
 rate and seed, the local data files). A rerun reuses a run only when that fingerprint is
 unchanged; otherwise the old directory is set aside (renamed with its fingerprint, nothing
 deleted) and the run is redone. The base model is kept the same way.
+
+The workdir is local or in a bucket (`gs://BUCKET/...`): every path is an `etils.epath.Path`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
 from finch_jax import configure, run
 from finch_jax.report import build_report, markdown_table, write_report
@@ -46,8 +49,8 @@ def _tree_bytes(tree: Any) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def _median_step_time(workdir: str) -> float:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+def _median_step_time(workdir: str | os.PathLike) -> float:
+  with (epath.Path(workdir) / "metrics.jsonl").open() as f:
     times = [r["step_time"] for r in map(json.loads, f) if "step_time" in r]
   # The first logged window includes compilation.
   return statistics.median(times[1:] if len(times) > 1 else times)
@@ -62,33 +65,36 @@ def _samples_file(config: ml_collections.ConfigDict) -> str:
   return f"replay_samples_n{r.num_samples}_len{r.sample_len}_t{r.temperature:g}.npz"
 
 
-def claim(directory: str, key: str) -> None:
+def claim(directory: str | os.PathLike, key: str) -> None:
   """Makes `directory` hold the run of fingerprint `key`: a directory made for another
-  fingerprint is renamed aside (`DIR.stale-OLDKEY`), never deleted, and the key is recorded."""
-  path = os.path.join(directory, FINGERPRINT_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)["fingerprint"]
+  fingerprint is renamed aside (`DIR.stale-OLDKEY`), never deleted, and the key is recorded.
+
+  In a bucket a rename copies each object and deletes the original, so it is not atomic: a run
+  stopped during it leaves the old run split between the two names, with nothing lost.
+  """
+  directory = epath.Path(directory)
+  path = directory / FINGERPRINT_FILE
+  if path.exists():
+    old = json.loads(path.read_text())["fingerprint"]
     if old == key:
       return
     if jax.process_index() == 0:
-      os.replace(directory, f"{directory}.stale-{old}")
+      directory.replace(directory.with_name(f"{directory.name}.stale-{old}"))
       _print(f"{directory}: its config or data changed; the old run is kept in .stale-{old}.")
-  elif os.path.isdir(directory) and os.listdir(directory):
+  elif directory.is_dir() and any(directory.iterdir()):
     # Made before runs were fingerprinted: which config made it is unknown, so it is redone.
     if jax.process_index() == 0:
-      os.replace(directory, f"{directory}.stale-unknown")
+      directory.replace(directory.with_name(f"{directory.name}.stale-unknown"))
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump({"fingerprint": key}, f)
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"fingerprint": key}))
 
 
-def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Pretrains (or reuses) the base, runs every method's sweep, writes and prints the report."""
   # Every run of the comparison reads the one dataset built under the top workdir.
   config = configure.override(config, {"data": {"data_dir": configure.data_dir(config, workdir)}})
-  base_dir = os.path.join(workdir, "base")
+  base_dir = epath.Path(workdir) / "base"
   base = _base_model(config, base_dir)
   configs = configure.method_configs(config)
   trainers = {name: configure.make_trainer(cfg) for name, cfg in configs.items()}
@@ -98,7 +104,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   runs = []
   for name, cfg in configs.items():
     samples = run.replay_samples(
-      cfg, trainers[name], base, cache=os.path.join(base_dir, _samples_file(cfg))
+      cfg, trainers[name], base, cache=base_dir / _samples_file(cfg)
     )
     for learning_rate in config.compare.methods[name].learning_rates:
       for seed in config.compare.seeds:
@@ -119,23 +125,23 @@ def compare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return report
 
 
-def _base_model(config: ml_collections.ConfigDict, base_dir: str) -> Any:
+def _base_model(config: ml_collections.ConfigDict, base_dir: epath.Path) -> Any:
   """The comparison's base model: pretrained in `base_dir`, or resumed or reused from there."""
   pre = configure.pretrain_config(config)
   claim(base_dir, configure.fingerprint(pre))
   return run.run_training(pre, base_dir, trainer=configure.make_trainer(pre)).state.params
 
 
-def _evaluate_base(evaluator: run.Evaluator, base: Any, base_dir: str) -> dict[str, float]:
+def _evaluate_base(
+  evaluator: run.Evaluator, base: Any, base_dir: epath.Path
+) -> dict[str, float]:
   """The eval sets on the base model, kept in `base_dir/eval_before.json`."""
-  path = os.path.join(base_dir, "eval_before.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  path = base_dir / "eval_before.json"
+  if path.exists():
+    return json.loads(path.read_text())
   before = evaluator(base)
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(before, f)
+    path.write_text(json.dumps(before))
   return before
 
 
@@ -156,16 +162,21 @@ class SweepRun:
     self.fingerprint = configure.fingerprint(config, learning_rate=learning_rate, seed=seed)
 
   def result(
-    self, workdir: str, base: Any, evaluator: run.Evaluator, before: Mapping[str, float]
+    self,
+    workdir: str | os.PathLike,
+    base: Any,
+    evaluator: run.Evaluator,
+    before: Mapping[str, float],
   ) -> dict[str, Any]:
     """The run's result: read from its `result.json` when its fingerprint is unchanged, else
     trained (resuming its own checkpoints) and written there."""
-    run_dir = os.path.join(workdir, "runs", self.method, _run_name(self.learning_rate, self.seed))
+    run_dir = (
+      epath.Path(workdir) / "runs" / self.method / _run_name(self.learning_rate, self.seed)
+    )
     claim(run_dir, self.fingerprint)
-    result_path = os.path.join(run_dir, "result.json")
-    if os.path.exists(result_path):
-      with open(result_path) as f:
-        return json.load(f)
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+      return json.loads(result_path.read_text())
     fit = run.run_training(
       self.config,
       run_dir,
@@ -179,13 +190,12 @@ class SweepRun:
     )
     result = self._summary(fit, run_dir, evaluator, before)
     if jax.process_index() == 0:
-      with open(result_path, "w") as f:
-        json.dump(result, f)
+      result_path.write_text(json.dumps(result))
     _print(f"{self.method:>10s} lr={self.learning_rate:<8.3g} seed={self.seed}: " + _fmt(result))
     return result
 
   def _summary(
-    self, fit: Any, run_dir: str, evaluator: run.Evaluator, before: Mapping[str, float]
+    self, fit: Any, run_dir: epath.Path, evaluator: run.Evaluator, before: Mapping[str, float]
   ) -> dict[str, Any]:
     final = fit.evals[-1]
     result = {
@@ -214,11 +224,11 @@ class SweepRun:
 
 
 def _first_batch(
-  config: ml_collections.ConfigDict, workdir: str, trainer: Trainer, base: Any
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike, trainer: Trainer, base: Any
 ) -> dict[str, Any]:
   """A training batch of a method (its replay marker included), on the mesh."""
   samples = run.replay_samples(
-    config, trainer, base, cache=os.path.join(workdir, "base", _samples_file(config))
+    config, trainer, base, cache=epath.Path(workdir) / "base" / _samples_file(config)
   )
   iterator = iter(run.train_batches(config, workdir, config.seed, samples))
   batch = trainer.global_batch(next(iterator))

@@ -24,7 +24,7 @@ with the config field in front.
 
 The module reads top to bottom: `validate`, the problem collector, the whole config, then one
 section per concern (counts and seeds, model, optimizer and schedule, FINCH, mesh and batch,
-sequence lengths, datasets, remedies, base checkpoint, resume).
+sequence lengths, datasets, remedies, base checkpoint, the workdir, resume).
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import inspect
 import json
 import math
 import numbers
 import os
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -226,6 +228,8 @@ def _check_config(
     _check_base_checkpoint(config, p)
   if not workdir:
     return
+  if not _check_workdir(os.fspath(workdir), p):
+    return  # the resume checks would read a workdir that cannot be used
   for run in runs:
     state_dir = _resumed_dir(run, mode, workdir)
     if state_dir:
@@ -350,6 +354,14 @@ def _check_counts(run: _Run, p: _Problems) -> None:
       p.fail(run.name(path), value, f"must be a {sign} integer ({hint}).")
   if not _is_seed(_get(c, "seed")):
     p.fail(run.name("seed"), _get(c, "seed"), "use an integer in [0, 2**32).")
+  chunk = _get(c, "loss_chunk_size", 0)
+  if not _is_int(chunk) or chunk < 0:
+    p.fail(
+      run.name("loss_chunk_size"),
+      chunk,
+      "must be a non-negative integer: tokens per row whose logits the loss makes at once "
+      "(0: the whole row), e.g. 512.",
+    )
   for path in ("data.eval_examples", "data.fact_examples"):
     value = _get(c, path, 0)
     if not _is_int(value) or value < 0:
@@ -946,7 +958,10 @@ def _model_differences(saved: Any, current: Any) -> dict[str, tuple[Any, Any]]:
     was, now = models.config_from_dict(saved), models.config_from_dict(current)
   except (TypeError, ValueError, AttributeError):
     return {}  # _model_config names what is wrong with the current one
-  fields = [f.name for f in dataclasses.fields(was)]
+  # The attention implementation and the remat policy leave the parameters as they are
+  # (scan_layers stacks them, so it must match).
+  runtime = ("attention", "remat_policy")
+  fields = [f.name for f in dataclasses.fields(was) if f.name not in runtime]
   return {
     k: (getattr(was, k), getattr(now, k)) for k in fields if getattr(was, k) != getattr(now, k)
   }
@@ -978,6 +993,116 @@ def _saved_config(directory: str, step: int) -> dict[str, Any] | None:
     return None
 
 
+# ----- the workdir -----------------------------------------------------------------------------
+
+_GCS_ROLE = "roles/storage.objectUser"  # create, read, list and delete objects: what a run does
+
+
+def _check_workdir(workdir: str, p: _Problems) -> bool:
+  """The run can write into `workdir`: a local directory (or one it can make), or a bucket
+  (`gs://BUCKET/...`) that exists and that these credentials may write to. Returns whether it
+  can; the resume checks read the workdir only then."""
+  if workdir.startswith("gs://"):
+    return _check_bucket(workdir, p)
+  if "://" in workdir:
+    return True  # another store of epath's (s3://, ...): the run itself says what is wrong
+  return _check_local_dir(workdir, p)
+
+
+def _check_local_dir(workdir: str, p: _Problems) -> bool:
+  """A local workdir is a directory, or can be made as one, where this user may write."""
+  path = epath.Path(os.path.abspath(workdir))
+  existing = path
+  while not existing.exists():  # where making the directories would start
+    existing = existing.parent
+  if not existing.is_dir():
+    where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+    p.fail("--workdir", workdir, f"{where}, not a directory: move it or use another --workdir.")
+    return False
+  # os.access has no counterpart in epath; it answers for local paths, which these are.
+  if not os.access(existing, os.W_OK | os.X_OK):
+    p.fail(
+      "--workdir",
+      workdir,
+      f"is read-only: this user cannot write in {existing}; make it writable (chmod, or a "
+      "writable mount) or use another --workdir.",
+    )
+    return False
+  return True
+
+
+def _check_bucket(workdir: str, p: _Problems) -> bool:
+  """A `gs://` workdir: the package that reaches it, credentials, the bucket, write access.
+
+  The bucket is checked by writing and deleting one empty object in the workdir, which needs
+  only the object permissions the run needs anyway (not the bucket's metadata), and tells a
+  missing bucket (404) from one these credentials may not write to (403).
+  """
+  bucket = workdir.removeprefix("gs://").split("/", 1)[0]
+  if importlib.util.find_spec("gcsfs") is None:
+    p.fail(
+      "--workdir",
+      workdir,
+      'a gs:// workdir needs the gcs extra: pip install -e ".[gcs]" (gcsfs, google-cloud-storage).',
+    )
+    return False
+  # An emulator (STORAGE_EMULATOR_HOST, as in the tests) takes requests without credentials.
+  if not os.environ.get("STORAGE_EMULATOR_HOST"):
+    import google.auth  # with the gcs extra; needed for a bucket only
+    import google.auth.exceptions
+
+    try:
+      google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError:
+      p.fail(
+        "--workdir",
+        workdir,
+        "no Google Cloud credentials found: run `gcloud auth application-default login`, or "
+        "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (on a Cloud TPU or "
+        "Compute Engine VM, give the VM a service account).",
+      )
+      return False
+  probe = epath.Path(workdir) / f".finch_jax_write_check.{uuid.uuid4().hex}"
+  try:
+    probe.write_bytes(b"")
+    probe.unlink()
+  except FileNotFoundError:
+    p.fail(
+      "--workdir",
+      workdir,
+      f"the bucket gs://{bucket} does not exist: create it (gcloud storage buckets create "
+      f"gs://{bucket} --location=REGION, the region of the machines) or fix its name.",
+    )
+    return False
+  except Exception as error:  # gcsfs: OSError("Forbidden ...") for 403, HttpError(code) else
+    text, code = _one_line(error)[:200], getattr(error, "code", None)
+    if code == 401:
+      p.fail(
+        "--workdir",
+        workdir,
+        f"these Google Cloud credentials are rejected ({text}): run `gcloud auth "
+        "application-default login` again, or point GOOGLE_APPLICATION_CREDENTIALS at a valid "
+        "key file.",
+      )
+    elif code == 403 or text.startswith("Forbidden"):
+      p.fail(
+        "--workdir",
+        workdir,
+        f"is read-only for these credentials ({text}): grant them {_GCS_ROLE} on "
+        f"gs://{bucket} (gcloud storage buckets add-iam-policy-binding gs://{bucket} "
+        f"--member=ACCOUNT --role={_GCS_ROLE}), or use another --workdir.",
+      )
+    else:
+      p.fail(
+        "--workdir",
+        workdir,
+        f"cannot be reached ({text}): check the network and the bucket's name, or use a local "
+        "--workdir.",
+      )
+    return False
+  return True
+
+
 # ----- resuming --------------------------------------------------------------------------------
 
 # The checkpoint items that hold the train state's arrays (see finch_jax.checkpoint).
@@ -996,13 +1121,12 @@ def _resumed_dir(run: _Run, mode: str, workdir: str) -> str | None:
     return workdir
   if run.context != "compare.pretrain":
     return None
-  base_dir = os.path.join(workdir, "base")
+  base_dir = epath.Path(workdir) / "base"
   try:
-    with open(os.path.join(base_dir, configure.FINGERPRINT_FILE)) as f:
-      kept = json.load(f)["fingerprint"]
+    kept = json.loads((base_dir / configure.FINGERPRINT_FILE).read_text())["fingerprint"]
   except (OSError, ValueError, KeyError, TypeError):
     return None  # nothing there, or made before fingerprints: set aside as well
-  return base_dir if kept == configure.fingerprint(run.config) else None
+  return str(base_dir) if kept == configure.fingerprint(run.config) else None
 
 
 def _check_resume(config: ml_collections.ConfigDict, workdir: str, p: _Problems) -> None:

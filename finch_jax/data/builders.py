@@ -5,6 +5,8 @@ Dataset names:
 - `"embedded/biographies"`, `"embedded/synthetic_language"`: generated locally by
   `finch_jax.data.synthetic` (`EmbeddedCorpus`); nothing is downloaded.
 - `"local_text:<path>"`: a directory of UTF-8 `.txt` files, one file, or a glob (`LocalText`).
+- `"debian/<config>"`: text and knowledge probes read from installed Debian packages
+  (`finch_jax.data.debian`, a builder registered with TFDS, so the catalog path below builds it).
 - Anything else is a TFDS catalog name such as `"lm1b"` or `"wikipedia/20230601.en"`,
   downloaded and prepared by TFDS on first use.
 
@@ -17,7 +19,9 @@ features (`decode_text` turns a field into str). Catalog datasets need whatever 
 builders need (many image datasets import TensorFlow to decode).
 
 Building happens once per name and options: a second `prepare` finds the finished directory
-`data_dir/<builder>/<config>/<version>` and reuses it.
+`data_dir/<builder>/<config>/<version>` and reuses it. `data_dir` may be a bucket
+(`gs://BUCKET/...`): array_record reads from one, but writes only local files, so there a
+dataset is built in a temporary local directory and its files uploaded (see `prepare`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +53,8 @@ BASE_SAMPLES = "base_samples"
 VALID_NAMES_HELP = (
   "valid dataset names are 'embedded/biographies', 'embedded/synthetic_language', "
   "'local_text:<directory, file or glob of UTF-8 .txt files>', 'jsonl:<file or glob of "
-  "prompt/response or chat-messages JSONL>' (instruction data), or a TFDS catalog name "
+  "prompt/response or chat-messages JSONL>' (instruction data), 'debian/<config>' (text from "
+  "installed Debian packages, finch_jax.data.debian.CONFIG_NAMES), or a TFDS catalog name "
   "(see tfds.list_builders())"
 )
 
@@ -343,8 +349,11 @@ def prepare(name: str, data_dir: str | os.PathLike, **options: Any) -> tfds.core
   """Builds `name` into `data_dir` unless it is already there, and returns its builder.
 
   Safe when several processes share `data_dir`: TFDS writes into a temporary directory and
-  renames it; a process that loses that race finds the winner's copy and uses it.
+  renames it; a process that loses that race finds the winner's copy and uses it. In a bucket
+  see `_prepare_in_bucket`.
   """
+  if "://" in os.fspath(data_dir):
+    return _prepare_in_bucket(name, data_dir, **options)
   dataset = builder(name, data_dir, **options)
   try:  # Returns at once when the data is already there.
     dataset.download_and_prepare(file_format=FILE_FORMAT)
@@ -354,6 +363,31 @@ def prepare(name: str, data_dir: str | os.PathLike, **options: Any) -> tfds.core
     if not dataset.is_prepared():
       raise
   return dataset
+
+
+def _prepare_in_bucket(
+  name: str, data_dir: str | os.PathLike, **options: Any
+) -> tfds.core.DatasetBuilder:
+  """`prepare` for a `data_dir` in a bucket (`gs://...`).
+
+  array_record's writer opens local files only (its reader also reads `gs://`), so the dataset
+  is built in a temporary local directory, deleted afterwards, and its files are uploaded into
+  the version directory. TFDS takes a version directory as complete once it holds
+  `dataset_info.json` and `features.json`, so the JSON files go last: an upload cut short is
+  not mistaken for a dataset, and the next start builds and uploads it again. Several processes
+  may do this at once; each object is replaced whole, with the same content.
+  """
+  dataset = builder(name, data_dir, **options)
+  if dataset.is_prepared():
+    return dataset
+  with tempfile.TemporaryDirectory(prefix="finch_jax_data_") as local:
+    built = prepare(name, local, **options)
+    source, target = epath.Path(built.data_path), epath.Path(dataset.data_path)
+    # A version directory is flat: data shards and a few JSON files.
+    files = sorted(source.iterdir(), key=lambda f: (f.suffix == ".json", f.name))
+    for file in files:
+      file.copy(target / file.name, overwrite=True)
+  return builder(name, data_dir, **options)
 
 
 def data_source(
