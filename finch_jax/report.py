@@ -191,7 +191,70 @@ def build_report(
         for name, e in by_acc["methods"].items()
       },
     }
+  report["measures"] = every_measure(runs)
   return report
+
+
+# What each forgetting measure of a run is (lower is better for all of them).
+FORGETTING_MEASURES = {
+  "forgetting": "rise of the retain loss (nats per token)",
+  "retain_accuracy_drop": "drop of the retain fact-recall accuracy",
+  "retain_kl": "KL(base || fine-tuned) of next-token distributions on the retain text",
+  "retain_ece_change": "rise of the expected calibration error on the retain facts",
+}
+# Task scores a comparison can be matched at, higher is better: fact recall, else token accuracy.
+TASK_ACCURACIES = ("task_fact_accuracy", "task_accuracy")
+
+
+def every_measure(runs: Sequence[Mapping]) -> dict[str, Any]:
+  """Every forgetting measure the runs hold, read at matched task loss and, where the runs have a
+  task accuracy, at matched task accuracy: `{"task_loss": {...}, "task_accuracy": {...}}`, each
+  `{"target": ..., "measures": {measure: {method: {"mean", "std", "seeds"}}}}`."""
+  measures = [m for m in FORGETTING_MEASURES if all(m in r for r in runs)]
+  matchings = [("task_loss", False)]
+  accuracy = next((a for a in TASK_ACCURACIES if all(a in r for r in runs)), None)
+  if accuracy:
+    matchings.append((accuracy, True))
+  out = {}
+  for key, increasing in matchings:
+    target, by_measure = float("nan"), {}
+    for measure in measures:
+      result = matched(runs, key, measure, increasing=increasing)
+      target = result["target"]
+      by_measure[measure] = {
+        name: {
+          "mean": e[measure],
+          "std": e[f"{measure}_std"],
+          "seeds": e["seeds_reaching_target"],
+          "learning_rate": e["learning_rate"],
+        }
+        for name, e in result["methods"].items()
+      }
+    out[key] = {"target": target, "measures": by_measure}
+  return out
+
+
+def measures_table(report: Mapping[str, Any]) -> str:
+  """Every forgetting measure at each matching, as Markdown tables (methods in rows)."""
+  lines = []
+  for key, matching in report.get("measures", {}).items():
+    measures = matching["measures"]
+    if not measures:
+      continue
+    methods = list(next(iter(measures.values())))
+    lines.append(
+      f"\nAt matched {key.replace('_', ' ')} {_value(matching['target'], '.4f')} "
+      "(mean ± std over the seeds that reach it):\n"
+    )
+    lines.append("| method | " + " | ".join(measures) + " |")
+    lines.append("| --- " * (len(measures) + 1) + "|")
+    for name in methods:
+      entries = [measures[m][name] for m in measures]
+      cells = [_value(e["mean"], ".4f", e["std"], e["seeds"]) for e in entries]
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.extend(f"- {m}: {FORGETTING_MEASURES[m]}" for m in measures)
+  return "\n".join(lines)
 
 
 def _methods_at(
@@ -330,6 +393,10 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         m["retain_accuracy_drop"], ".4f", m["retain_accuracy_drop_std"], m["seeds_reaching_target"]
       )
       lines.append(f"| {name} | {drop} | {_value(m['learning_rate'], '.3g')} |")
+  if len(report.get("measures", {}).get("task_loss", {}).get("measures", {})) > 1 or (
+    "task_accuracy" in report.get("measures", {})
+  ):
+    lines.append(measures_table(report))
   return "\n".join(lines)
 
 

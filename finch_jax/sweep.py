@@ -17,6 +17,7 @@ The workdir is local or in a bucket (`gs://BUCKET/...`): every path is an `etils
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -29,6 +30,7 @@ import ml_collections
 from etils import epath
 
 from finch_jax import configure, run
+from finch_jax.loop import format_duration
 from finch_jax.report import build_report, markdown_table, write_report
 from finch_jax.trainer import Trainer
 
@@ -101,15 +103,15 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
   evaluator = run.Evaluator(config, workdir, next(iter(trainers.values())), base=base)
   before = _evaluate_base(evaluator, base, base_dir)
   _print("base model: " + _fmt(before))
-  runs = []
+  runs, clock = [], _SweepClock(_count_runs(config))
   for name, cfg in configs.items():
-    samples = run.replay_samples(
-      cfg, trainers[name], base, cache=base_dir / _samples_file(cfg)
-    )
+    samples = run.replay_samples(cfg, trainers[name], base, cache=base_dir / _samples_file(cfg))
     for learning_rate in config.compare.methods[name].learning_rates:
       for seed in config.compare.seeds:
         sweep_run = SweepRun(name, cfg, float(learning_rate), int(seed), trainers[name], samples)
-        runs.append(sweep_run.result(workdir, base, evaluator, before))
+        with clock.run(sweep_run) as description:
+          runs.append(sweep_run.result(workdir, base, evaluator, before, description))
+  _print("Timing each method's train step back to back (the cost column)...")
   timing = config.compare.get("timing", {}) or {}
   step_times = measure_step_times(
     trainers,
@@ -118,6 +120,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
     rounds=timing.get("rounds", 5),
     steps=timing.get("steps", 10),
   )
+  _print("Reading the sweeps at matched task loss and writing the report...")
   report = build_report(config.compare.baseline, before, runs, step_times)
   if jax.process_index() == 0:
     write_report(workdir, report)
@@ -126,10 +129,17 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
 
 
 def _base_model(config: ml_collections.ConfigDict, base_dir: epath.Path) -> Any:
-  """The comparison's base model: pretrained in `base_dir`, or resumed or reused from there."""
+  """The comparison's base model: `config.base_checkpoint` when set (a pretrained model or a
+  pretraining run's workdir), else pretrained in `base_dir`, or resumed or reused from there."""
+  if config.base_checkpoint:
+    claim(base_dir, configure.fingerprint(config))
+    _print(f"Loading the base model from {config.base_checkpoint}...")
+    return run.base_params(config, configure.make_trainer(config))
   pre = configure.pretrain_config(config)
   claim(base_dir, configure.fingerprint(pre))
-  return run.run_training(pre, base_dir, trainer=configure.make_trainer(pre)).state.params
+  trainer = configure.make_trainer(pre)
+  description = f"pretraining the base model ({pre.num_train_steps} steps)"
+  return run.run_training(pre, base_dir, trainer=trainer, description=description).state.params
 
 
 def _evaluate_base(
@@ -139,10 +149,38 @@ def _evaluate_base(
   path = base_dir / "eval_before.json"
   if path.exists():
     return json.loads(path.read_text())
+  _print("Evaluating the base model on the task and retain sets...")
   before = evaluator(base)
   if jax.process_index() == 0:
     path.write_text(json.dumps(before))
   return before
+
+
+def _count_runs(config: ml_collections.ConfigDict) -> int:
+  methods = config.compare.methods.values()
+  return sum(len(m.learning_rates) for m in methods) * len(config.compare.seeds)
+
+
+class _SweepClock:
+  """Says which run of the sweeps is running and, from the runs trained so far, about how long
+  the rest will take (runs read back from an earlier sweep take no time)."""
+
+  def __init__(self, total: int):
+    self.total, self.index, self.trained, self.seconds = total, 0, 0, 0.0
+
+  @contextlib.contextmanager
+  def run(self, sweep_run: SweepRun):
+    """Times the body, yielding the progress bar's description of the run."""
+    self.index += 1
+    left = ""
+    if self.trained:
+      remaining = self.seconds / self.trained * (self.total - self.index + 1)
+      left = f", about {format_duration(remaining)} left in the sweeps"
+    start = time.perf_counter()
+    yield f"run {self.index} of {self.total}{left}: {sweep_run.name}"
+    elapsed = time.perf_counter() - start
+    if elapsed > 1.0:  # trained, not read back
+      self.trained, self.seconds = self.trained + 1, self.seconds + elapsed
 
 
 class SweepRun:
@@ -161,15 +199,22 @@ class SweepRun:
     self.learning_rate, self.seed = learning_rate, seed
     self.fingerprint = configure.fingerprint(config, learning_rate=learning_rate, seed=seed)
 
+  @property
+  def name(self) -> str:
+    """How the console names this run."""
+    return f"{self.method} lr {self.learning_rate:.3g} seed {self.seed}"
+
   def result(
     self,
     workdir: str | os.PathLike,
     base: Any,
     evaluator: run.Evaluator,
     before: Mapping[str, float],
+    description: str = "",
   ) -> dict[str, Any]:
     """The run's result: read from its `result.json` when its fingerprint is unchanged, else
-    trained (resuming its own checkpoints) and written there."""
+    trained (resuming its own checkpoints) and written there; `description` names it on the
+    progress bar."""
     run_dir = (
       epath.Path(workdir) / "runs" / self.method / _run_name(self.learning_rate, self.seed)
     )
@@ -185,8 +230,8 @@ class SweepRun:
       learning_rate=self.learning_rate,
       seed=self.seed,
       evaluator=evaluator,
-      progress=False,
       samples=self.samples,
+      description=description or self.name,
     )
     result = self._summary(fit, run_dir, evaluator, before)
     if jax.process_index() == 0:

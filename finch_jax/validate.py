@@ -224,8 +224,8 @@ def _check_config(
   for run in runs:
     read |= _check_run(run, job, p)
   _check_option_keys(config, read, p)
-  if mode == "finetune":
-    _check_base_checkpoint(config, p)
+  if mode == "finetune" or (mode == "compare" and _get(config, "base_checkpoint")):
+    _check_base_checkpoint(config, p)  # a comparison may start from a given base too
   if not workdir:
     return
   if not _check_workdir(os.fspath(workdir), p):
