@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 150  # Steps between checkpoints (and at the end).
   config.keep_checkpoints = 2  # Checkpoints kept in WORKDIR/checkpoints.
   config.base_checkpoint = ""  # Workdir of the base model to fine-tune (mode "finetune").
+  config.loss_chunk_size = 0  # Tokens per row whose logits the loss makes at once (0: all).
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "embedded/biographies"  # Dataset: embedded/..., local_text:PATH or TFDS.

@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     dtype="bfloat16",
     param_dtype="float32",
     remat=True,
+    scan_layers=True,  # one block compiled and scanned 20 times
   )
   config.mesh.data = 1
   config.mesh.fsdp = -1

@@ -22,14 +22,18 @@ a run on either machine follows the same recipe. What differs is the machine:
   parallelism at 900 GB/s, so within one node it costs little; tensor=4 rather than 8 halves
   that traffic per GPU (each group handles half the rows) and still leaves the parameters,
   gradients and Adam moments 4-way split: 16 B x 4.02e9 / 4 = 16.1 GB per GPU (12.1 GB of it
-  between steps). FSDP would split them 8 ways, but its temporaries measured far beyond any
-  GPU's memory (README, "Fine-tune Qwen3-4B on a pod").
+  between steps). FSDP would split them 8 ways: while the loss made the whole logits its
+  temporaries measured far beyond any GPU's memory; with the chunked loss, mesh.fsdp=8 measures
+  20.7 GiB per GPU on XLA:CPU (1 row per GPU per micro-batch, every layer's weights gathered
+  for it), an option this config has not been tuned for.
 - Batch: 64 rows per step as on the TPU slice, in 8 micro-batches of 8 rows
   (grad_accum_steps=8): 4 rows per data-parallel group at a time, 16,384 tokens per matmul.
-  Measured by `python benchmarks/pod_memory.py` (README): 32.1 GiB per GPU compiled by
-  XLA:CPU, 54% of the 59.7 GiB budget. The TPU config's 8 rows per group (grad_accum_steps=4)
-  measured 43.6 GiB, 73%: too close to the limit for a figure no GPU compiler produced (the CUDA
-  context, cuBLAS and NCCL workspaces come on top).
+  Measured by `python benchmarks/pod_memory.py` (README): 28.8 GiB per GPU compiled by
+  XLA:CPU, 48% of the 59.7 GiB budget (32.1 GiB before the chunked loss, the attention kernels
+  and the scanned layers the TPU config sets). With the whole logits and the einsum attention,
+  the TPU config's 8 rows per group (grad_accum_steps=4) measured 43.6 GiB, 73%: too close to
+  the limit for a figure no GPU compiler produced (the CUDA context, cuBLAS and NCCL workspaces
+  come on top).
 """
 
 import ml_collections

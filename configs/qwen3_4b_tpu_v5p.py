@@ -23,9 +23,9 @@ local text of your own as in the command above.
 The paths in `get_config` are examples; `finch_jax.validate` names any that does not exist.
 
 Sizes (Qwen3-4B, tied embeddings): 4,022,468,096 parameters, of which 389M are the embedding.
-Memory per chip, measured by `python benchmarks/pod_memory.py` (README): 43.6 GiB of 95
-compiled by XLA:CPU on 16 fake devices (54% headroom), 35.4 GiB compiled by the TPU compiler
-itself for the v5p-32 topology (63% headroom).
+Memory per chip, measured by `python benchmarks/pod_memory.py` (README): 37.8 GiB of 95
+compiled by XLA:CPU on 16 fake devices (60% headroom), 37.5 GiB compiled by the TPU compiler
+itself for the v5p-32 topology (61% headroom).
 
 Choices, and why:
 - Slice: v5p-32, 16 chips in 4 hosts. Memory alone would fit a v5p-8 (4 chips); 16 chips are
@@ -38,30 +38,39 @@ Choices, and why:
   151,936-entry vocabulary: 32, 8, 9728 and 151936 all divide by 4), times 4 data-parallel
   groups (mesh.data=-1). The vocabulary is what decides it: the logits of 8 rows of 4096 tokens
   are 8 x 4096 x 151936 x 4 B = 19.9 GB in float32, and tensor parallelism splits them 4 ways.
-  FSDP over all 16 chips would split the parameters further, but its temporaries measured 154
-  GiB per chip on XLA:CPU (the README), so mesh.fsdp stays 1. Each host's 4 chips form one
-  tensor-parallel group, so the activation all-reduces (2 per layer forward, 2 for remat's
-  recomputation, 2 backward, 168 MB each) stay on ICI within the host's chips and the batch
-  splits by host.
+  FSDP over all 16 chips would split the parameters further; with the logits made whole its
+  temporaries measured 154 GiB per chip on XLA:CPU, with the chunked loss 38 GiB, about what
+  tensor parallelism needs, but every layer's weights would then be gathered for 2 rows per
+  chip, so mesh.fsdp stays 1. Each host's 4 chips form one tensor-parallel group, so the
+  activation all-reduces (2 per layer forward, 2 for remat's recomputation, 2 backward, 168 MB
+  each) stay on ICI within the host's chips and the batch splits by host.
 - Precision: bfloat16 compute, float32 parameters and Adam moments. Bytes per parameter: 4
   (params) + 4 (gradients, float32 because they are taken with respect to the float32 params) + 8
   (Adam's two moments) = 16 B, 64.4 GB in all; split 4 ways, 16.1 GB per chip, 12.1 GB of it
   (params and moments, 11.24 GiB) held between steps. bfloat16 params would halve that but lose
   the updates: an AdamW step at a 1e-5 learning rate changes a weight by about 1e-5 of its size,
   below bfloat16's 2^-8 relative precision, so most updates would round away.
-- Remat: on, as the model implements it (`nnx.remat` of each decoder block with JAX's default
-  policy: only the block's input is saved, everything inside is recomputed in the backward
-  pass, a third more compute). Saved per chip: 36 layers x 8 rows x 4096 x 2560 x 2 B = 6.0 GB.
-  Without remat every layer would also keep its attention probabilities and scores (8 rows x 8
-  heads per chip x 4096^2 x (2 + 4) B = 6.4 GB) and MLP activations: over 250 GB. A policy that
-  saves the projections' outputs and recomputes only attention would cost about 0.6 GB more per
-  layer for 8 rows, affordable here, but the model has no policy option (remat is on or off).
-  The largest temporaries are one layer's recomputed attention (this model computes the whole
-  score matrix, no flash attention: 4.3 GB of float32 scores per chip, and their gradient) and
-  the logits with the softmax and its gradient (5.0 GB each per chip).
+- Remat: on, with JAX's default policy (`remat_policy="nothing_saveable"`): only each block's
+  input is saved, everything inside is recomputed in the backward pass, a third more compute.
+  Saved per chip: 36 layers x 8 rows x 4096 x 2560 x 2 B = 6.0 GB. Without remat every layer
+  would also keep its MLP activations and attention's intermediates: over 250 GB.
+  `remat_policy="dots_with_no_batch_dims_saveable"` keeps the projections' outputs and
+  recomputes only attention and the elementwise work: 76.7 GiB per chip on XLA:CPU, past the
+  75% budget.
+- Attention: `attention="auto"`, the splash kernel on TPU (cuDNN's flash kernel on the GPUs):
+  blocks of 512 queries and keys, the causal half skipped, no [4096, 4096] score matrix (the
+  einsum path held 4.3 GB of float32 scores per chip, and their gradient, for one layer).
+- Loss: `loss_chunk_size=512` makes the logits 512 tokens of each row at a time from the final
+  hidden states; the whole logits of 8 rows, with the softmax and its gradient, were 5.0 GB each
+  per chip. Same loss to float32 rounding.
+- Scanned layers: the 36 blocks' weights are stacked and applied by `nnx.scan`, so the compiler
+  sees one block: the TPU compiler compiles the step in 79 s of CPU time instead of 225 s
+  (XLA:CPU: 9 s instead of 66 s). It costs memory: 8.3 GiB more temporaries per chip on the
+  TPU compiler (37.5 GiB against 29.2 GiB unscanned), well within the budget; set
+  `--config.model.scan_layers=False` for the lower figure.
 - Batch: 64 rows x 4096 tokens = 262,144 tokens per step, in 2 micro-batches of 32 rows
   (grad_accum_steps=2): 8 rows per data-parallel group at a time, which measured within budget
-  with room to spare (16 rows would roughly double the 32 GiB of temporaries). FINCH sees the
+  with room to spare (16 rows would roughly double the 26 GiB of temporaries). FINCH sees the
   mean loss of all 64 rows. 4096 tokens holds most SFT conversations whole (rows are packed).
 - Optimizer: AdamW, peak 1e-5 (full fine-tunes of 4B models use 1e-5 to 2e-5; FINCH raises the
   step up to max_scale=4 times as the loss falls, so its base rate sits at the low end),
@@ -130,7 +139,11 @@ def get_config() -> ml_collections.ConfigDict:
     dtype="bfloat16",  # compute
     param_dtype="float32",  # parameters, gradients and Adam's moments
     remat=True,  # recompute each block in the backward pass
+    remat_policy="nothing_saveable",  # keep only each block's input (JAX's default)
+    scan_layers=True,  # one block compiled and scanned 36 times: compiles in a fraction
+    attention="auto",  # splash on TPU, cuDNN's flash kernel on GPU: no [4096, 4096] scores
   )
+  config.loss_chunk_size = 512  # logits of 512 tokens per row at a time, never all 4096
   config.mesh.data = -1  # 4 data-parallel groups on 16 chips, one per host
   config.mesh.fsdp = 1  # see the docstring: FSDP's temporaries measured 154 GiB per chip
   config.mesh.tensor = 4  # heads, MLP and vocabulary over the 4 chips of a host

@@ -25,6 +25,7 @@ from finch_jax import models
 from finch_jax import sharding as shd
 from finch_jax.models import gguf, hf
 from finch_jax.models.gguf import is_gguf_file
+from finch_jax.models.llama import EXECUTION_FIELDS
 from finch_jax.optim import make_optimizer
 from finch_jax.trainer import Trainer
 
@@ -147,24 +148,32 @@ def is_pretrained(path: str) -> bool:
   return is_hf_checkpoint(path) or (bool(path) and is_gguf_file(path))
 
 
+def _execution_options(model: Mapping[str, Any]) -> dict[str, Any]:
+  """The fields of a `model` dict that say how a pretrained model runs (attention, remat, its
+  policy, scanned layers: `models.llama.EXECUTION_FIELDS`), which its file leaves open."""
+  return {k: model[k] for k in EXECUTION_FIELDS if k in model}
+
+
 def hf_model_config(path: str, model: Mapping[str, Any]) -> models.ModelConfig:
   """The architecture of the Hugging Face model in `path`, with `model`'s `dtype`,
-  `param_dtype` and `remat`."""
+  `param_dtype` and execution options (`remat`, `remat_policy`, `scan_layers`, `attention`)."""
   with open(os.path.join(path, hf.CONFIG_FILE)) as f:
     values = json.load(f)
-  return hf.config_from_hf(
+  config = hf.config_from_hf(
     values, dtype=model.get("dtype", "float32"), param_dtype=model.get("param_dtype", None)
-  ).replace(remat=bool(model.get("remat", False)))
+  )
+  return hf.with_execution_options(config, _execution_options(model))
 
 
 def pretrained_model_config(path: str, model: Mapping[str, Any]) -> models.ModelConfig:
   """The architecture a pretrained model brings (its config.json, or a GGUF file's metadata),
-  with `model`'s `dtype`, `param_dtype` and `remat`."""
+  with `model`'s `dtype`, `param_dtype` and execution options (as `hf_model_config`)."""
   if is_hf_checkpoint(path):
     return hf_model_config(path, model)
-  return gguf.gguf_config(
+  config = gguf.gguf_config(
     path, dtype=model.get("dtype", "float32"), param_dtype=model.get("param_dtype", None)
-  ).replace(remat=bool(model.get("remat", False)))
+  )
+  return hf.with_execution_options(config, _execution_options(model))
 
 
 def pretrained_tokenizer(path: str) -> data_lib.Tokenizer | None:
@@ -195,8 +204,7 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> data_lib.Tokenizer:
     return data_lib.ByteTokenizer()
   if tokenizer is None:
     raise FileNotFoundError(
-      f"No tokenizer in {path!r}: set --config.data.tokenizer to a directory with a "
-      "tokenizer.json."
+      f"No tokenizer in {path!r}: set --config.data.tokenizer to a directory with a tokenizer.json."
     )
   return tokenizer
 
@@ -233,6 +241,7 @@ def make_trainer(
     kl_weight=replay_kl_weight(config),
     lora=lora_config(config),
     loss_floor=float(config.finch.get("loss_floor", 0.0)) if config.finch.enabled else 0.0,
+    loss_chunk_size=config.get("loss_chunk_size", 0),
   )
 
 

@@ -16,7 +16,12 @@ the first output axis:
   down_proj                [mlp | embed]
 
 A is normal(0, 1 / fan_in) with fan_in the product of the input dimensions, and B is zero, so the
-adapted model equals the base model at initialisation. Adapters are float32 whatever the base
+adapted model equals the base model at initialisation.
+
+A model with scanned layers (`LlamaConfig.scan_layers`) stacks each block kernel on a leading
+layer axis, [layers, *inputs, *outputs]; its adapters carry that axis too, A [layers, *inputs,
+rank] and B [layers, rank, *outputs], one independent pair per layer, and the merge adds each
+layer's own product. Adapters are float32 whatever the base
 dtype; `merge` forms the delta in float32 and casts W + delta back to W's dtype.
 
 Sharding: A is laid out like W's input axes with the rank replicated, B like W's output axes with
@@ -176,6 +181,19 @@ def _show(path: _Path) -> str:
   return "/".join(str(k) for k in path)
 
 
+def _stacked(name: str, ndim: int) -> bool:
+  """Whether a `name` kernel of rank `ndim` is stacked on a leading layer axis (scanned layers);
+  False for a plain kernel, ValueError for any other rank."""
+  rank, _ = _KERNELS[name]
+  if ndim not in (rank, rank + 1):
+    raise ValueError(
+      f"LoRA expects a rank-{rank} {name} kernel there (rank {rank + 1} when stacked over "
+      f"scanned layers), got rank {ndim}: pass the model's parameter state, or drop {name!r} "
+      "from LoraConfig.targets."
+    )
+  return ndim == rank + 1
+
+
 def _target_kernels(params: Any, config: LoraConfig) -> list[tuple[_Path, Any]]:
   """(path, leaf) of each kernel `config` targets, checked against the expected kernel rank."""
   found = []
@@ -183,13 +201,10 @@ def _target_kernels(params: Any, config: LoraConfig) -> list[tuple[_Path, Any]]:
     name = path[-1] if path else None
     if name not in config.targets:
       continue
-    ndim, _ = _KERNELS[name]
-    if len(leaf.shape) != ndim:
-      raise ValueError(
-        f"{_show(path)} has shape {tuple(leaf.shape)}, but LoRA expects a rank-{ndim} {name} "
-        "kernel there (see finch_jax.models): pass the model's parameter state, or drop "
-        f"{name!r} from LoraConfig.targets."
-      )
+    try:
+      _stacked(name, len(leaf.shape))
+    except ValueError as error:
+      raise ValueError(f"{_show(path)} has shape {tuple(leaf.shape)}: {error}") from None
     found.append((path, leaf))
   names = {path[-1] for path, _ in found}
   if missing := [t for t in config.targets if t not in names]:
@@ -201,13 +216,13 @@ def _target_kernels(params: Any, config: LoraConfig) -> list[tuple[_Path, Any]]:
   return found
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _init_a(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """normal(0, 1 / fan_in) in float32, fan_in being the product of all but the last (rank) axis.
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init_a(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+  """normal(0, 1 / fan_in) in float32 (fan_in: the product of the kernel's input dimensions).
 
   Jitted, so eager initialisation compiles one program per shape rather than one per operation.
   """
-  return math.prod(shape[:-1]) ** -0.5 * jax.random.normal(key, shape, jnp.float32)
+  return fan_in**-0.5 * jax.random.normal(key, shape, jnp.float32)
 
 
 def init_lora(params: Any, config: LoraConfig, key: jax.Array) -> nnx.State:
@@ -223,7 +238,8 @@ def init_lora(params: Any, config: LoraConfig, key: jax.Array) -> nnx.State:
 
   Returns:
     An `nnx.State` holding, under each targeted kernel's path, `{"a": A, "b": B}` in float32:
-    A [*input_dims, rank] ~ normal(0, 1 / fan_in), B [rank, *output_dims] = 0.
+    A [*input_dims, rank] ~ normal(0, 1 / fan_in), B [rank, *output_dims] = 0 (each with a
+    leading layer axis for a kernel stacked over scanned layers).
 
   Raises:
     ValueError: when a target is not in `params` or a targeted leaf is not a kernel.
@@ -234,14 +250,17 @@ def init_lora(params: Any, config: LoraConfig, key: jax.Array) -> nnx.State:
   for (path, leaf), k in zip(kernels, keys, strict=True):
     _, n_in = _KERNELS[path[-1]]
     shape = tuple(leaf.shape)
-    in_dims, out_dims = shape[:n_in], shape[n_in:]
-    a = _init_a(k, (*in_dims, config.rank))
-    b = jnp.zeros((config.rank, *out_dims), jnp.float32)
+    lead = 1 if _stacked(path[-1], len(shape)) else 0  # the layer axis, kept on A and B
+    layers, in_dims, out_dims = shape[:lead], shape[lead : lead + n_in], shape[lead + n_in :]
+    a = _init_a(k, (*layers, *in_dims, config.rank), math.prod(in_dims))
+    b = jnp.zeros((*layers, config.rank, *out_dims), jnp.float32)
     names = leaf.get_metadata().get("out_sharding") if isinstance(leaf, nnx.Variable) else None
     if names is not None and len(names) == len(shape):
       names = tuple(names)
-      a = nnx.Param(a, out_sharding=(*names[:n_in], None), eager_sharding=False)
-      b = nnx.Param(b, out_sharding=(None, *names[n_in:]), eager_sharding=False)
+      a_names = (*names[: lead + n_in], None)
+      b_names = (*names[:lead], None, *names[lead + n_in :])
+      a = nnx.Param(a, out_sharding=a_names, eager_sharding=False)
+      b = nnx.Param(b, out_sharding=b_names, eager_sharding=False)
     flat += [((*path, "a"), a), ((*path, "b"), b)]
   return _nest(flat)
 
@@ -264,15 +283,17 @@ def _adapter_pairs(lora_params: Any) -> dict[_Path, dict[str, Any]]:
   return pairs
 
 
-def _delta(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-  """scale * A @ B in float32, shaped [*A.shape[:-1], *B.shape[1:]]."""
+def _delta(a: jax.Array, b: jax.Array, scale: float, stacked: bool = False) -> jax.Array:
+  """scale * A @ B in float32, shaped [*A.shape[:-1], *B.shape[1:]]; with `stacked`, A and B
+  share a leading layer axis and each layer's pair is multiplied on its own."""
   letters = "abcdefghijklmnopq"
-  n_in, n_out = a.ndim - 1, b.ndim - 1
+  lead = "z" if stacked else ""
+  n_in, n_out = a.ndim - 1 - len(lead), b.ndim - 1 - len(lead)
   ins, outs = letters[:n_in], letters[n_in : n_in + n_out]
   # An einsum over the named axes, not a reshape to a matrix: each operand keeps its layout and
   # the product comes out in the kernel's. HIGHEST: no TF32/bf16 passes for the float32 delta.
   product = jnp.einsum(
-    f"{ins}r,r{outs}->{ins}{outs}",
+    f"{lead}{ins}r,{lead}r{outs}->{lead}{ins}{outs}",
     a.astype(jnp.float32),
     b.astype(jnp.float32),
     precision=jax.lax.Precision.HIGHEST,
@@ -316,18 +337,20 @@ def merge(params: Any, lora_params: Any, config: LoraConfig) -> Any:
       return leaf
     w = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
     a, b = pair["a"], pair["b"]
-    if a.shape[-1] != config.rank or b.shape[0] != config.rank:
+    stacked = _stacked(path[-1], w.ndim)
+    lead = 1 if stacked else 0
+    if a.shape[-1] != config.rank or b.shape[lead : lead + 1] != (config.rank,):
       raise ValueError(
         f"The adapters of {_show(path)} have rank {a.shape[-1]}, but LoraConfig.rank is "
         f"{config.rank}: pass the LoraConfig the adapters were made with."
       )
-    if (*a.shape[:-1], *b.shape[1:]) != tuple(w.shape):
+    if (*a.shape[:-1], *b.shape[lead + 1 :]) != tuple(w.shape) or a.shape[:lead] != b.shape[:lead]:
       raise ValueError(
         f"The adapters of {_show(path)} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit its "
         f"kernel {tuple(w.shape)}: make the adapters with init_lora from this parameter state."
       )
     used.add(path)
-    merged = (w.astype(jnp.float32) + _delta(a, b, config.scale)).astype(w.dtype)
+    merged = (w.astype(jnp.float32) + _delta(a, b, config.scale, stacked)).astype(w.dtype)
     return leaf.replace(merged) if isinstance(leaf, nnx.Variable) else merged
 
   merged = jax.tree_util.tree_map_with_path(
@@ -347,7 +370,8 @@ def lora_shardings(lora_params: Any, base_shardings: Any) -> nnx.State:
   A [*input_dims, rank] takes the kernel's spec on its input axes and replicates the rank;
   B [rank, *output_dims] replicates the rank and takes the kernel's spec on its output axes. So
   with `finch_jax.sharding.DEFAULT_RULES` q_proj's A is P("fsdp", None) and B P(None, "tensor",
-  None), o_proj's A P("tensor", None, None) and B P(None, "fsdp").
+  None), o_proj's A P("tensor", None, None) and B P(None, "fsdp"). A stacked kernel's layer axis
+  keeps its spec on both.
 
   Args:
     lora_params: adapters (arrays or `jax.ShapeDtypeStruct`s, e.g. from `jax.eval_shape`).
@@ -373,10 +397,14 @@ def lora_shardings(lora_params: Any, base_shardings: Any) -> nnx.State:
       )
     a, b = pair["a"], pair["b"]
     if isinstance(sharding, NamedSharding):
-      n_in, n_out = len(a.shape) - 1, len(b.shape) - 1
-      spec = tuple(sharding.spec) + (None,) * (n_in + n_out - len(sharding.spec))
-      a_sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[:n_in], None))
-      b_sharding = NamedSharding(sharding.mesh, PartitionSpec(None, *spec[n_in:]))
+      _, n_in = _KERNELS[path[-1]]
+      lead = len(a.shape) - 1 - n_in  # 1 for a kernel stacked over scanned layers
+      ndim = lead + n_in + len(b.shape) - 1 - lead
+      spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+      a_spec = (*spec[: lead + n_in], None)
+      b_spec = (*spec[:lead], None, *spec[lead + n_in :])
+      a_sharding = NamedSharding(sharding.mesh, PartitionSpec(*a_spec))
+      b_sharding = NamedSharding(sharding.mesh, PartitionSpec(*b_spec))
     else:
       a_sharding = b_sharding = sharding
     flat += [((*path, "a"), a_sharding), ((*path, "b"), b_sharding)]
@@ -446,14 +474,23 @@ def delta_matrices(lora_params: Any, config: LoraConfig) -> dict[str, np.ndarray
   """Each adapted kernel's delta as a float32 numpy matrix [prod(inputs), prod(outputs)].
 
   For inspection (the singular values, the size of the update): keyed by the kernel's path,
-  joined with "/". Materialises every delta on the host, so keep it to small models or a few
-  layers.
+  joined with "/". A kernel stacked over scanned layers gives one matrix per layer, keyed as the
+  unscanned model's (`blocks/0/attn/q_proj`: the layer index after the stacked container), so
+  both layouts give the same keys. Materialises every delta on the host, so keep it to small
+  models or a few layers.
   """
   out = {}
   for path, pair in _adapter_pairs(lora_params).items():
-    a, b = pair["a"], pair["b"]
-    delta = np.asarray(_delta(jnp.asarray(a), jnp.asarray(b), config.scale))
-    out[_show(path)] = delta.reshape(math.prod(a.shape[:-1]), math.prod(b.shape[1:]))
+    a, b = jnp.asarray(pair["a"]), jnp.asarray(pair["b"])
+    _, n_in = _KERNELS[path[-1]]
+    if a.ndim == n_in + 1:
+      delta = np.asarray(_delta(a, b, config.scale))
+      out[_show(path)] = delta.reshape(math.prod(a.shape[:-1]), math.prod(b.shape[1:]))
+      continue
+    deltas = np.asarray(_delta(a, b, config.scale, stacked=True))
+    for i, delta in enumerate(deltas):
+      key = _show((path[0], i, *path[1:]))
+      out[key] = delta.reshape(math.prod(a.shape[1:-1]), math.prod(b.shape[2:]))
   return out
 
 

@@ -374,6 +374,7 @@ def base_params(config: ml_collections.ConfigDict, trainer: Trainer) -> Any:
       dtype=trainer.model_config.dtype,
       param_dtype=trainer.model_config.param_dtype,
       rules=trainer.rules,
+      scan_layers=trainer.model_config.scan_layers,
     )
     return nnx.as_pure(nnx.state(model))
   return restore_params(config.base_checkpoint, trainer.abstract_model_params())

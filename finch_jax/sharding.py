@@ -44,6 +44,10 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("head_dim", None),
   ("mlp", "tensor"),
   ("norm", None),
+  # The leading axis of scanned blocks' stacked parameters (LlamaConfig.scan_layers): whole on
+  # every device, as in MaxText; the scan reads one layer's slice per step, so sharding it would
+  # move whole layers between devices.
+  ("layers", None),
 )
 
 

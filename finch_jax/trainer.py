@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -28,7 +29,7 @@ import optax
 from flax import nnx
 
 from finch_jax import lora as lora_lib
-from finch_jax import models
+from finch_jax import losses, models
 from finch_jax import sharding as shd
 from finch_jax.remedies import token_kl_to_base
 from finch_jax.transform import finch_stats, find_finch_states, zero_unless
@@ -53,8 +54,12 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Arra
   return jnp.sum(losses * weights), jnp.sum(weights)
 
 
-def _first_micro_batch(batch: Batch) -> Batch:
-  return {k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in batch.items()}
+def _micro_batch_shape(batch: Batch, num: int) -> Batch:
+  """Shapes of one of `num` micro-batches of `batch`: the real row count, since a kernel
+  mapped over the mesh (splash under shard_map) needs rows that split over the batch axes."""
+  return {
+    k: jax.ShapeDtypeStruct((v.shape[0] // num, *v.shape[1:]), v.dtype) for k, v in batch.items()
+  }
 
 
 def _split_micro_batches(batch: Batch, num: int) -> Batch:
@@ -87,6 +92,14 @@ class StepSpec:
   lora: lora_lib.LoraConfig | None = None  # the state trains adapters of the reference.
   has_finch: bool = False  # whether `tx` holds a `scale_by_finch` (its telemetry is logged).
   loss_floor: float = 0.0  # FINCH's `loss_floor`, for the logged forgetting bound.
+  loss_chunk_size: int = 0  # tokens per row whose logits the loss makes at once (0: all).
+
+
+def _on_mesh(spec: StepSpec):
+  """The trainer's mesh as the abstract mesh in context while the model runs: attention's
+  "auto" resolves for the mesh's platform (splash when compiling for TPU devices, even on a
+  CPU host), and splash runs per shard under `shard_map` over it."""
+  return jax.sharding.use_abstract_mesh(spec.logits_sharding.mesh.abstract_mesh)
 
 
 def full_params(spec: StepSpec, params: Any, reference: Any) -> Any:
@@ -97,15 +110,28 @@ def full_params(spec: StepSpec, params: Any, reference: Any) -> Any:
 def logits(spec: StepSpec, params: Any, batch: Batch) -> jax.Array:
   """The model's float32 logits for `batch`'s inputs, laid out like the batch."""
   model = nnx.merge(spec.graphdef, params)
-  out = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+  with _on_mesh(spec):
+    out = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
   # Laid out like the batch (and the vocabulary over `tensor`): otherwise, with the embedding
   # sharded over fsdp, the compiler may gather the whole batch's logits on every device,
   # [batch, length, vocab] floats each (74 GiB per chip for Qwen3-4B at 32 x 4096 tokens).
   return jax.lax.with_sharding_constraint(out, spec.logits_sharding)
 
 
+def hidden_and_head(spec: StepSpec, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """The model's final hidden states for `batch`'s inputs and its output projection
+  (`Llama.hidden_and_head`), which `finch_jax.losses` turns into logits a chunk at a time."""
+  model = nnx.merge(spec.graphdef, params)
+  with _on_mesh(spec):
+    return model.hidden_and_head(
+      batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+    )
+
+
 def loss_sums(spec: StepSpec, params: Any, micro: Batch, reference: Any) -> tuple[jax.Array, Any]:
   """(sum of the token losses of `micro`, auxiliary sums for the metrics)."""
+  if spec.loss_chunk_size:
+    return _chunked_loss_sums(spec, params, micro, reference)
   model_logits = logits(spec, full_params(spec, params, reference), micro)
   weights = micro["weights"]
   if not spec.kl_weight:
@@ -114,6 +140,26 @@ def loss_sums(spec: StepSpec, params: Any, micro: Batch, reference: Any) -> tupl
   replay = micro["replay"].astype(jnp.float32) * weights
   ce_sum, _ = token_cross_entropy(model_logits, micro["targets"], weights - replay)
   kl_sum, kl_tokens = token_kl_to_base(model_logits, logits(spec, reference, micro), replay)
+  return ce_sum + spec.kl_weight * kl_sum, {"kl_sum": kl_sum, "kl_tokens": kl_tokens}
+
+
+def _chunked_loss_sums(
+  spec: StepSpec, params: Any, micro: Batch, reference: Any
+) -> tuple[jax.Array, Any]:
+  """`loss_sums` with the logits made `spec.loss_chunk_size` tokens of each row at a time
+  (`finch_jax.losses`): the same token losses, to float32 rounding, without ever holding the
+  whole [batch, length, vocab] logits or their gradient."""
+  hidden, head = hidden_and_head(spec, full_params(spec, params, reference), micro)
+  options = dict(chunk_size=spec.loss_chunk_size, logits_sharding=spec.logits_sharding)
+  weights = micro["weights"]
+  if not spec.kl_weight:
+    loss_sum, _ = losses.cross_entropy_sums(hidden, head, micro["targets"], weights, **options)
+    return loss_sum, {}
+  replay = micro["replay"].astype(jnp.float32) * weights
+  base_hidden, base_head = hidden_and_head(spec, reference, micro)
+  ce_sum, _, kl_sum, kl_tokens = losses.cross_entropy_and_kl_sums(
+    hidden, head, micro["targets"], weights - replay, base_hidden, base_head, replay, **options
+  )
   return ce_sum + spec.kl_weight * kl_sum, {"kl_sum": kl_sum, "kl_tokens": kl_tokens}
 
 
@@ -132,7 +178,8 @@ def _loss_and_grads(spec: StepSpec, params: Any, batch: Batch, reference: Any):
   def accumulate(carry, micro):
     return jax.tree.map(jnp.add, carry, grad_fn(params, micro)), None
 
-  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, _first_micro_batch(batch)))
+  micro = _micro_batch_shape(batch, spec.grad_accum_steps)
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, micro))
   out, _ = jax.lax.scan(accumulate, zeros, _split_micro_batches(batch, spec.grad_accum_steps))
   return out
 
@@ -180,6 +227,16 @@ def train_step(
 
 def eval_step(spec: StepSpec, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
   """(sum of weighted token cross-entropies, sum of weights) of the model's `params`."""
+  if spec.loss_chunk_size:
+    hidden, head = hidden_and_head(spec, params, batch)
+    return losses.cross_entropy_sums(
+      hidden,
+      head,
+      batch["targets"],
+      batch["weights"],
+      chunk_size=spec.loss_chunk_size,
+      logits_sharding=spec.logits_sharding,
+    )
   return token_cross_entropy(logits(spec, params, batch), batch["targets"], batch["weights"])
 
 
@@ -190,7 +247,8 @@ def fact_step(spec: StepSpec, params: Any, batch: Batch) -> tuple[jax.Array, jax
   rows = jnp.arange(batch_size)[:, None]
   answer_pos = lengths[:, None] + jnp.arange(answer_len)  # where each answer token goes
   tokens = jnp.pad(prompts, ((0, 0), (0, answer_len))).at[rows, answer_pos].set(answers)
-  model_logits = nnx.merge(spec.graphdef, params)(tokens)
+  with _on_mesh(spec):
+    model_logits = nnx.merge(spec.graphdef, params)(tokens)
   predicted = jnp.argmax(model_logits[rows, answer_pos - 1], axis=-1)
   recalled = jnp.all((predicted == answers) | (batch["answer_mask"] == 0), axis=1)
   counted = batch["example_mask"] > 0
@@ -227,6 +285,9 @@ class Trainer:
     kl_weight: weight of the KL-to-reference term on replay tokens (0: plain cross-entropy).
     lora: train low-rank adapters of the base instead of all of its weights (None: all).
     loss_floor: FINCH's `loss_floor`, for the logged forgetting bound.
+    loss_chunk_size: tokens of each row whose logits the loss (and evaluation) makes at a time,
+      from the model's final hidden states (`finch_jax.losses`); 0 makes the whole logits at
+      once. Need not divide the sequence length.
   """
 
   def __init__(
@@ -241,9 +302,16 @@ class Trainer:
     kl_weight: float = 0.0,
     lora: lora_lib.LoraConfig | None = None,
     loss_floor: float = 0.0,
+    loss_chunk_size: int = 0,
   ):
     if kl_weight < 0:
       raise ValueError(f"kl_weight must be >= 0, got {kl_weight}.")
+    integral = isinstance(loss_chunk_size, numbers.Integral)
+    if isinstance(loss_chunk_size, bool) or not integral or loss_chunk_size < 0:
+      raise ValueError(
+        f"loss_chunk_size must be an integer >= 0, got {loss_chunk_size!r}: tokens per chunk, "
+        "or 0 for the whole logits at once."
+      )
     self.model_config = model_config
     self.tx = tx
     self.schedule = schedule
@@ -278,6 +346,7 @@ class Trainer:
       lora=lora,
       has_finch=has_finch,
       loss_floor=float(loss_floor),
+      loss_chunk_size=int(loss_chunk_size),
     )
     # The new state keeps the old one's layout, so it is written over the donated buffers and
     # the next step reuses the compiled program (left free, the compiler may hand back, e.g.,

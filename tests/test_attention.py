@@ -1,12 +1,14 @@
 """Every attention implementation against the einsum reference: values, gradients, memory."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from finch_jax import sharding as shd
-from finch_jax.models import attention, llama
+from finch_jax.models import attention
 
 B, T, HEADS, KV_HEADS, HEAD_DIM = 2, 200, 4, 2, 32
 # Blocks that do not divide T = 200, so the padding of the blocked paths is exercised too.
@@ -95,13 +97,30 @@ def test_bfloat16_near_float32_reference(qkv, implementation):
     assert_close(grad, ref_grad, rtol=2e-2)
 
 
-def test_mask_matches_the_models():
-  """The mask the models build (`attention_mask_and_positions`) is `causal_segment_mask`."""
-  segment_ids = packed_segments()
-  tokens = jnp.zeros((B, T), jnp.int32)
-  for ids in (None, segment_ids):
-    expected, _ = llama.attention_mask_and_positions(tokens, ids, None)
-    np.testing.assert_array_equal(attention.causal_segment_mask(T, ids), expected)
+def test_auto_follows_the_platform_of_the_mesh_in_context(monkeypatch):
+  """A TPU mesh in context gets splash even on a CPU host (compiling for TPU devices);
+  elsewhere short rows get the reference and long ones chunked."""
+  resolve = functools.partial(
+    attention.resolve_implementation, "auto", dtype=jnp.bfloat16, head_dim=128, segmented=True
+  )
+  tpu = jax.sharding.AbstractMesh(
+    (2, 2),
+    ("data", "tensor"),
+    abstract_device=jax.sharding.AbstractDevice("TPU v5p", num_cores=None, platform="tpu"),
+  )
+  with jax.sharding.use_abstract_mesh(tpu):
+    assert attention.platform() == "tpu"
+    assert resolve(length=128) == resolve(length=4096) == "splash"
+  if jax.default_backend() == "cpu":
+    assert attention.platform() == "cpu"
+    # One block or less: chunked would hold the same scores; the reference keeps the numbers.
+    assert resolve(length=attention.DEFAULT_BLOCK_SIZE) == "reference"
+    assert resolve(length=attention.DEFAULT_BLOCK_SIZE + 1) == "chunked"
+    assert resolve(length=300, block_size=256) == "chunked"
+  # A TPU backend with several devices and no mesh to map splash over: the chunked kernel.
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert attention.platform() == "tpu" and jax.device_count() > 1
+  assert resolve(length=4096) == "chunked"
 
 
 @pytest.mark.parametrize("mesh_from", ["argument", "context"])

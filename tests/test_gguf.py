@@ -352,6 +352,21 @@ def test_sharded_load_equals_unsharded(files):
   )
 
 
+def test_scanned_load_stacks_the_layers(files):
+  """With scan_layers, each block parameter is its layers' tensors stacked, read through the same
+  placement; the logits are the unscanned model's."""
+  scanned, _ = load_gguf(files["qwen3"], scan_layers=True)
+  single, _ = load_gguf(files["qwen3"])
+  assert scanned.config == single.config.replace(scan_layers=True)
+  for name in ("q_proj", "o_proj"):
+    stacked = [getattr(block.attn, name)[...] for block in single.blocks]
+    np.testing.assert_array_equal(getattr(scanned.blocks.attn, name)[...], np.stack(stacked))
+  # The loop and the scan fuse differently: measured 3.1e-6 on logits of magnitude ~3.
+  np.testing.assert_allclose(
+    forward(scanned, jnp.asarray(TOKENS)), forward(single, jnp.asarray(TOKENS)), atol=1e-5
+  )
+
+
 def llama3_factors(factor: float, original: int) -> list[float]:
   """llama.cpp's rope_freqs.weight for Llama 3 rope scaling (low/high frequency factors 1, 4)."""
   head_dim = SIZES["llama"]["head_dim"]

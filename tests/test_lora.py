@@ -297,9 +297,11 @@ def test_targets_absent_from_the_model_and_mismatched_adapters():
     ValueError, match=r"targets \['gate_proj', 'down_proj'\] are not in the parameters"
   ):
     lora.init_lora(attention_only, config, jax.random.key(0))
-  with pytest.raises(ValueError, match=r"expects a rank-2 up_proj kernel"):
+  with pytest.raises(ValueError, match=r"expects a rank-2 up_proj kernel .* got rank 4"):
     lora.init_lora(
-      {"up_proj": jnp.zeros((4, 4, 4))}, lora.LoraConfig(2, 2.0, ("up_proj",)), jax.random.key(0)
+      {"up_proj": jnp.zeros((4, 4, 4, 4))},
+      lora.LoraConfig(2, 2.0, ("up_proj",)),
+      jax.random.key(0),
     )
 
   adapters = lora.init_lora(params, lora.LoraConfig(rank=2, alpha=2.0), jax.random.key(0))

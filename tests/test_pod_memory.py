@@ -122,6 +122,17 @@ def test_fsdp_splits_params_and_adam_state_eight_ways(fsdp8, fsdp1):
   assert 1 / 8 <= args8 / args1 <= 1 / 8 + replicated / whole
 
 
+def test_scanned_layers_chunked_loss_and_attention_hold_the_same_shards(fsdp8):
+  """Stacked blocks (the layer axis whole, the rest sharded as before), the chunked loss and
+  the attention kernels change what a step computes in, not what each device holds."""
+  config = tiny_config(data=1, fsdp=8)
+  config.model = {**TINY_LLAMA, "scan_layers": True, "remat": True, "attention": "chunked"}
+  config.loss_chunk_size = 12
+  scanned = pod_memory.compiled_memory(config, 8)
+  assert scanned["argument"] == fsdp8["argument"]
+  assert scanned["expected_params"] == fsdp8["expected_params"]
+
+
 def test_the_new_state_is_written_over_the_donated_one(fsdp8):
   assert fsdp8["alias"] >= fsdp8["expected_params"] + fsdp8["expected_opt_state"]
 
@@ -169,8 +180,10 @@ def test_pod_config_describes_qwen3_4b(name):
   config = module.get_config()
   ours = models.config_from_dict(config.model)
   theirs = hf.config_from_hf(QWEN3_4B_HF, dtype="bfloat16", param_dtype="float32")
-  assert dataclasses.replace(ours, remat=False) == theirs
+  assert dataclasses.replace(ours, remat=False, scan_layers=False) == theirs
   assert ours.remat and ours.num_params() == 4_022_468_096
+  # What keeps the step within memory and its compile short (README, "Memory per device").
+  assert ours.scan_layers and ours.attention == "auto" and config.loss_chunk_size == 512
   assert config.mode == "finetune" and config.finch.enabled
 
 

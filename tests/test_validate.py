@@ -248,6 +248,7 @@ def test_unknown_mode():
     ("checkpoint_every", -10, "non-negative integer (0 checkpoints only at the end)"),
     ("grad_accum_steps", 0, "positive integer"),
     ("seed", -1, "[0, 2**32)"),
+    ("loss_chunk_size", -1, "non-negative integer: tokens per row whose logits the loss makes"),
   ],
 )
 def test_counts_and_intervals(field, value, fragment):

@@ -27,7 +27,13 @@ Implementations (`IMPLEMENTATIONS`):
   chunked    blockwise attention in plain JAX with an online softmax and a hand-written backward
              (the FlashAttention-2 recurrences): memory linear in the length, key blocks past
              the diagonal skipped. Runs anywhere.
-  auto       splash on TPU, cudnn on GPU where it applies, else chunked.
+  auto       splash on TPU (given a mesh in context, or one device), cudnn on GPU where it
+             applies; elsewhere reference while the length fits in one block (`block_size`),
+             chunked beyond.
+
+The platform "auto" resolves for is that of the mesh set with `jax.set_mesh` or
+`jax.sharding.use_abstract_mesh` (the trainer's steps set theirs), else JAX's default backend:
+a program compiled on a CPU for TPU devices gets splash.
 """
 
 from __future__ import annotations
@@ -71,20 +77,43 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
   return out.reshape(batch, length, num_heads, head_dim).astype(dtype)
 
 
+def platform() -> str:
+  """ "cpu", "gpu" or "tpu": the platform of the mesh in context (`jax.set_mesh`,
+  `jax.sharding.use_abstract_mesh`), else of JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  name = getattr(device, "platform", None) or jax.default_backend()
+  return "gpu" if name in ("cuda", "rocm") else name
+
+
 def resolve_implementation(
-  implementation: str, *, dtype: jnp.dtype, head_dim: int, length: int, segmented: bool
+  implementation: str,
+  *,
+  dtype: jnp.dtype,
+  head_dim: int,
+  length: int,
+  segmented: bool,
+  block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> str:
-  """The implementation `attend` runs for `implementation` ("auto" resolved on this backend)."""
+  """The implementation `attend` runs for `implementation` ("auto" resolved for `platform()`)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"Unknown attention implementation {implementation!r}: use {IMPLEMENTATIONS}.")
   if implementation != "auto":
     return implementation
-  backend = jax.default_backend()
-  if backend == "tpu":
-    return "splash"
-  if backend == "gpu" and _cudnn_applies(dtype, head_dim, length, segmented):
+  where = platform()
+  if where == "tpu":
+    # The compiler cannot partition a Pallas call: on several devices splash runs per shard
+    # under shard_map over the mesh in context, and without one the chunked kernel (plain JAX,
+    # which the compiler partitions) is the safe choice.
+    mapped = not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1
+    return "splash" if mapped else "chunked"
+  if where == "gpu" and _cudnn_applies(dtype, head_dim, length, segmented):
     return "cudnn"
-  return "chunked"
+  # Up to one block the chunked kernel is a single block: it holds the same [length, length]
+  # scores as the reference and saves nothing, while its online softmax rounds differently.
+  # The reference is the computation the models always ran, so short rows (the compact model
+  # of the embedded benchmarks trains on 128 tokens) keep their numbers bit for bit.
+  return "reference" if length <= block_size else "chunked"
 
 
 def _cudnn_applies(dtype: jnp.dtype, head_dim: int, length: int, segmented: bool) -> bool:
@@ -139,7 +168,8 @@ def attend(
       caller maps it). The other implementations are partitioned by the compiler and ignore it.
     batch_axes, head_axis: mesh axes of the batch and head dimensions; names the mesh lacks are
       skipped.
-    interpret: "splash" only: run the kernel in Pallas interpret mode. None: off TPU only.
+    interpret: "splash" only: run the kernel in Pallas interpret mode. None: off TPU only
+      (`platform()`).
 
   Returns:
     [batch, length, heads, head_dim] in q's dtype.
@@ -154,13 +184,14 @@ def attend(
     head_dim=head_dim,
     length=length,
     segmented=segment_ids is not None,
+    block_size=block_size,
   )
   if impl == "reference":
     return reference_attention(q, k, v, causal_segment_mask(length, segment_ids))
-  if impl == "cudnn" and jax.default_backend() != "gpu":
+  if impl == "cudnn" and platform() != "gpu":
     raise ValueError(
-      f"implementation='cudnn' needs an NVIDIA GPU, but this backend is "
-      f"{jax.default_backend()!r}: use 'auto' (or 'chunked')."
+      f"implementation='cudnn' needs an NVIDIA GPU, but this backend is {platform()!r}: use "
+      "'auto' (or 'chunked')."
     )
   if impl in ("xla", "cudnn"):
     # is_causal lets cuDNN skip the blocks above the diagonal; only the segment test needs a mask
@@ -396,7 +427,7 @@ def splash_attention(
   """
   _check_shapes(q, k, v, segment_ids)
   if interpret is None:
-    interpret = jax.default_backend() != "tpu"
+    interpret = platform() != "tpu"
   _, length, _, head_dim = q.shape
   block = min(block_size, -(-length // 128) * 128)
   if block % 128:
@@ -468,6 +499,7 @@ __all__ = [
   "attend",
   "causal_segment_mask",
   "chunked_attention",
+  "platform",
   "reference_attention",
   "resolve_implementation",
   "splash_attention",

@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from finch_jax import sharding as shd
-from finch_jax.models.hf import HFTokenizer, _layout, place_weights
+from finch_jax.models.hf import HFTokenizer, _layout, place_weights, with_execution_options
 from finch_jax.models.llama import Llama, Llama3RopeScaling, LlamaConfig
 
 GGUF_MAGIC = b"GGUF"
@@ -502,6 +502,7 @@ def load_gguf(
   dtype: str = "float32",
   param_dtype: str | None = "float32",
   rules: shd.LogicalRules | None = None,
+  **options: Any,
 ) -> tuple[Llama, HFTokenizer | None]:
   """Loads a llama.cpp GGUF file of a Llama or Qwen3 model as a `Llama` and its tokenizer.
 
@@ -514,6 +515,8 @@ def load_gguf(
     param_dtype: dtype the parameters are stored in (None means `dtype`); dequantized
       weights are cast to it.
     rules: logical-axis rules for `mesh`; None means `finch_jax.sharding.DEFAULT_RULES`.
+    **options: how the model runs (`llama.EXECUTION_FIELDS`), as for `hf.load_hf`; e.g.
+      `scan_layers=True` stacks the blocks' parameters for `nnx.scan`.
 
   Returns:
     (model, tokenizer): the tokenizer is an `HFTokenizer` rebuilt from the file's metadata, or
@@ -527,6 +530,7 @@ def load_gguf(
   reader = _open(path)
   fields = _fields(reader)
   config = _config(reader, fields, path, dtype, param_dtype or dtype)
+  config = with_execution_options(config, options)
   tokenizer = _tokenizer(fields, path)
   tensors = _hf_tensors(reader, config, path)
   model = place_weights(

@@ -24,6 +24,11 @@ are [out, in]; here projections are [in, out], the attention ones split into hea
     model.norm.weight                   final_norm.scale      [embed]
     lm_head.weight                      lm_head               [embed, vocab]  (absent when tied)
 
+A model with `scan_layers` holds each block parameter once, stacked over the layers:
+`blocks.attn.q_proj` [layers, embed, heads, head_dim] stacks the q_proj of
+`model.layers.0`, `model.layers.1`, ...; loading stacks the per-layer tensors and saving splits
+them, so the files are the same either way.
+
 With a mesh, every tensor is built with `jax.make_array_from_callback`: each device's callback
 reads only the rows and columns of its own shard from the memory-mapped safetensors file, so no
 device (and no host buffer) ever holds a full copy of a sharded parameter.
@@ -47,7 +52,13 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from finch_jax import sharding as shd
-from finch_jax.models.llama import MODEL_TYPES, Llama, Llama3RopeScaling, LlamaConfig
+from finch_jax.models.llama import (
+  EXECUTION_FIELDS,
+  MODEL_TYPES,
+  Llama,
+  Llama3RopeScaling,
+  LlamaConfig,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -195,7 +206,9 @@ _Path = tuple[str | int, ...]
 
 
 def _layout(config: LlamaConfig) -> dict[_Path, tuple[str, str]]:
-  """NNX parameter path -> (Hugging Face tensor name, layout kind) for every parameter."""
+  """NNX parameter path -> (Hugging Face tensor name, layout kind) for every parameter, the
+  blocks' as the unscanned model names them (`blocks`, i, ...); `_sources` maps a scanned
+  model's stacked parameters onto these."""
   table: dict[_Path, tuple[str, str]] = {
     ("embed",): ("model.embed_tokens.weight", "copy"),
     ("final_norm", "scale"): ("model.norm.weight", "copy"),
@@ -224,6 +237,27 @@ def _layout(config: LlamaConfig) -> dict[_Path, tuple[str, str]]:
       if config.mlp_bias:
         table[(*me, "mlp", f"{name}_bias")] = (f"{hf}.mlp.{name}_proj.bias", "copy")
   return table
+
+
+def _sources(config: LlamaConfig) -> dict[_Path, tuple[tuple[str, ...], str, bool]]:
+  """Path of each parameter of `Llama(config)` -> (its Hugging Face tensors, layout kind,
+  whether it stacks them on a leading layer axis).
+
+  Unscanned, each parameter is one tensor. With `scan_layers`, a block parameter
+  (`blocks`, ...) is the stack of its `num_layers` tensors, layer 0 first.
+  """
+  table = _layout(config)
+  if not config.scan_layers:
+    return {path: ((name,), kind, False) for path, (name, kind) in table.items()}
+  sources: dict[_Path, tuple[tuple[str, ...], str, bool]] = {}
+  for path, (name, kind) in table.items():
+    if path[0] != "blocks":
+      sources[path] = ((name,), kind, False)
+    elif path[1] == 0:  # one entry per stacked parameter, listing every layer's tensor
+      rest = path[2:]
+      names = tuple(table[("blocks", i, *rest)][0] for i in range(config.num_layers))
+      sources[("blocks", *rest)] = (names, kind, True)
+  return sources
 
 
 def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -287,6 +321,17 @@ def _read_block(
 # ----- loading ------------------------------------------------------------------------------
 
 
+def with_execution_options(config: LlamaConfig, options: Mapping[str, Any]) -> LlamaConfig:
+  """`config` with the fields of `options` that say how the model runs (`EXECUTION_FIELDS`);
+  any other field raises ValueError, since the checkpoint decides what the model is."""
+  if unknown := sorted(set(options) - set(EXECUTION_FIELDS)):
+    raise ValueError(
+      f"{unknown} cannot be set when loading a checkpoint, which decides the architecture: "
+      f"only {list(EXECUTION_FIELDS)} (and dtype, param_dtype) can."
+    )
+  return config.replace(**options) if options else config
+
+
 def weight_files(path: str) -> dict[str, str]:
   """Tensor name -> safetensors file holding it: the single file, else the sharded index.
 
@@ -323,15 +368,16 @@ def place_weights(
   `tensors` maps every Hugging Face name that `config` needs (see the module docstring; extra
   names are ignored) to a tensor in Hugging Face layout: a numpy array, or anything with `shape`
   (or safetensors' `get_shape()`) that reads just the block a tuple of slices asks for, such as a
-  safetensors slice. Tensors are cast to `config.param_dtype`. With `mesh`, each parameter is
-  built in its sharded layout (by its logical axis names and `rules`), each device's callback
-  reading only its own block; otherwise parameters go to the default device. Raises ValueError
-  naming a missing tensor, or a shape that disagrees with the config (`source` says where the
-  config came from).
+  safetensors slice. Tensors are cast to `config.param_dtype`. With `config.scan_layers`, each
+  block parameter is the stack of its per-layer tensors. With `mesh`, each parameter is built in
+  its sharded layout (by its logical axis names and `rules`), each device's callback reading only
+  its own block; otherwise parameters go to the default device. Raises ValueError naming a
+  missing tensor, or a shape that disagrees with the config (`source` says where the config came
+  from).
   """
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
-  table = _layout(config)
-  missing = sorted({name for name, _ in table.values()} - set(tensors))
+  sources = _sources(config)
+  missing = sorted({name for names, _, _ in sources.values() for name in names} - set(tensors))
   if missing:
     raise ValueError(f"Missing tensors {missing[:8]} that {source} implies.")
   shardings = (
@@ -340,19 +386,28 @@ def place_weights(
   target_dtype = np.dtype(config.param_dtype)
 
   def build(nnx_path: _Path, variable: nnx.Variable) -> nnx.Variable:
-    name, kind = table[nnx_path]
+    names, kind, stacked = sources[nnx_path]
     shape = tuple(variable.get_value().shape)
-    tensor = tensors[name]
-    found = tuple(tensor.shape if hasattr(tensor, "shape") else tensor.get_shape())
-    if found != _hf_shape(kind, shape):
-      raise ValueError(f"{name} has shape {found}, {source} implies {_hf_shape(kind, shape)}.")
+    layer_shape = shape[1:] if stacked else shape  # the shape of one layer's tensor
+    for name in names:
+      tensor = tensors[name]
+      found = tuple(tensor.shape if hasattr(tensor, "shape") else tensor.get_shape())
+      if found != _hf_shape(kind, layer_shape):
+        expected = _hf_shape(kind, layer_shape)
+        raise ValueError(f"{name} has shape {found}, {source} implies {expected}.")
     if mesh is None:
       sharding = SingleDeviceSharding(jax.local_devices()[0])
     else:
       sharding = shardings[nnx_path].get_value()
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
-      block = _read_block(tensor, kind, shape, index)
+      if not stacked:
+        block = _read_block(tensors[names[0]], kind, shape, index)
+      else:  # the layers of this block, each read as an unscanned parameter's block
+        layers = range(*index[0].indices(len(names)))
+        block = np.stack(
+          [_read_block(tensors[names[i]], kind, layer_shape, index[1:]) for i in layers]
+        )
       return np.ascontiguousarray(block, dtype=target_dtype)
 
     return variable.replace(jax.make_array_from_callback(shape, sharding, read))
@@ -368,6 +423,7 @@ def load_hf(
   dtype: str = "float32",
   param_dtype: str | None = None,
   rules: shd.LogicalRules = shd.DEFAULT_RULES,
+  **options: Any,
 ) -> tuple[Llama, HFTokenizer | None]:
   """Loads a local Hugging Face Qwen3 or Llama checkpoint as a `Llama` model and its tokenizer.
 
@@ -380,6 +436,9 @@ def load_hf(
     param_dtype: dtype the parameters are stored in; None means `dtype`. Checkpoint tensors are
       cast to it (bfloat16 -> float32 is exact).
     rules: logical-axis rules for `mesh`.
+    **options: how the model runs, `LlamaConfig` fields the checkpoint says nothing about
+      (`llama.EXECUTION_FIELDS`: attention, remat, remat_policy, scan_layers), e.g.
+      `scan_layers=True` for a model whose blocks are stacked and scanned.
 
   Returns:
     (model, tokenizer): the tokenizer is an `HFTokenizer` from tokenizer.json, or None when the
@@ -391,6 +450,7 @@ def load_hf(
     raise FileNotFoundError(f"No {CONFIG_FILE} in {path}: expected a Hugging Face model directory.")
   with open(config_path) as f:
     config = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype)
+  config = with_execution_options(config, options)
 
   table = _layout(config)
   files = weight_files(path)
@@ -454,18 +514,22 @@ def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer: HFTokenizer | N
   `tokenizer`, its tokenizer.json and tokenizer_config.json are written too. A sharded
   checkpoint already in `path` (index and shards) is deleted, so the directory holds one model.
   The whole model is gathered on the host; with several processes, all must call this and
-  process 0 writes.
+  process 0 writes. A model with `scan_layers` is written as the unscanned one would be, one
+  tensor per layer.
   """
   from safetensors.numpy import save_file
 
   if not isinstance(model, Llama):
     raise TypeError(f"save_hf writes Llama models (from load_hf), got {type(model).__name__}.")
   config = model.config
-  table = _layout(config)
+  sources = _sources(config)
   tensors = {}
   for nnx_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    name, kind = table[nnx_path]
-    tensors[name] = _to_hf(kind, _host(variable.get_value()))
+    names, kind, stacked = sources[nnx_path]
+    value = _host(variable.get_value())
+    layers = value if stacked else [value]  # a stacked parameter: one tensor per layer
+    for name, layer in zip(names, layers, strict=True):
+      tensors[name] = _to_hf(kind, layer)
   if jax.process_index() != 0:
     return
   path = os.fspath(path)
@@ -594,4 +658,5 @@ __all__ = [
   "load_hf",
   "load_tokenizer",
   "save_hf",
+  "with_execution_options",
 ]

@@ -20,10 +20,25 @@ and tensor parallel runs. The names:
   head_dim   width of one attention head
   mlp        SwiGLU hidden width, `d_ff`
   norm       RMSNorm scales (small; kept replicated)
+  layers     the leading axis of the stacked block parameters when `scan_layers` is on
 
 Activations are [batch, length, ...]; `sharding.DEFAULT_RULES` names those two axes as well.
 `finch_jax.models.hf` maps the parameters (`embed`, `blocks[i].attn.q_proj`, ...) to and from
 Hugging Face tensor names.
+
+How the model runs, apart from what it computes (`EXECUTION_FIELDS`; a Hugging Face or GGUF file
+says nothing about them, so a config's `model` dict supplies them):
+
+  attention      which `finch_jax.models.attention` implementation computes attention: "auto"
+                 (splash on TPU, cuDNN's flash kernel on GPU where it applies, else the einsum
+                 reference up to one block of tokens and the chunked kernel beyond), or one by name.
+  remat          recompute each block's activations in the backward pass.
+  remat_policy   which of JAX's `jax.checkpoint_policies` decides what remat saves.
+  scan_layers    the blocks' parameters stacked on a leading `layers` axis and applied by
+                 `nnx.scan`: the compiler sees one block instead of `num_layers` copies, so a deep
+                 model compiles in a fraction of the time. Parameters are `blocks.attn.q_proj`
+                 [layers, embed, heads, head_dim] instead of `blocks[i].attn.q_proj`; the
+                 blocks' initial values are the unscanned model's, stacked.
 """
 
 from __future__ import annotations
@@ -37,6 +52,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from finch_jax.models import attention as attention_lib
+
 MODEL_TYPES = ("llama", "qwen3")
 # "normal": Hugging Face's normal(0, 0.02) everywhere; "scaled": see `LlamaConfig.init_stddevs`.
 INITS = ("normal", "scaled")
@@ -44,6 +61,20 @@ INITS = ("normal", "scaled")
 COMPACT_DEFAULTS = dict(tie_embeddings=True, init="scaled")
 # Hugging Face initialises these models with normal(0, initializer_range=0.02) and zero biases.
 _HF_STD = 0.02
+# JAX's named checkpoint policies that `remat_policy` may name (the ones that take no arguments),
+# from saving the least to saving the most. "nothing_saveable" is jax.checkpoint's default: only
+# each block's input is kept; "dots_with_no_batch_dims_saveable" keeps the projections' outputs
+# and recomputes attention and the elementwise work.
+REMAT_POLICIES = (
+  "nothing_saveable",
+  "dots_with_no_batch_dims_saveable",
+  "dots_saveable",
+  "everything_saveable",
+)
+# Fields that say how the model runs, not what it computes: a pretrained model's file leaves them
+# to the config (`finch_jax.configure.pretrained_model_config`). Only scan_layers changes the
+# parameter tree.
+EXECUTION_FIELDS = ("attention", "remat", "remat_policy", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +133,9 @@ class LlamaConfig:
   dtype: str = "float32"  # Compute dtype, e.g. 'float32' or 'bfloat16'.
   param_dtype: str = "float32"  # Dtype the parameters are stored in.
   remat: bool = False  # Recompute each block's activations in the backward pass to save memory.
+  remat_policy: str = "nothing_saveable"  # What remat keeps: one of REMAT_POLICIES.
+  scan_layers: bool = False  # Stack the blocks on a `layers` axis and apply them with nnx.scan.
+  attention: str = "auto"  # Attention implementation: one of attention.IMPLEMENTATIONS.
 
   def __post_init__(self):
     sizes = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff", "max_len")
@@ -132,6 +166,15 @@ class LlamaConfig:
     if not self.rope_theta > 0 or not self.norm_eps > 0:
       raise ValueError(
         f"rope_theta ({self.rope_theta}) and norm_eps ({self.norm_eps}) must be positive."
+      )
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(
+        f"LlamaConfig.remat_policy={self.remat_policy!r} is not a policy remat takes: use one of "
+        f"{REMAT_POLICIES} (jax.checkpoint_policies)."
+      )
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(
+        f"LlamaConfig.attention={self.attention!r}; supported: {attention_lib.IMPLEMENTATIONS}."
       )
     if self.mlp_bias and self.model_type != "llama":
       raise ValueError(f"mlp_bias is a Llama option; {self.model_type} has no MLP biases.")
@@ -281,22 +324,15 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
   return index - jax.lax.cummax(jnp.where(is_start, index, 0), axis=segment_ids.ndim - 1)
 
 
-def attention_mask_and_positions(
+def default_positions(
   tokens: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None
-) -> tuple[jax.Array, jax.Array]:
-  """The causal (and, for packed rows, same-segment) mask [batch or 1, query, key], and the
-  rotary positions: as given, else 0, 1, 2, ... restarting at each segment."""
-  length = tokens.shape[-1]
-  mask = jnp.tril(jnp.ones((length, length), bool))[None]
+) -> jax.Array:
+  """The rotary positions: as given, else 0, 1, 2, ... restarting at each segment."""
+  if positions is not None:
+    return positions
   if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  if positions is None:
-    positions = (
-      segment_positions(segment_ids)
-      if segment_ids is not None
-      else jnp.broadcast_to(jnp.arange(length), tokens.shape)
-    )
-  return mask, positions
+    return segment_positions(segment_ids)
+  return jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
 
 
 class LlamaAttention(nnx.Module):
@@ -327,8 +363,11 @@ class LlamaAttention(nnx.Module):
       self.k_norm = RMSNorm(hd, eps=c.norm_eps, param_dtype=pd)
     self.config = config
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-    """x [batch, length, embed] -> [batch, length, embed]; mask [batch, query, key] is boolean."""
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
+  ) -> jax.Array:
+    """x [batch, length, embed] -> [batch, length, embed]; a token sees itself and the earlier
+    tokens of its segment (`segment_ids` [batch, length], or the whole row when None)."""
     c, dtype = self.config, x.dtype
     q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dtype))
     k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dtype))
@@ -341,14 +380,8 @@ class LlamaAttention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = rope_frequencies(c.resolved_head_dim, c.rope_theta, c.rope_scaling)
     q, k = apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq)
-    batch, length, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    # Query head n uses key/value head n // group, as Hugging Face's repeat_kv does.
-    q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, None, None], logits * head_dim**-0.5, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(batch, length, num_heads, head_dim)
+    # The mesh (for splash's shard_map) is the one the caller set, e.g. the trainer's steps.
+    out = attention_lib.attend(q, k, v, segment_ids=segment_ids, implementation=c.attention)
     out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dtype))
     return out + self.o_bias[...].astype(dtype) if c.attention_bias else out
 
@@ -388,10 +421,66 @@ class LlamaBlock(nnx.Module):
     self.mlp_norm = RMSNorm(config.d_model, **norm)
     self.mlp = LlamaMLP(config, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
+  ) -> jax.Array:
     """Applies the block to the residual stream x [batch, length, embed]."""
-    x = x + self.attn(self.attn_norm(x), positions, mask)
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     return x + self.mlp(self.mlp_norm(x))
+
+
+def stack_modules(modules: list[nnx.Module], axis_name: str = "layers") -> nnx.Module:
+  """One module of the same structure whose parameters are the `modules`' stacked on a new
+  leading axis, named `axis_name` in each parameter's logical axis names.
+
+  What `nnx.scan` applies, one slice per step. Built from separately created modules (rather
+  than by `nnx.vmap`), so a scanned model starts from exactly the unscanned model's weights.
+  """
+  graphdef, _ = nnx.split(modules[0])
+  states = [nnx.state(m) for m in modules]
+
+  def stack(*variables: nnx.Variable) -> nnx.Variable:
+    names = variables[0].get_metadata().get("out_sharding") or ()
+    value = jnp.stack([v.get_value() for v in variables])
+    return variables[0].replace(value, out_sharding=(axis_name, *names))
+
+  stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, stacked)
+
+
+def _apply_blocks(
+  config: LlamaConfig,
+  blocks: nnx.Module,
+  x: jax.Array,
+  positions: jax.Array,
+  segment_ids: jax.Array | None,
+) -> jax.Array:
+  """The residual stream after every block: a Python loop over `nnx.List` blocks, or `nnx.scan`
+  over the stacked ones, with each block under `nnx.remat` when `config.remat` is on."""
+  apply_block = LlamaBlock.__call__
+  if config.remat:
+    # Under scan the loop itself keeps the recomputation from being merged with the forward
+    # pass, so common-subexpression prevention would only cost speed (as jax.checkpoint's
+    # documentation advises for scan).
+    apply_block = nnx.remat(
+      apply_block,
+      policy=getattr(jax.checkpoint_policies, config.remat_policy),
+      prevent_cse=not config.scan_layers,
+    )
+  if not config.scan_layers:
+    for block in blocks:
+      x = apply_block(block, x, positions, segment_ids)
+    return x
+
+  @nnx.scan(
+    in_axes=(0, nnx.Carry, None, None),
+    out_axes=nnx.Carry,
+    transform_metadata={nnx.PARTITION_NAME: "layers"},
+  )
+  def scan(block, x, positions, segment_ids):
+    return apply_block(block, x, positions, segment_ids)
+
+  return scan(blocks, x, positions, segment_ids)
 
 
 class Llama(nnx.Module):
@@ -415,7 +504,8 @@ class Llama(nnx.Module):
     self.embed = _param(
       rngs, (c.vocab_size, c.d_model), embed_std, ("vocab", "embed"), c.param_dtype
     )
-    self.blocks = nnx.List([LlamaBlock(c, rngs=rngs) for _ in range(c.num_layers)])
+    blocks = [LlamaBlock(c, rngs=rngs) for _ in range(c.num_layers)]
+    self.blocks = stack_modules(blocks) if c.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps, param_dtype=c.param_dtype)
     if not c.tie_embeddings:
       self.lm_head = _param(
@@ -444,6 +534,26 @@ class Llama(nnx.Module):
     Raises:
       ValueError: when the sequence is longer than `config.max_len`.
     """
+    x, head = self.hidden_and_head(tokens, segment_ids=segment_ids, positions=positions)
+    # float32 accumulation: a bfloat16 logit loses the small differences the loss depends on.
+    return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+
+  def hidden_and_head(
+    self,
+    tokens: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+  ) -> tuple[jax.Array, jax.Array]:
+    """The final (normalised) hidden states and the output projection, without the logits.
+
+    `__call__` is `hidden @ head` with float32 accumulation; `finch_jax.losses` takes the pair
+    instead, to make the logits a chunk of the sequence at a time. Arguments as in `__call__`.
+
+    Returns:
+      (hidden [batch, length, d_model] in the compute dtype, head [d_model, vocab_size] in the
+      parameter dtype: the embedding's transpose when tied, else `lm_head`).
+    """
     c = self.config
     length = tokens.shape[-1]
     if length > c.max_len:
@@ -451,13 +561,9 @@ class Llama(nnx.Module):
         f"Sequence length {length} exceeds max_len={c.max_len}: shorten the input or raise "
         "LlamaConfig.max_len."
       )
-    mask, positions = attention_mask_and_positions(tokens, segment_ids, positions)
-
+    positions = default_positions(tokens, segment_ids, positions)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(c.dtype))
-    apply_block = nnx.remat(LlamaBlock.__call__) if c.remat else LlamaBlock.__call__
-    for block in self.blocks:
-      x = apply_block(block, x, positions, mask)
+    x = _apply_blocks(c, self.blocks, x, positions, segment_ids)
     x = self.final_norm(x)
     head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
-    # float32 accumulation: a bfloat16 logit loses the small differences the loss depends on.
-    return jnp.einsum("btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    return x, head
