@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.eval_examples = 200  # Examples per eval set (the first ones); 0 means all.
   config.data.fact_examples = 0  # Facts per fact set; 0 means all.
   config.data.max_prompt_len = 48  # Prompt width of fact batches.
+  # More measures of what changed, each read before and after fine-tuning (whole logits):
+  config.data.token_accuracy = False  # NAME_accuracy: arg-max next-token accuracy per eval set.
+  config.data.kl_sets = ()  # Eval sets with NAME_kl: KL(base || model) of next-token predictions.
+  config.data.calibration = False  # NAME_ece: calibration of each fact set's first answer token.
   config.data.answer_len = 40  # Answer width of fact batches.
   # Tokenizer: a directory with tokenizer.json; "" means the base checkpoint's when it is a
   # Hugging Face directory, else bytes (ByteTokenizer, the embedded benchmarks' tokenizer).

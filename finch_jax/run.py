@@ -198,6 +198,12 @@ class Evaluator:
     trainer: Trainer,
     base: Any = None,
   ):
+    self.base = base
+    self.token_accuracy = bool(config.data.get("token_accuracy", False))
+    self.kl_sets = set(config.data.get("kl_sets", ()) or ())
+    self.calibration = bool(config.data.get("calibration", False))
+    if self.kl_sets and base is None:
+      raise ValueError("data.kl_sets measures KL to the base model: pass base= to Evaluator.")
     self.trainer = trainer
     tokenizer = configure.make_tokenizer(config)
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -250,11 +256,26 @@ class Evaluator:
     }
 
   def __call__(self, params: Any, *, facts: bool = True) -> dict[str, float]:
-    """`{NAME_loss: ..., NAME_fact_accuracy: ...}` for every configured set."""
-    out = {f"{name}_loss": self.trainer.evaluate(params, b) for name, b in self.loss_sets.items()}
+    """`{NAME_loss: ..., NAME_fact_accuracy: ...}` for every configured set, plus
+    `NAME_accuracy` (`data.token_accuracy`), `NAME_kl` for the sets of `data.kl_sets` and
+    `NAME_ece` (`data.calibration`)."""
+    out = {}
+    for name, batches in self.loss_sets.items():
+      if not (self.token_accuracy or name in self.kl_sets):
+        out[f"{name}_loss"] = self.trainer.evaluate(params, batches)
+        continue
+      reference = self.base if name in self.kl_sets else None
+      measured = self.trainer.measure(params, batches, reference)
+      out[f"{name}_loss"] = measured["loss"]
+      if self.token_accuracy:
+        out[f"{name}_accuracy"] = measured["accuracy"]
+      if reference is not None:
+        out[f"{name}_kl"] = measured["kl"]
     if facts:
       for name, batches in self.fact_sets.items():
         out[f"{name}_fact_accuracy"] = self.trainer.fact_accuracy(params, batches)
+        if self.calibration:
+          out[f"{name}_ece"] = self.trainer.calibration_error(params, batches)
     return out
 
 

@@ -28,8 +28,10 @@ from typing import Any
 import jax
 import ml_collections
 from etils import epath
+from flax import nnx
 
 from finch_jax import configure, run
+from finch_jax.data import debian, probes
 from finch_jax.loop import format_duration
 from finch_jax.report import build_report, markdown_table, write_report
 from finch_jax.trainer import Trainer
@@ -98,6 +100,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
   config = configure.override(config, {"data": {"data_dir": configure.data_dir(config, workdir)}})
   base_dir = epath.Path(workdir) / "base"
   base = _base_model(config, base_dir)
+  config = _with_known_probes(config, base, base_dir)
   configs = configure.method_configs(config)
   trainers = {name: configure.make_trainer(cfg) for name, cfg in configs.items()}
   evaluator = run.Evaluator(config, workdir, next(iter(trainers.values())), base=base)
@@ -140,6 +143,28 @@ def _base_model(config: ml_collections.ConfigDict, base_dir: epath.Path) -> Any:
   trainer = configure.make_trainer(pre)
   description = f"pretraining the base model ({pre.num_train_steps} steps)"
   return run.run_training(pre, base_dir, trainer=trainer, description=description).state.params
+
+
+KNOWN_PROBES = "recalled"  # data.options.debian_elements.known: the probes the base recalls
+
+
+def _with_known_probes(
+  config: ml_collections.ConfigDict, base: Any, base_dir: epath.Path
+) -> ml_collections.ConfigDict:
+  """With `known: "recalled"` for `debian/elements`, the config whose probe set is what the base
+  model recalls before fine-tuning (computed once, kept in `base_dir/known_probes.jsonl`):
+  forgetting of knowledge is measurable only on what the model knew."""
+  if configure.dataset_options(config, "debian/elements").get("known") != KNOWN_PROBES:
+    return config
+  _print("Finding the element probes the base model recalls...")
+  trainer = configure.make_trainer(config)
+  path = probes.known_probes(
+    probes.element_probes(debian.elements()),
+    nnx.merge(trainer.graphdef, base),
+    configure.make_tokenizer(config),
+    os.fspath(base_dir / "known_probes.jsonl"),
+  )
+  return configure.override(config, {"data": {"options": {"debian_elements": {"known": path}}}})
 
 
 def _evaluate_base(
@@ -265,6 +290,14 @@ class SweepRun:
       result["retain_accuracy_drop"] = (
         before["retain_fact_accuracy"] - result["retain_fact_accuracy"]
       )
+    # The further measures, when the config asks for them (`data.token_accuracy`, `kl_sets`,
+    # `calibration`): the task's token accuracy, KL to the base on the retain text, and the
+    # change of calibration on the retain facts.
+    for key in ("task_accuracy", "retain_kl"):
+      if key in final:
+        result[key] = final[key]
+    if "retain_ece" in final and "retain_ece" in before:
+      result["retain_ece_change"] = final["retain_ece"] - before["retain_ece"]
     return result
 
 

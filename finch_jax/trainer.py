@@ -255,6 +255,56 @@ def fact_step(spec: StepSpec, params: Any, batch: Batch) -> tuple[jax.Array, jax
   return jnp.sum(recalled & counted), jnp.sum(counted)
 
 
+def measure_step(
+  spec: StepSpec, params: Any, reference: Any, batch: Batch
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """(weighted sums of the token cross-entropy, of the weights, of the tokens predicted right by
+  the arg-max, and of KL(reference || model) per token; the KL is 0 without a reference).
+
+  Computes the whole logits: meant for evaluation sets, not for a pod's training batch."""
+  model_logits = logits(spec, params, batch)
+  weights = batch["weights"].astype(jnp.float32)
+  loss_sum, weight_sum = token_cross_entropy(model_logits, batch["targets"], weights)
+  right = (jnp.argmax(model_logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+  kl_sum = jnp.zeros([], jnp.float32)
+  if reference is not None:
+    kl_sum, _ = token_kl_to_base(model_logits, logits(spec, reference, batch), weights)
+  return loss_sum, weight_sum, jnp.sum(right * weights), kl_sum
+
+
+CALIBRATION_BINS = 10  # equal-width confidence bins of the expected calibration error
+
+
+def calibration_step(spec: StepSpec, params: Any, batch: Batch) -> jax.Array:
+  """Per confidence bin, over the facts of `batch`: [facts, summed confidence, facts right].
+
+  A fact's confidence is the probability the model gives its most likely first answer token; it
+  is right when that token is the answer's. Summed on device, so each process may hold only its
+  own rows."""
+  prompts, lengths, answers = batch["prompts"], batch["prompt_lengths"], batch["answers"]
+  rows = jnp.arange(answers.shape[0])
+  with _on_mesh(spec):
+    model_logits = nnx.merge(spec.graphdef, params)(prompts)
+  next_token = jax.nn.softmax(model_logits[rows, lengths - 1].astype(jnp.float32), axis=-1)
+  confidence = jnp.max(next_token, axis=-1)
+  right = (jnp.argmax(next_token, axis=-1) == answers[:, 0]).astype(jnp.float32)
+  counted = (batch["example_mask"] > 0).astype(jnp.float32)
+  bins = jnp.minimum((confidence * CALIBRATION_BINS).astype(jnp.int32), CALIBRATION_BINS - 1)
+  one_hot = jax.nn.one_hot(bins, CALIBRATION_BINS) * counted[:, None]
+  return jnp.stack([one_hot.sum(0), confidence @ one_hot, right @ one_hot])
+
+
+def expected_calibration_error(bin_sums: np.ndarray) -> float:
+  """Expected calibration error from `calibration_step`'s sums: the mean over bins of |accuracy -
+  confidence| in the bin, weighted by the share of facts in it (NaN without facts)."""
+  count, confidence, right = np.asarray(bin_sums, np.float64)
+  if count.sum() == 0:
+    return float("nan")
+  filled = count > 0
+  gap = np.abs(right[filled] - confidence[filled]) / count[filled]
+  return float(np.sum(count[filled] / count.sum() * gap))
+
+
 class Trainer:
   """Jitted training and evaluation of a language model (`finch_jax.models`) on a mesh.
 
@@ -358,6 +408,8 @@ class Trainer:
     )
     self._eval_step = jax.jit(functools.partial(eval_step, self.spec))
     self._fact_step = jax.jit(functools.partial(fact_step, self.spec))
+    self._measure_step = jax.jit(functools.partial(measure_step, self.spec))
+    self._calibration_step = jax.jit(functools.partial(calibration_step, self.spec))
     self._merge = jax.jit(functools.partial(full_params, self.spec))
 
   @property
@@ -507,6 +559,34 @@ class Trainer:
       loss_sum, weight_sum = loss_sum + s, weight_sum + w
     return float(loss_sum / jnp.maximum(weight_sum, 1.0))
 
+  def measure(
+    self,
+    params: Any,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    reference: Any = None,
+  ) -> dict[str, float]:
+    """`loss` (token-weighted mean), `accuracy` (share of tokens the arg-max predicts) and, with
+    `reference` parameters, `kl`: the mean KL(reference || model) of the next-token
+    distributions, which sees any change of the model, also one that leaves the loss as it was."""
+    sums = [jnp.zeros([]) for _ in range(4)]
+    for batch in batches:
+      step = self._measure_step(params, reference, self.global_batch(batch))
+      sums = [a + b for a, b in zip(sums, step, strict=True)]
+    loss_sum, weight_sum, right_sum, kl_sum = (float(x) for x in sums)
+    weight_sum = max(weight_sum, 1.0)
+    out = {"loss": loss_sum / weight_sum, "accuracy": right_sum / weight_sum}
+    if reference is not None:
+      out["kl"] = kl_sum / weight_sum
+    return out
+
+  def calibration_error(self, params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> float:
+    """Expected calibration error of the first answer token of each fact
+    (`calibration_step`, `expected_calibration_error`)."""
+    sums = jnp.zeros((3, CALIBRATION_BINS))
+    for local in batches:
+      sums = sums + self._calibration_step(params, self.global_batch(local))
+    return expected_calibration_error(jax.device_get(sums))
+
   def fact_accuracy(self, params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> float:
     """Share of facts whose answer greedy decoding would produce exactly.
 
@@ -527,10 +607,14 @@ __all__ = [
   "StepSpec",
   "TrainState",
   "Trainer",
+  "CALIBRATION_BINS",
+  "calibration_step",
   "eval_step",
+  "expected_calibration_error",
   "fact_step",
   "full_params",
   "logits",
+  "measure_step",
   "loss_sums",
   "token_cross_entropy",
   "train_step",
