@@ -208,40 +208,10 @@ class Evaluator:
     tokenizer = configure.make_tokenizer(config)
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     local_batch = configure.local_batch_size(config)
-    self.loss_sets = {}
-    for name, spec in config.data.eval_sets.items():
-      dataset = configure.spec_name(config, spec)
-      if dataset == configure.BASE_SAMPLES:
-        if base is None:
-          raise ValueError(f"eval set {name!r} samples the base model: pass base= to Evaluator.")
-        samples = base_model_samples(
-          config,
-          trainer,
-          base,
-          seed=config.seed + EVAL_SAMPLE_SEED_OFFSET,
-          cache=epath.Path(workdir) / "retain_samples.npz",
-        )
-        self.loss_sets[name] = data_lib.lm_batches(
-          grain.MapDataset.source(samples),
-          seq_len=config.data.seq_len,
-          batch_size=local_batch,
-          pad_id=tokenizer.pad_id,
-          **shard,
-        )
-        continue
-      sizes = dict(
-        tokenizer=tokenizer,
-        seq_len=config.data.seq_len,
-        batch_size=local_batch,
-        num_examples=config.data.eval_examples or None,
-        packing=True,
-        **shard,
-      )
-      if dataset.startswith(data_lib.builders.JSONL_PREFIX):
-        path = dataset.removeprefix(data_lib.builders.JSONL_PREFIX)
-        self.loss_sets[name] = data_lib.sft_eval_batches(path, **sizes)
-      else:
-        self.loss_sets[name] = data_lib.eval_batches(source(config, workdir, spec), **sizes)
+    self.loss_sets = {
+      name: self._loss_batches(config, workdir, name, spec, tokenizer, shard)
+      for name, spec in config.data.eval_sets.items()
+    }
     self.fact_sets = {
       name: data_lib.fact_batches(
         source(config, workdir, spec),
@@ -254,6 +224,40 @@ class Evaluator:
       )
       for name, spec in config.data.get("fact_sets", {}).items()
     }
+
+  def _loss_batches(self, config, workdir, name, spec, tokenizer, shard) -> Any:
+    """The batches of the eval set `name`: base samples, instruction data or text."""
+    local_batch = configure.local_batch_size(config)
+    dataset = configure.spec_name(config, spec)
+    if dataset == configure.BASE_SAMPLES:
+      if self.base is None:
+        raise ValueError(f"eval set {name!r} samples the base model: pass base= to Evaluator.")
+      samples = base_model_samples(
+        config,
+        self.trainer,
+        self.base,
+        seed=config.seed + EVAL_SAMPLE_SEED_OFFSET,
+        cache=epath.Path(workdir) / "retain_samples.npz",
+      )
+      return data_lib.lm_batches(
+        grain.MapDataset.source(samples),
+        seq_len=config.data.seq_len,
+        batch_size=local_batch,
+        pad_id=tokenizer.pad_id,
+        **shard,
+      )
+    sizes = dict(
+      tokenizer=tokenizer,
+      seq_len=config.data.seq_len,
+      batch_size=local_batch,
+      num_examples=config.data.eval_examples or None,
+      packing=True,
+      **shard,
+    )
+    if dataset.startswith(data_lib.builders.JSONL_PREFIX):
+      path = dataset.removeprefix(data_lib.builders.JSONL_PREFIX)
+      return data_lib.sft_eval_batches(path, **sizes)
+    return data_lib.eval_batches(source(config, workdir, spec), **sizes)
 
   def __call__(self, params: Any, *, facts: bool = True) -> dict[str, float]:
     """`{NAME_loss: ..., NAME_fact_accuracy: ...}` for every configured set, plus

@@ -305,6 +305,17 @@ def expected_calibration_error(bin_sums: np.ndarray) -> float:
   return float(np.sum(count[filled] / count.sum() * gap))
 
 
+def _check_options(kl_weight: float, loss_chunk_size: int) -> None:
+  if kl_weight < 0:
+    raise ValueError(f"kl_weight must be >= 0, got {kl_weight}.")
+  integral = isinstance(loss_chunk_size, numbers.Integral)
+  if isinstance(loss_chunk_size, bool) or not integral or loss_chunk_size < 0:
+    raise ValueError(
+      f"loss_chunk_size must be an integer >= 0, got {loss_chunk_size!r}: tokens per chunk, "
+      "or 0 for the whole logits at once."
+    )
+
+
 class Trainer:
   """Jitted training and evaluation of a language model (`finch_jax.models`) on a mesh.
 
@@ -354,14 +365,7 @@ class Trainer:
     loss_floor: float = 0.0,
     loss_chunk_size: int = 0,
   ):
-    if kl_weight < 0:
-      raise ValueError(f"kl_weight must be >= 0, got {kl_weight}.")
-    integral = isinstance(loss_chunk_size, numbers.Integral)
-    if isinstance(loss_chunk_size, bool) or not integral or loss_chunk_size < 0:
-      raise ValueError(
-        f"loss_chunk_size must be an integer >= 0, got {loss_chunk_size!r}: tokens per chunk, "
-        "or 0 for the whole logits at once."
-      )
+    _check_options(kl_weight, loss_chunk_size)
     self.model_config = model_config
     self.tx = tx
     self.schedule = schedule
@@ -398,6 +402,10 @@ class Trainer:
       loss_floor=float(loss_floor),
       loss_chunk_size=int(loss_chunk_size),
     )
+    self._jit_steps()
+
+  def _jit_steps(self) -> None:
+    """The steps, jitted once with the spec closed over."""
     # The new state keeps the old one's layout, so it is written over the donated buffers and
     # the next step reuses the compiled program (left free, the compiler may hand back, e.g.,
     # replicated norm scales sharded over fsdp).

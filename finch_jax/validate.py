@@ -1075,32 +1075,38 @@ def _check_bucket(workdir: str, p: _Problems) -> bool:
     )
     return False
   except Exception as error:  # gcsfs: OSError("Forbidden ...") for 403, HttpError(code) else
-    text, code = _one_line(error)[:200], getattr(error, "code", None)
-    if code == 401:
-      p.fail(
-        "--workdir",
-        workdir,
-        f"these Google Cloud credentials are rejected ({text}): run `gcloud auth "
-        "application-default login` again, or point GOOGLE_APPLICATION_CREDENTIALS at a valid "
-        "key file.",
-      )
-    elif code == 403 or text.startswith("Forbidden"):
-      p.fail(
-        "--workdir",
-        workdir,
-        f"is read-only for these credentials ({text}): grant them {_GCS_ROLE} on "
-        f"gs://{bucket} (gcloud storage buckets add-iam-policy-binding gs://{bucket} "
-        f"--member=ACCOUNT --role={_GCS_ROLE}), or use another --workdir.",
-      )
-    else:
-      p.fail(
-        "--workdir",
-        workdir,
-        f"cannot be reached ({text}): check the network and the bucket's name, or use a local "
-        "--workdir.",
-      )
+    _bucket_refused(workdir, bucket, error, p)
     return False
   return True
+
+
+def _bucket_refused(workdir: str, bucket: str, error: Exception, p: _Problems) -> None:
+  """Names why writing into the bucket failed: rejected credentials, no write permission, or
+  no connection."""
+  text, code = _one_line(error)[:200], getattr(error, "code", None)
+  if code == 401:
+    p.fail(
+      "--workdir",
+      workdir,
+      f"these Google Cloud credentials are rejected ({text}): run `gcloud auth "
+      "application-default login` again, or point GOOGLE_APPLICATION_CREDENTIALS at a valid "
+      "key file.",
+    )
+  elif code == 403 or text.startswith("Forbidden"):
+    p.fail(
+      "--workdir",
+      workdir,
+      f"is read-only for these credentials ({text}): grant them {_GCS_ROLE} on "
+      f"gs://{bucket} (gcloud storage buckets add-iam-policy-binding gs://{bucket} "
+      f"--member=ACCOUNT --role={_GCS_ROLE}), or use another --workdir.",
+    )
+  else:
+    p.fail(
+      "--workdir",
+      workdir,
+      f"cannot be reached ({text}): check the network and the bucket's name, or use a local "
+      "--workdir.",
+    )
 
 
 # ----- resuming --------------------------------------------------------------------------------
