@@ -351,7 +351,7 @@ def _value(x: float | None, fmt: str, std: float | None = None, seeds: int = 1) 
     return "not reached"
   text = format(x, fmt)
   if std is not None and math.isfinite(std) and seeds > 1:
-    text += f" ± {std:{fmt}}"
+    text += f" ± {std:{fmt.lstrip('+')}}"  # a spread has no sign
   return text
 
 

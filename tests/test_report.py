@@ -52,6 +52,7 @@ def test_headlines_put_each_method_against_the_baseline_and_x_finch_against_x():
   assert out["methods"]["anchor+finch"]["extra_bytes"] == 0
   text = report.markdown_table(out)
   assert "anchor+finch_vs_anchor_forgetting_change: -" in text
+  assert "± +" not in text  # a spread has no sign
   assert "nan" not in text
 
 
