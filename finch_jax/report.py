@@ -430,18 +430,26 @@ def _line_styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def plot_frontier(report: Mapping[str, Any]) -> Figure:
   """Task loss against forgetting: each method's sweep (seed means, labelled with their learning
-  rates, joined in order of task loss) and every seed's run as a small dot."""
+  rates), its frontier (the rates up to the one with the lowest task loss, the part matched
+  on) joined, the rates past it as open markers, and every seed's run as a small dot."""
   runs, methods = report["runs"], list(report["methods"])
   styles = _line_styles(methods)
-  fig = Figure(figsize=(7, 5))
+  fig = Figure(figsize=(7.5, 5))
   ax = fig.add_subplot()
   for name in methods:
     method_runs = [r for r in runs if r["method"] == name]
-    means = sorted(_seed_means(method_runs, ["task_loss", "forgetting"]), key=_task_loss)
+    means = _seed_means(method_runs, ["task_loss", "forgetting"])
+    frontier = monotone_sweep(means, "task_loss", increasing=False)
+    past = [p for p in means if p not in frontier]
     ax.plot(
-      [p["task_loss"] for p in means], [p["forgetting"] for p in means], marker="o",
+      [p["task_loss"] for p in frontier], [p["forgetting"] for p in frontier], marker="o",
       label=f"{name} (mean of seeds)", **styles[name],
     )
+    if past:
+      ax.scatter(
+        [p["task_loss"] for p in past], [p["forgetting"] for p in past], s=40,
+        facecolors="none", edgecolors=styles[name]["color"],
+      )
     for p in means:
       ax.annotate(
         f"lr {p['learning_rate']:.2g}", (p["task_loss"], p["forgetting"]), fontsize=7,
@@ -452,12 +460,14 @@ def plot_frontier(report: Mapping[str, Any]) -> Figure:
       alpha=0.5, color=styles[name]["color"],
     )
   ax.scatter([], [], s=10, alpha=0.5, color="grey", label="one seed's run")
+  past_label = "rate past the lowest task loss"
+  ax.scatter([], [], s=40, facecolors="none", edgecolors="grey", label=past_label)
   target = report.get("target_task_loss")
   if target is not None and math.isfinite(target):
     ax.axvline(target, color="grey", ls=":", lw=1, label=f"matched task loss {target:.3f}")
-  ax.annotate(
-    "better: lower left", xy=(0.03, 0.03), xytext=(0.2, 0.2), xycoords="axes fraction",
-    arrowprops={"arrowstyle": "->", "color": "grey"}, color="grey", fontsize=8,
+  ax.text(
+    0.02, 0.97, "better: lower left (learns more, forgets less)", transform=ax.transAxes,
+    va="top", color="grey", fontsize=8,
   )
   ax.set_xlabel("task loss after fine-tuning (lower is better)")
   ax.set_ylabel("forgetting: rise of the retain loss (lower is better)")
