@@ -381,7 +381,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     target = h.get("task_loss", float("nan"))
     at = f" at matched task loss {target:.4f}" if math.isfinite(target) else ""
     change = _value(100 * h["mean"], "+.1f", 100 * h["std"], h.get("seeds", 2))
-    lines.append(f"\n{key}: {change}% (relative change in forgetting{at}, seeds paired)")
+    change += "%" if math.isfinite(h["mean"]) else ""
+    lines.append(f"\n{key}: {change} (relative change in forgetting{at}, seeds paired)")
   acc = report.get("at_matched_accuracy")
   if acc:
     target = _value(acc["target_task_fact_accuracy"], ".3f")
