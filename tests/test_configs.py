@@ -7,7 +7,7 @@ import jax
 import pytest
 from flax import nnx
 
-from finch_jax import models
+from finch_jax import configure, models
 
 CONFIGS = sorted(
   p.stem
@@ -21,7 +21,7 @@ def test_config_loads(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   assert config.num_train_steps > 0
   assert config.mode in ("pretrain", "finetune", "compare")
-  model = models.config_from_dict(config.model)
+  model = configure.model_config(config)  # a pretrained base brings its own architecture
   abstract = nnx.eval_shape(lambda: models.build(model, nnx.Rngs(0)))
   count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract)))
   assert count == model.num_params()
