@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 # gcsfs picks its file system when imported: by default one that first asks a gRPC control API
@@ -70,30 +69,10 @@ OVERRIDES = {
   "optimizer.warmup_steps": 2,
 }
 
-# `python train.py --config THIS` runs configs/pretrain_tiny.py with OVERRIDES.
-CONFIG_FILE = textwrap.dedent(
-  """
-  import json
-  from configs import pretrain_tiny
-
-  OVERRIDES = json.loads({overrides!r})
-
-
-  def get_config():
-    config = pretrain_tiny.get_config()
-    for key, value in OVERRIDES.items():
-      node = config
-      *path, last = key.split(".")
-      for part in path:
-        node = node[part]
-      node[last] = value
-    return config
-  """
-)
 
 
 def tiny_config(**changes):
-  """The config the `train.py` legs read from CONFIG_FILE, built here."""
+  """The config the `train.py` legs read from CONFIG_TEMPLATE, built here."""
   config = pretrain_tiny.get_config()
   for key, value in {**OVERRIDES, **changes}.items():
     node = config
@@ -237,7 +216,10 @@ def test_a_run_in_a_bucket_resumes_bit_for_bit_and_writes_nothing_locally(gcs, t
   legs.mkdir()
   scratch.mkdir()
   (legs / "driver.py").write_text(test_drills.DRIVER)
-  (legs / "drill_config.py").write_text(CONFIG_FILE.format(overrides=json.dumps(OVERRIDES)))
+  config_file = test_drills.CONFIG_TEMPLATE.format(
+    base="pretrain_tiny", overrides=json.dumps(OVERRIDES)
+  )
+  (legs / "drill_config.py").write_text(config_file)
   env = {
     **os.environ,
     "TMPDIR": str(scratch),

@@ -164,16 +164,17 @@ DRIVER = textwrap.dedent(
   """
 )
 
-CONFIG_FILE = textwrap.dedent(
+# A config file for `python train.py --config`: configs/{base}.py with OVERRIDES applied.
+CONFIG_TEMPLATE = textwrap.dedent(
   """
   import json
-  from configs import default
+  from configs import {base}
 
   OVERRIDES = json.loads({overrides!r})
 
 
   def get_config():
-    config = default.get_config()
+    config = {base}.get_config()
     for key, value in OVERRIDES.items():
       node = config
       *path, last = key.split(".")
@@ -223,7 +224,7 @@ def test_preempted_run_resumes_bit_for_bit(reference, tmp_path):
     f.write(DRIVER)
   overrides = {**OVERRIDES, "data.data_dir": reference.data_dir}
   with open(os.path.join(tmp, "drill_config.py"), "w") as f:
-    f.write(CONFIG_FILE.format(overrides=json.dumps(overrides)))
+    f.write(CONFIG_TEMPLATE.format(base="default", overrides=json.dumps(overrides)))
   # The legs share compiled programs through JAX's persistent cache (loading a compiled program
   # gives the same one); the reference compiled its own in this process.
   env = dict(os.environ)
