@@ -50,22 +50,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # configs/pretrain_tiny.py shrunk to seconds; log_every=2 is what test_drills.run_leg expects.
 NUM_STEPS = 12
+# The drills' small model and data; their mode, evaluations and checkpoint count left out.
 OVERRIDES = {
-  "model.num_layers": 1,
-  "model.d_model": 32,
-  "model.num_heads": 2,
-  "model.num_kv_heads": 1,
-  "model.d_ff": 64,
-  "model.max_len": 128,
-  "data.options": {"embedded_biographies": {"num_base_people": 20, "num_new_people": 10}},
-  "data.seq_len": 32,
-  "data.batch_size": 8,
-  "data.eval_examples": 16,
-  "data.eval_sets": {"task": {"name": "", "split": "finetune"}},
-  "data.fact_sets": {},
+  **{
+    k: v
+    for k, v in test_drills.OVERRIDES.items()
+    if k not in ("mode", "eval_every", "keep_checkpoints")
+  },
   "num_train_steps": NUM_STEPS,
-  "log_every": 2,
-  "checkpoint_every": 4,
   "optimizer.warmup_steps": 2,
 }
 
