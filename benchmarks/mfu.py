@@ -57,13 +57,29 @@ SHAPES = {
   "tiny": LlamaConfig.tiny(max_len=8192),
   # A Llama-shaped model of about 1.2B parameters (Llama 3.2 1B's sizes).
   "llama_1b": LlamaConfig(
-    vocab_size=128_256, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, d_ff=8192,
-    tie_embeddings=True, rope_theta=500_000.0, max_len=8192,
+    vocab_size=128_256,
+    d_model=2048,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    d_ff=8192,
+    tie_embeddings=True,
+    rope_theta=500_000.0,
+    max_len=8192,
   ),
   # Qwen3-0.6B's shape.
   "qwen3_0_6b": LlamaConfig(
-    vocab_size=151_936, d_model=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
-    d_ff=3072, model_type="qwen3", tie_embeddings=True, rope_theta=1_000_000.0, max_len=40_960,
+    vocab_size=151_936,
+    d_model=1024,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=128,
+    d_ff=3072,
+    model_type="qwen3",
+    tie_embeddings=True,
+    rope_theta=1_000_000.0,
+    max_len=40_960,
   ),
 }
 

@@ -44,21 +44,21 @@ def main():
   k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
   task_a, task_b = make_task(k1), make_task(k2)
   params = {
-      "w1": jax.random.normal(k3, (8, 64)) / 8**0.5,
-      "b1": jnp.zeros(64),
-      "w2": jax.random.normal(k4, (64, 1)) / 8,
+    "w1": jax.random.normal(k3, (8, 64)) / 8**0.5,
+    "b1": jnp.zeros(64),
+    "w2": jax.random.normal(k4, (64, 1)) / 8,
   }
   base, _ = fit(params, optax.adam(1e-2), *task_a, steps=500)
   before = loss_fn(base, *task_a)
   print(f"pretrained: task-A loss {before:.4f}")
   for name, tx in [
-      ("adam", optax.adam(1e-3)),
-      ("finch(adam)", finch_jax.finch(optax.adam(1e-3))),
+    ("adam", optax.adam(1e-3)),
+    ("finch(adam)", finch_jax.finch(optax.adam(1e-3))),
   ]:
     tuned, state = fit(base, tx, *task_b, steps=200)
     line = (
-        f"{name:12s} task-B loss {loss_fn(tuned, *task_b):.4f}  "
-        f"forgetting {loss_fn(tuned, *task_a) - before:+.4f}"
+      f"{name:12s} task-B loss {loss_fn(tuned, *task_b):.4f}  "
+      f"forgetting {loss_fn(tuned, *task_a) - before:+.4f}"
     )
     if finch_jax.find_finch_states(state):
       line += f"  final scale {float(finch_jax.finch_stats(state)['scale']):.2f}"

@@ -203,9 +203,7 @@ class ProgressBar:
   """A one-line console progress report with the time left, rewritten in place on a terminal
   (one line per update elsewhere, e.g. in a log file)."""
 
-  def __init__(
-    self, total: int, *, enabled: bool = True, stream=sys.stderr, description: str = ""
-  ):
+  def __init__(self, total: int, *, enabled: bool = True, stream=sys.stderr, description: str = ""):
     self.total, self.enabled, self.stream = total, enabled, stream
     self.description = description
     self._tty = stream.isatty()

@@ -57,16 +57,24 @@ def examples(
   seed: int,
 ):
   """The repeating, shuffled example stream of a dataset spec: text, or instruction data
-  (name `jsonl:PATH`, loss on the responses only)."""
-  name = configure.spec_name(config, spec)
-  if name.startswith(data_lib.builders.JSONL_PREFIX):
+  (name `jsonl:PATH`, or a split of prompt/response records; loss on the responses only)."""
+  records = instructions(config, workdir, spec)
+  if records is not None:
     return data_lib.sft_examples(
-      name.removeprefix(data_lib.builders.JSONL_PREFIX),
-      tokenizer=tokenizer,
-      seed=seed,
-      max_len=config.data.seq_len + 1,
+      records, tokenizer=tokenizer, seed=seed, max_len=config.data.seq_len + 1
     )
   return data_lib.lm_examples(source(config, workdir, spec), tokenizer=tokenizer, seed=seed)
+
+
+def instructions(config: ml_collections.ConfigDict, workdir: str, spec: Mapping[str, str]):
+  """What `finch_jax.data.sft` reads for an instruction-data spec (the JSONL path of
+  `jsonl:PATH`, or a built split's prompt/response records); None for text."""
+  name = configure.spec_name(config, spec)
+  if name.startswith(data_lib.builders.JSONL_PREFIX):
+    return name.removeprefix(data_lib.builders.JSONL_PREFIX)
+  if name == configure.BASE_SAMPLES:
+    return None
+  return data_lib.instruction_records(source(config, workdir, spec))
 
 
 def train_batches(
@@ -254,9 +262,9 @@ class Evaluator:
       packing=True,
       **shard,
     )
-    if dataset.startswith(data_lib.builders.JSONL_PREFIX):
-      path = dataset.removeprefix(data_lib.builders.JSONL_PREFIX)
-      return data_lib.sft_eval_batches(path, **sizes)
+    records = instructions(config, workdir, spec)
+    if records is not None:
+      return data_lib.sft_eval_batches(records, **sizes)
     return data_lib.eval_batches(source(config, workdir, spec), **sizes)
 
   def __call__(self, params: Any, *, facts: bool = True) -> dict[str, float]:

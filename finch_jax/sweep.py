@@ -167,9 +167,7 @@ def _with_known_probes(
   return configure.override(config, {"data": {"options": {"debian_elements": {"known": path}}}})
 
 
-def _evaluate_base(
-  evaluator: run.Evaluator, base: Any, base_dir: epath.Path
-) -> dict[str, float]:
+def _evaluate_base(evaluator: run.Evaluator, base: Any, base_dir: epath.Path) -> dict[str, float]:
   """The eval sets on the base model, kept in `base_dir/eval_before.json`."""
   path = base_dir / "eval_before.json"
   if path.exists():
@@ -240,9 +238,7 @@ class SweepRun:
     """The run's result: read from its `result.json` when its fingerprint is unchanged, else
     trained (resuming its own checkpoints) and written there; `description` names it on the
     progress bar."""
-    run_dir = (
-      epath.Path(workdir) / "runs" / self.method / _run_name(self.learning_rate, self.seed)
-    )
+    run_dir = epath.Path(workdir) / "runs" / self.method / _run_name(self.learning_rate, self.seed)
     claim(run_dir, self.fingerprint)
     result_path = run_dir / "result.json"
     if result_path.exists():
@@ -281,8 +277,7 @@ class SweepRun:
       "optimizer_state_bytes": _tree_bytes(fit.state.opt_state),
       # What the method holds on top of the model it trains: trained weights (or adapters),
       # optimizer state, the frozen base or reference model, replay samples.
-      "held_bytes": self.trainer.held_bytes(fit.state)
-      + sum(x.nbytes for x in self.samples or ()),
+      "held_bytes": self.trainer.held_bytes(fit.state) + sum(x.nbytes for x in self.samples or ()),
     }
     for set_name in evaluator.fact_sets:
       result[f"{set_name}_fact_accuracy"] = final[f"{set_name}_fact_accuracy"]

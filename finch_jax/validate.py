@@ -739,10 +739,15 @@ def _check_split(
       f"dataset {name!r} has no split {base_split!r}; it has {sorted(splits)}.",
     )
     return
-  needed = {"prompt", "answer"} if kind == "facts" else {"text"}
-  if not needed <= splits[base_split]:
-    usable = sorted(s for s, f in splits.items() if needed <= f)
-    what = "fact sets read prompt/answer records" if kind == "facts" else "text sets read text"
+  # A loss set or training data reads text, or instruction data (prompt/response records).
+  accepted = [{"prompt", "answer"}] if kind == "facts" else [{"text"}, {"prompt", "response"}]
+  if not any(needed <= splits[base_split] for needed in accepted):
+    usable = sorted(s for s, f in splits.items() if any(needed <= f for needed in accepted))
+    what = (
+      "fact sets read prompt/answer records"
+      if kind == "facts"
+      else "text sets read text or prompt/response records"
+    )
     p.fail(
       run.name(field),
       split,

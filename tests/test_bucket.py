@@ -62,7 +62,6 @@ OVERRIDES = {
 }
 
 
-
 def tiny_config(**changes):
   """The config the `train.py` legs read from CONFIG_TEMPLATE, built here."""
   config = pretrain_tiny.get_config()

@@ -23,7 +23,11 @@ def _run(tmp_path, ci: str, names=tuple(TESTS)) -> subprocess.CompletedProcess:
   env = {**os.environ, "CI": ci}
   return subprocess.run(
     [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-    capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=tmp_path,
+    timeout=120,
   )
 
 

@@ -2,6 +2,7 @@
 
 import collections
 import doctest
+import hashlib
 import importlib.util
 import json
 import os
@@ -84,6 +85,8 @@ def test_biography_split_sizes(bios):
     "task_eval": 8,
     "retain_facts": 24 * 5,
     "task_facts": 8 * 5,
+    "retain_qa": 24 * 5,
+    "task_qa": 8 * 5,
   }
   for split in ("pretrain", "finetune", "retain_eval", "task_eval"):
     assert all(text.isascii() for text in _texts(bios[split]))
@@ -135,6 +138,21 @@ def test_fact_prompts_complete_training_sentences(bios):
   for fact in bios["retain_facts"]:
     assert fact["prompt"] + fact["answer"] in pretrain
   assert bios["retain_facts"][1]["prompt"].endswith(" was born in")
+
+
+def test_question_answer_splits_ask_each_fact_of_their_population(bios):
+  for qa, facts in (("retain_qa", "retain_facts"), ("task_qa", "task_facts")):
+    assert len(bios[qa]) == len(bios[facts])
+    for question, fact in zip(bios[qa], bios[facts], strict=True):
+      # The fact prompt "Ada Quell was born in" + " Marrowby." against the question's answer.
+      assert fact["answer"] == f" {question['response']}."
+      name = next(n for n in _person_facts(bios[facts]) if fact["prompt"].startswith(n))
+      assert name in question["prompt"] and question["prompt"].endswith("?")
+  # Asking draws no random numbers: the other splits are byte for byte those of version 1.0.0,
+  # which had no question splits (the digest was taken from that version's output).
+  earlier = {k: v for k, v in bios.items() if not k.endswith("_qa")}
+  digest = hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()[:16]
+  assert digest == "e596f1fbe4f85789"
 
 
 def test_synthetic_language_uses_bytes_pretraining_never_showed(bios, language):
@@ -194,7 +212,9 @@ def test_embedded_build_reads_back_generated_records_without_tensorflow(tmp_path
   for split, records in expected.items():
     source = data.data_source("embedded/biographies", split, tmp_path, **SMALL)
     assert len(source) == len(records)
-    padded = [{"text": "", "prompt": "", "answer": "", **record} for record in records]
+    padded = [
+      {"text": "", "prompt": "", "answer": "", "response": "", **record} for record in records
+    ]
     assert _records_of(source) == padded
   files = [f for _, _, names in os.walk(tmp_path) for f in names]
   assert any(".array_record-" in f for f in files)

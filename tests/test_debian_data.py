@@ -361,6 +361,14 @@ def test_foldoc_instructions(dictionaries, tmp_path):
     debian.write_instructions(tmp_path / "sft", root=dictionaries, validation_fraction=0.5) == paths
   )
   assert os.stat(paths["train"]).st_mtime_ns == before  # unchanged content is not rewritten
+  # The TFDS config `debian/foldoc` holds the same records, read as instruction data.
+  for split in ("train", "validation"):
+    source = builders.data_source(
+      "debian/foldoc", split, tmp_path / "data", root=dictionaries, validation_fraction=0.5
+    )
+    assert builders.instruction_records(source) == sft.read_sft(paths[split])
+  elements = builders.data_source("debian/elements", "facts", tmp_path / "data", root=dictionaries)
+  assert builders.instruction_records(elements) is None  # probes are not instruction data
 
 
 # ----- names, options, errors -------------------------------------------------------------------

@@ -143,7 +143,11 @@ def test_default_run_end_to_end_through_train_py(tmp_path):
   # A changed field that determines the runs redoes them (the base, which the field does not
   # touch, is reused); the old runs are set aside, not deleted.
   third = subprocess.run(
-    [*args, "--config.num_train_steps=4"], capture_output=True, text=True, timeout=600, env=env,
+    [*args, "--config.num_train_steps=4"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
     cwd=tmp_path,
   )
   assert third.returncode == 0, third.stderr[-3000:]

@@ -87,7 +87,8 @@ def _mean_loss(trainer, params, batch):
 def test_logged_forgetting_bound_honours_the_loss_floor():
   floor = 4.0  # below the first loss of a byte-level model (about log 264 = 5.6)
   trainer = _trainer(
-    {"name": "adamw", "learning_rate": 1e-3}, {"enabled": True, "loss_floor": floor},
+    {"name": "adamw", "learning_rate": 1e-3},
+    {"enabled": True, "loss_floor": floor},
     loss_floor=floor,
   )
   state = trainer.create_state(trainer.init_params(0))

@@ -145,3 +145,41 @@ def test_smollm2_from_its_gguf_file_fine_tunes_through_train_py(tmp_path, smollm
     49_152,
   )
   assert tokenizer.encode("Paris", add_bos=False, add_eos=False).size >= 1
+
+
+def test_a_question_answer_split_trains_and_evaluates_on_its_answers(tmp_path):
+  """A built split of prompt/response records (the biographies' `task_qa`) is instruction data:
+  its batches (training rows, and packed eval rows) weigh the answers and the eos closing each,
+  never the questions."""
+  from configs import default
+  from finch_jax import configure, data, run
+
+  config = configure.override(
+    default.get_config(),
+    {
+      "data": {
+        "options": {"embedded_biographies": {"num_base_people": 4, "num_new_people": 3}},
+        "train": {"name": "", "split": "task_qa"},
+        "packing": False,
+        "batch_size": 4,
+        "seq_len": 128,
+      }
+    },
+  )
+  questions = data.embedded_corpus("biographies", num_base_people=4, num_new_people=3)["task_qa"]
+  answers = {r["response"] for r in questions}
+  tokenizer = configure.make_tokenizer(config)
+  batch = next(iter(run.train_batches(config, str(tmp_path), seed=0)))
+  loss_sets = run.Evaluator(config, str(tmp_path), configure.make_trainer(config))
+  for batches in (
+    [batch],
+    loss_sets._loss_batches(config, str(tmp_path), "task", config.data.train, tokenizer, {}),
+  ):
+    for row in (r for b in batches for r in zip(b["targets"], b["weights"], strict=True)):
+      targets, weights = row
+      weighted = [int(t) for t, w in zip(targets, weights, strict=True) if w]
+      assert weighted and weighted[-1] == tokenizer.eos_id
+      ends = [i for i, t in enumerate(weighted) if t == tokenizer.eos_id]
+      starts = [0, *(i + 1 for i in ends[:-1])]
+      pieces = [tokenizer.decode(weighted[a:b]) for a, b in zip(starts, ends, strict=True)]
+      assert set(pieces) <= answers, pieces

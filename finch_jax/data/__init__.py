@@ -22,6 +22,7 @@ from finch_jax.data.builders import (
   builder,
   data_source,
   decode_text,
+  instruction_records,
   prepare,
 )
 from finch_jax.data.pipeline import (
@@ -61,6 +62,7 @@ __all__ = [
   "embedded_corpus",
   "eval_batches",
   "fact_batches",
+  "instruction_records",
   "lm_batches",
   "lm_dataset",
   "lm_examples",

@@ -33,7 +33,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ VALID_NAMES_HELP = (
   "(see tfds.list_builders())"
 )
 
-_FEATURE_NAMES = ("text", "prompt", "answer")
+_FEATURE_NAMES = ("text", "prompt", "answer", "response")
 
 
 def options_key(name: str) -> str:
@@ -107,18 +107,24 @@ class EmbeddedConfig(tfds.core.BuilderConfig):
 class EmbeddedCorpus(_PackagedBuilder):
   """The synthetic benchmarks of `finch_jax.data.synthetic`, as a TFDS dataset.
 
-  Every example has three string features, empty where unused: `text` for text splits,
-  `prompt` and `answer` for fact splits (`retain_facts`, `task_facts`). Examples keep the
-  generator's order (shuffling belongs to the input pipeline), so `source[i]` is record i.
+  Every example has four string features, empty where unused: `text` for text splits,
+  `prompt` and `answer` for fact splits (`retain_facts`, `task_facts`), `prompt` and `response`
+  for question/answer splits (`retain_qa`, `task_qa`: instruction data, see
+  `instruction_records`). Examples keep the generator's order (shuffling belongs to the input
+  pipeline), so `source[i]` is record i.
 
   Splits per config:
-  - `biographies`: pretrain, finetune, retain_eval, task_eval, retain_facts, task_facts.
+  - `biographies`: pretrain, finetune, retain_eval, task_eval, retain_facts, task_facts,
+    retain_qa, task_qa.
   - `synthetic_language`: finetune, task_eval (the language), pretrain, retain_eval,
     retain_facts (identical to those of `biographies` built with the same options).
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Biographies and synthetic language of finch_jax.data.synthetic."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Biographies and synthetic language of finch_jax.data.synthetic.",
+    "1.1.0": "Question/answer splits of the biographies (feature `response`).",
+  }
   BUILDER_CONFIGS = [
     EmbeddedConfig(name=corpus, corpus=corpus, description=f"synthetic.embedded_corpus({corpus!r})")
     for corpus in synthetic.CORPORA
@@ -388,6 +394,20 @@ def _prepare_in_bucket(
     for file in files:
       file.copy(target / file.name, overwrite=True)
   return builder(name, data_dir, **options)
+
+
+def instruction_records(source: Sequence[Mapping[str, Any]]) -> list[dict[str, str]] | None:
+  """The records of a split of instruction data as `{"prompt", "response"}` dicts of str (the
+  input of `finch_jax.data.sft`), or None when the split is text or facts.
+
+  A split is instruction data when its records carry a non-empty `response` (the embedded
+  question/answer splits, Debian's `foldoc`); its first record decides.
+  """
+  if not len(source) or not decode_text(source[0].get("response", b"")):
+    return None
+  return [
+    {"prompt": decode_text(r["prompt"]), "response": decode_text(r["response"])} for r in source
+  ]
 
 
 def data_source(

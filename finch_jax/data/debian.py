@@ -15,6 +15,10 @@ like the other builders (`finch_jax.data.builders`); a missing package is an err
   train, validation.
 - `elements` (`dict-elements`): element facts as knowledge probes (public domain); split facts,
   and known with the option `known`.
+- `foldoc` (`dict-foldoc`): FOLDOC's definitions of computing terms (GFDL) as instruction data,
+  `{"prompt": 'What is "TERM" in computing?', "response": DEFINITION}` (`foldoc_instructions`;
+  a definition keeps its first paragraphs up to about `passage_chars` characters); splits train,
+  validation.
 
 Text configs have passages of consecutive verses (within one chapter) or paragraphs (within one
 handbook page) joined until they reach `passage_chars` characters (default 500; a longer verse or
@@ -28,9 +32,9 @@ name from symbol of each element the dictionary gives both for) in the split `fa
 option `known` (a file from `probes.known_probes`) it also has the split `known`: the probes a
 given base model recalls, the set on which forgetting of knowledge is measurable.
 
-Instruction data for supervised fine-tuning is JSONL (`finch_jax.data.sft`), not TFDS:
-`write_instructions(directory)` writes FOLDOC's definitions of computing terms (`dict-foldoc`,
-GFDL) as prompt/response records, for specs `{"name": "jsonl:DIRECTORY/foldoc-train.jsonl"}`.
+`foldoc`'s records carry a `response`, which makes them instruction data wherever a run reads
+them for training or loss (`finch_jax.data.sft`: the loss is on the responses). The same records
+can be written as JSONL for other tools: `write_instructions(directory)`.
 
 Naming, in a config (options keyed by `builders.options_key`, as for every dataset):
 
@@ -128,7 +132,7 @@ PACKAGES = {
   "elements": "dict-elements",
   "foldoc": "dict-foldoc",
 }
-CONFIG_NAMES = tuple(name for name in PACKAGES if name != "foldoc")  # FOLDOC is JSONL only
+CONFIG_NAMES = tuple(PACKAGES)
 
 
 def _installed(path: str, config: str) -> str:
@@ -571,6 +575,17 @@ def foldoc_instructions(root: str = "/", max_chars: int = 600) -> list[dict[str,
   ]
 
 
+def instruction_splits(
+  records: Sequence[Mapping[str, str]], validation_fraction: float
+) -> dict[str, list[Mapping[str, str]]]:
+  """`train` and `validation` (when `validation_fraction` > 0) of prompt/response records, by a
+  hash of the prompt as for text (`builders.split_local_text`): a record's split does not change
+  with the order or number of the others. Of records with one prompt the last is kept."""
+  by_prompt = {r["prompt"]: r for r in records}
+  splits = builders.split_local_text(list(by_prompt), validation_fraction)
+  return {split: [by_prompt[p] for p in prompts] for split, prompts in splits.items()}
+
+
 def write_instructions(
   directory: str | os.PathLike,
   *,
@@ -585,13 +600,12 @@ def write_instructions(
   (its modification time, part of a run's fingerprint, stays). Returns {split: path}, for data
   specs `{"name": "jsonl:PATH"}` (`finch_jax.data.sft`).
   """
-  records = {r["prompt"]: r for r in foldoc_instructions(root, max_chars)}
-  splits = builders.split_local_text(list(records), validation_fraction)
+  splits = instruction_splits(foldoc_instructions(root, max_chars), validation_fraction)
   os.makedirs(directory, exist_ok=True)
   paths = {}
-  for split, prompts in splits.items():
+  for split, rows in splits.items():
     path = os.path.join(os.fspath(directory), f"foldoc-{split}.jsonl")
-    content = "".join(json.dumps(records[p], ensure_ascii=False) + "\n" for p in prompts)
+    content = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if not os.path.isfile(path) or open(path, encoding="utf-8").read() != content:
       partial = f"{path}.tmp{os.getpid()}"
       with open(partial, "w", encoding="utf-8") as file:
@@ -624,6 +638,7 @@ class DebianConfig(tfds.core.BuilderConfig):
 
 
 _OPTIONS = ("root", "passage_chars", "validation_fraction", "known")
+_FEATURES = ("text", "prompt", "answer", "response")
 _TFDS_ARGUMENTS = frozenset({"config", "data_dir", "version", "file_format"})
 
 
@@ -644,7 +659,7 @@ def _source_files(config: DebianConfig) -> list[str]:
     return sorted(f for d in directories for f in glob.glob(os.path.join(d, "*.html")))
   if source.startswith("fortunes_"):
     return fortune_files(root, source.removeprefix("fortunes_"))
-  files = [os.path.join(root, DICTD_DIR, f"elements.{ext}") for ext in ("index", "dict.dz")]
+  files = [os.path.join(root, DICTD_DIR, f"{source}.{ext}") for ext in ("index", "dict.dz")]
   return [_installed(f, source) for f in files] + ([config.known] if config.known else [])
 
 
@@ -722,13 +737,17 @@ def _probe_splits(config: DebianConfig) -> dict[str, list[dict[str, str]]]:
 class Debian(builders._PackagedBuilder):
   """Text and knowledge probes from installed Debian packages (see the module docstring).
 
-  Every example has the string features `text`, `prompt` and `answer`, empty where unused:
-  `text` in the text configs' splits, `prompt`/`answer` in `elements`'. Examples keep the
-  source's order (shuffling belongs to the input pipeline).
+  Every example has the string features `text`, `prompt`, `answer` and `response`, empty where
+  unused: `text` in the text configs' splits, `prompt`/`answer` in `elements`' (probes),
+  `prompt`/`response` in `foldoc`'s (instruction data, `builders.instruction_records`).
+  Examples keep the source's order (shuffling belongs to the input pipeline).
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "WEB Bible, handbook, fortunes passages; element probes."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "WEB Bible, handbook, fortunes passages; element probes.",
+    "1.1.0": "foldoc: FOLDOC's definitions as instruction data (feature `response`).",
+  }
   BUILDER_CONFIGS = [
     DebianConfig(name=name, source=name, description=f"{PACKAGES[name]}: {name}")
     for name in CONFIG_NAMES
@@ -745,11 +764,10 @@ class Debian(builders._PackagedBuilder):
     super().__init__(config=config, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    names = ("text", "prompt", "answer")
     return tfds.core.DatasetInfo(
       builder=self,
       description=self.__doc__,
-      features=tfds.features.FeaturesDict({key: tfds.features.Text() for key in names}),
+      features=tfds.features.FeaturesDict({key: tfds.features.Text() for key in _FEATURES}),
       disable_shuffling=True,
     )
 
@@ -759,6 +777,11 @@ class Debian(builders._PackagedBuilder):
     if config.source == "elements":
       splits = _probe_splits(config)
       return {split: self._generate_examples(rows) for split, rows in splits.items()}
+    if config.source == "foldoc":
+      splits = instruction_splits(
+        foldoc_instructions(config.root, config.passage_chars), config.validation_fraction
+      )
+      return {split: self._generate_examples(rows) for split, rows in splits.items()}
     texts = builders.split_local_text(text_passages(config), config.validation_fraction)
     return {
       split: self._generate_examples([{"text": t} for t in rows]) for split, rows in texts.items()
@@ -766,7 +789,7 @@ class Debian(builders._PackagedBuilder):
 
   def _generate_examples(self, rows: Sequence[Mapping[str, str]]) -> Iterator[tuple[int, dict]]:
     for index, row in enumerate(rows):
-      yield index, {key: row.get(key, "") for key in ("text", "prompt", "answer")}
+      yield index, {key: row.get(key, "") for key in _FEATURES}
 
 
 __all__ = [
@@ -783,6 +806,7 @@ __all__ = [
   "foldoc_definitions",
   "foldoc_instructions",
   "fortunes",
+  "instruction_splits",
   "handbook_documents",
   "osis_text",
   "passages",

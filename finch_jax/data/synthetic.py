@@ -11,7 +11,8 @@ Two settings of the FINCH paper, at a scale a CPU trains in minutes:
 
 Everything is drawn from `numpy.random.default_rng([seed, stream])`: no global state, and the
 same arguments give byte-identical records. Records are dicts of str: `{"text": ...}` for text
-splits, `{"prompt": ..., "answer": ...}` for fact splits.
+splits, `{"prompt": ..., "answer": ...}` for fact splits and `{"prompt": ..., "response": ...}`
+for question/answer splits (instruction data: a model is fine-tuned on the response).
 """
 
 from __future__ import annotations
@@ -230,6 +231,24 @@ def fact_prompt(attribute: str, name: str) -> str:
   return template[: template.index(" {value}.")].format(name=name)
 
 
+# The question asked of each attribute in the question/answer splits; the answer is the value.
+QUESTIONS = {
+  "birth_date": "When was {name} born?",
+  "birth_city": "In which city was {name} born?",
+  "university": "Which university did {name} attend?",
+  "major": "What did {name} study?",
+  "employer": "Which company does {name} work for?",
+}
+
+
+def _questions(people: list[dict[str, str]]) -> list[dict[str, str]]:
+  return [
+    {"prompt": QUESTIONS[attribute].format(name=person["name"]), "response": person[attribute]}
+    for person in people
+    for attribute in ATTRIBUTES
+  ]
+
+
 def _facts(people: list[dict[str, str]]) -> list[dict[str, str]]:
   return [
     {"prompt": fact_prompt(attribute, person["name"]), "answer": f" {person[attribute]}."}
@@ -267,6 +286,10 @@ def biographies(
     - `task_eval`: one text per new person, held-out templates only.
     - `retain_facts`, `task_facts`: one `{"prompt", "answer"}` per (person, attribute), e.g.
       `{"prompt": "Ada Quell was born in", "answer": " Marrowby."}`.
+    - `retain_qa`, `task_qa`: the same facts as questions, one `{"prompt", "response"}` per
+      (person, attribute), e.g. `{"prompt": "In which city was Ada Quell born?", "response":
+      "Marrowby"}`: knowledge acquisition as instruction tuning (`QUESTIONS`). They draw no
+      random numbers, so the other splits are what they were without them.
   """
   if min(num_base_people, num_new_people, pretrain_variants, finetune_variants) < 1:
     raise ValueError("biographies needs at least one person per population and one variant.")
@@ -280,6 +303,8 @@ def biographies(
     "task_eval": _held_out_texts(rng, new),
     "retain_facts": _facts(base),
     "task_facts": _facts(new),
+    "retain_qa": _questions(base),
+    "task_qa": _questions(new),
   }
 
 
