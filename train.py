@@ -60,8 +60,29 @@ class _NotCustomDataConfiguration(pylogging.Filter):
     return not str(record.msg).startswith("Using custom data configuration")
 
 
+def _one_device_per_core(config) -> None:
+  """A comparison on one machine trains one run per CPU core at once (`compare.concurrent_runs`
+  0): XLA:CPU then trains faster than one run over all cores. JAX makes the cores devices only
+  if told before it starts, so this sets XLA_FLAGS, unless they already give a device count or
+  the run spans several processes. The count divides every batch size of the comparison, so the
+  base model's pretraining can spread its batch over the same devices."""
+  flags_now = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" in flags_now or FLAGS.num_processes:
+    return
+  if config.get("mode") != "compare" or config.get("compare", {}).get("concurrent_runs", 0):
+    return
+  pretrain = config.compare.get("pretrain", {}) or {}
+  batches = [config.data.batch_size, pretrain.get("data", {}).get("batch_size", 0)]
+  count = len(os.sched_getaffinity(0))
+  while count > 1 and any(b % count for b in batches):
+    count -= 1
+  if count > 1:
+    os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}".strip()
+
+
 def main(argv):
   del argv
+  _one_device_per_core(FLAGS.config)
   # Imported here, after flag parsing: JAX reads XLA_FLAGS and the platform when first imported.
   from finch_jax import experiment, sharding
   from finch_jax.validate import ConfigError

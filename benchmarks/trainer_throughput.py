@@ -59,7 +59,7 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
 
-  config = default.get_config()
+  config = default.full_size(default.get_config())
   config.mode = "pretrain"
   config.finch.enabled = False
   config.optimizer.grad_clip = 0.0

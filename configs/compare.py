@@ -69,6 +69,6 @@ def methods() -> dict:
 
 def get_config() -> ml_collections.ConfigDict:
   """The full comparison of remedies on the embedded benchmark."""
-  config = default.get_config()
+  config = default.full_size(default.get_config())
   config.compare.methods = methods()
   return config

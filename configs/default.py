@@ -3,7 +3,9 @@
 `python train.py` runs this. It builds the embedded biographies dataset, pretrains a ~0.4M
 parameter transformer on the base population (cached in WORKDIR/base), then fine-tunes it on a
 new population with AdamW alone and with FINCH around the same AdamW, each over a learning-rate
-sweep and two seeds, and reports forgetting at matched task loss.
+sweep and two seeds, and reports forgetting at matched task loss. It is sized to finish in about
+five minutes on two CPU cores (50 people a population); `full_size` gives the larger benchmark
+of RESULTS.md (100 people a population, twice the rows a step), which configs/compare.py uses.
 """
 
 import ml_collections
@@ -16,11 +18,11 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.mode = "compare"  # "pretrain", "finetune" or "compare" (sweeps + matched report).
   config.seed = 0  # Parameter initialisation and data order.
-  config.num_train_steps = 150  # Optimizer steps of one (fine-tuning) run.
+  config.num_train_steps = 120  # Optimizer steps of one (fine-tuning) run.
   config.grad_accum_steps = 1  # Micro-batches per step; FINCH sees their mean loss.
-  config.log_every = 25  # Steps between metrics records (metrics.jsonl, TensorBoard).
-  config.eval_every = 50  # Steps between evaluations of the eval sets (and at the end).
-  config.checkpoint_every = 150  # Steps between checkpoints (and at the end).
+  config.log_every = 20  # Steps between metrics records (metrics.jsonl, TensorBoard).
+  config.eval_every = 60  # Steps between evaluations of the eval sets (and at the end).
+  config.checkpoint_every = 120  # Steps between checkpoints (and at the end).
   config.keep_checkpoints = 2  # Checkpoints kept in WORKDIR/checkpoints.
   config.base_checkpoint = ""  # Workdir of the base model to fine-tune (mode "finetune").
   config.loss_chunk_size = 0  # Tokens per row whose logits the loss makes at once (0: all).
@@ -29,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.name = "embedded/biographies"  # Dataset: embedded/..., local_text:PATH or TFDS.
   config.data.data_dir = ""  # Where datasets are built; "" means WORKDIR/data.
   config.data.options = {  # Builder options per dataset (non-alphanumerics as "_").
-    "embedded_biographies": {"num_base_people": 100, "num_new_people": 100},
+    "embedded_biographies": {"num_base_people": 50, "num_new_people": 50},
   }
   config.data.train = {"name": "", "split": "finetune"}  # Training split ("" = data.name).
   # Named loss sets; forgetting = retain loss after - before. The tiny model memorises text
@@ -44,9 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     "retain": {"name": "", "split": "retain_facts"},
   }
   config.data.seq_len = 128  # Tokens per row (byte-level tokenizer).
-  config.data.batch_size = 16  # Rows per global batch.
+  config.data.batch_size = 8  # Rows per global batch.
   config.data.packing = True  # Pack several examples per row with segment ids.
-  config.data.eval_examples = 200  # Examples per eval set (the first ones); 0 means all.
+  config.data.eval_examples = 100  # Examples per eval set (the first ones); 0 means all.
   config.data.fact_examples = 0  # Facts per fact set; 0 means all.
   config.data.max_prompt_len = 48  # Prompt width of fact batches.
   # More measures of what changed, each read before and after fine-tuning (whole logits):
@@ -118,11 +120,14 @@ def get_config() -> ml_collections.ConfigDict:
     "standard": {"finch": {"enabled": False}, "learning_rates": (3e-4, 1e-3, 3e-3)},
     "finch": {"finch": {"enabled": True}, "learning_rates": (1e-4, 3e-4, 1e-3)},
   }
+  # Runs trained at once, each on an equal share of the devices; 0: one run per device on a
+  # single-process CPU machine (train.py makes each core a device), one at a time elsewhere.
+  config.compare.concurrent_runs = 0
   # The cost column's step times: every method's step timed in turn, rounds x steps each.
-  config.compare.timing = {"rounds": 5, "steps": 10}
+  config.compare.timing = {"rounds": 3, "steps": 5}
   config.compare.pretrain = {  # Overrides that make the base model (cached in WORKDIR/base).
-    "num_train_steps": 600,
-    "checkpoint_every": 200,
+    "num_train_steps": 320,
+    "checkpoint_every": 160,
     "eval_every": 0,
     "log_every": 50,
     "data": {"train": {"name": "", "split": "pretrain"}, "batch_size": 32},
@@ -133,4 +138,21 @@ def get_config() -> ml_collections.ConfigDict:
       "final_lr_fraction": 0.1,
     },
   }
+  return config
+
+
+def full_size(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the embedded benchmark at the size RESULTS.md measured: 100 people a
+  population, 150 steps of 16 rows, a base pretrained for 600 steps, evaluations of 200
+  examples every 50 steps and the cost column timed over 5 rounds of 10 steps."""
+  config.num_train_steps = 150
+  config.log_every = 25
+  config.eval_every = 50
+  config.checkpoint_every = 150
+  config.data.eval_examples = 200
+  config.data.options["embedded_biographies"] = {"num_base_people": 100, "num_new_people": 100}
+  config.data.batch_size = 16
+  config.compare.timing = {"rounds": 5, "steps": 10}
+  config.compare.pretrain["num_train_steps"] = 600
+  config.compare.pretrain["checkpoint_every"] = 200
   return config

@@ -15,7 +15,7 @@ FINCH_RATES = (1e-4, 3e-4, 1e-3)
 
 def get_config() -> ml_collections.ConfigDict:
   """The default comparison with more FINCH variants."""
-  config = default.get_config()
+  config = default.full_size(default.get_config())
   config.compare.methods = {
     "standard": {"finch": {"enabled": False}, "learning_rates": (3e-4, 1e-3, 3e-3)},
     "finch": {"finch": {"enabled": True}, "learning_rates": FINCH_RATES},

@@ -17,7 +17,7 @@ BIOGRAPHIES = "embedded/biographies"
 
 def get_config() -> ml_collections.ConfigDict:
   """The default comparison with the invented language as the fine-tuning task."""
-  config = default.get_config()
+  config = default.full_size(default.get_config())
   config.data.name = "embedded/synthetic_language"
   config.data.options["embedded_synthetic_language"] = {"num_finetune": 800}
   config.data.train = {"name": "", "split": "finetune"}

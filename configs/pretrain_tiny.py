@@ -12,8 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
   """Pretraining: no FINCH, cosine schedule, the `pretrain` split."""
   config = default.get_config()
   config.mode = "pretrain"
-  config.num_train_steps = 600
-  config.checkpoint_every = 200
+  config.num_train_steps = 320  # as the default run's base (configs/default.py)
+  config.checkpoint_every = 160
   config.eval_every = 0
   config.log_every = 50
   config.finch.enabled = False

@@ -275,7 +275,7 @@ class Preempted(SystemExit):
     return self.message
 
 
-class _StopRequests:
+class StopRequests:
   """Turns SIGTERM and SIGINT into a request to stop at the next step boundary.
 
   The handler only sets a flag; the loop reads it once per step (a Python attribute, no device
@@ -284,6 +284,10 @@ class _StopRequests:
   collective after it) would hang: there SIGTERM is left to JAX's preemption service, which agrees
   on a step across processes without a collective per step, and SIGINT is handed to it as a
   SIGTERM. Signals ignored when the run started (`nohup`, background jobs) stay ignored.
+
+  Runs that train at once in threads of one process (`finch_jax.sweep`) share one: the main
+  thread enters it (only it may set handlers) and passes it to each `fit` as `stop`, so every run
+  saves its step and stops.
   """
 
   def __init__(self):
@@ -292,7 +296,7 @@ class _StopRequests:
     self._multi = jax.process_count() > 1
     self._sync = self._multi and bool(jax.config.jax_enable_preemption_service)
 
-  def __enter__(self) -> _StopRequests:
+  def __enter__(self) -> StopRequests:
     if threading.current_thread() is not threading.main_thread():
       return self  # Python only lets the main thread set handlers; signals then act as usual.
     if self._multi and not self._sync:
@@ -373,6 +377,7 @@ def fit(
   description: str = "",
   tokens_per_batch: int | None = None,
   resume: Mapping[str, Any] | None = None,
+  stop: StopRequests | None = None,
 ) -> FitResult:
   """Trains `state` until `num_train_steps`, logging, evaluating and checkpointing on the way.
 
@@ -407,6 +412,8 @@ def fit(
     description: what the bar says it is running (e.g. "run 3 of 12: finch lr 0.001 seed 0").
     tokens_per_batch: tokens in a global batch, for tokens/s.
     resume: `extra` of the checkpoint `state` was restored from (`Checkpointer.restored_extra`).
+    stop: the stop requests to read, entered by the caller (runs in threads share the main
+      thread's); None: `fit` listens for the signals itself.
 
   Raises:
     Preempted: after SIGTERM or SIGINT, once the checkpoint is saved.
@@ -425,7 +432,7 @@ def fit(
       "evals": [{k: _jsonable(v) for k, v in e.items()} for e in evals],
     }
 
-  with _StopRequests() as stop:
+  with contextlib.nullcontext(stop) if stop is not None else StopRequests() as stop:
     for step in range(int(state.step), num_train_steps):
       with window.waiting_for_input():
         batch = trainer.global_batch(next(batches))

@@ -32,7 +32,7 @@ from flax import nnx
 from finch_jax import configure
 from finch_jax import data as data_lib
 from finch_jax.checkpoint import Checkpointer, restore_params
-from finch_jax.loop import FitResult, MetricsWriter, fit
+from finch_jax.loop import FitResult, MetricsWriter, StopRequests, fit
 from finch_jax.models import hf
 from finch_jax.models.gguf import load_gguf
 from finch_jax.remedies import sample_replay_set
@@ -206,7 +206,8 @@ class Evaluator:
     trainer: Trainer,
     base: Any = None,
   ):
-    self.base = base
+    # On the trainer's devices (a sweep's runs may each have their own), as the KL reads it.
+    self.base = None if base is None else jax.device_put(base, trainer.param_shardings)
     self.token_accuracy = bool(config.data.get("token_accuracy", False))
     self.kl_sets = set(config.data.get("kl_sets", ()) or ())
     self.calibration = bool(config.data.get("calibration", False))
@@ -303,6 +304,7 @@ def run_training(
   progress: bool = True,
   samples: Sequence[np.ndarray] | None = None,
   description: str = "",
+  stop: StopRequests | None = None,
 ) -> FitResult:
   """One training run in `workdir`, resumed from its newest readable checkpoint when it has one.
 
@@ -358,6 +360,7 @@ def run_training(
       description=description,
       tokens_per_batch=config.data.batch_size * config.data.seq_len,
       resume=checkpointer.restored_extra,
+      stop=stop,
     )
   finally:
     if writer is not None:

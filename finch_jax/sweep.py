@@ -20,9 +20,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import statistics
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -31,8 +34,9 @@ from etils import epath
 from flax import nnx
 
 from finch_jax import configure, run
+from finch_jax import sharding as shd
 from finch_jax.data import debian, probes
-from finch_jax.loop import format_duration
+from finch_jax.loop import StopRequests, format_duration
 from finch_jax.report import build_report, markdown_table, write_report
 from finch_jax.trainer import Trainer
 
@@ -98,6 +102,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
   """Pretrains (or reuses) the base, runs every method's sweep, writes and prints the report."""
   # Every run of the comparison reads the one dataset built under the top workdir.
   config = configure.override(config, {"data": {"data_dir": configure.data_dir(config, workdir)}})
+  groups = run_device_groups(config)  # before any training: a bad value fails at once
   base_dir = epath.Path(workdir) / "base"
   base = _base_model(config, base_dir)
   config = _with_known_probes(config, base, base_dir)
@@ -106,14 +111,24 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
   evaluator = run.Evaluator(config, workdir, next(iter(trainers.values())), base=base)
   before = _evaluate_base(evaluator, base, base_dir)
   _print("base model: " + _fmt(before))
-  runs, clock = [], _SweepClock(_count_runs(config))
+  sweep_runs = []
   for name, cfg in configs.items():
     samples = run.replay_samples(cfg, trainers[name], base, cache=base_dir / _samples_file(cfg))
     for learning_rate in config.compare.methods[name].learning_rates:
       for seed in config.compare.seeds:
-        sweep_run = SweepRun(name, cfg, float(learning_rate), int(seed), trainers[name], samples)
-        with clock.run(sweep_run) as description:
-          runs.append(sweep_run.result(workdir, base, evaluator, before, description))
+        sweep_runs.append(SweepRun(name, cfg, float(learning_rate), int(seed), samples))
+  if len(groups) == 1:
+    clock = _SweepClock([r.to_train(workdir) for r in sweep_runs])
+    runs = []
+    for sweep_run in sweep_runs:
+      with clock.run(sweep_run) as description:
+        runs.append(
+          sweep_run.result(
+            workdir, base, trainers[sweep_run.method], evaluator, before, description
+          )
+        )
+  else:
+    runs = _concurrent_results(sweep_runs, groups, config, configs, workdir, base, before)
   _print("Timing each method's train step back to back (the cost column)...")
   timing = config.compare.get("timing", {}) or {}
   step_times = measure_step_times(
@@ -179,17 +194,97 @@ def _evaluate_base(evaluator: run.Evaluator, base: Any, base_dir: epath.Path) ->
   return before
 
 
-def _count_runs(config: ml_collections.ConfigDict) -> int:
-  methods = config.compare.methods.values()
-  return sum(len(m.learning_rates) for m in methods) * len(config.compare.seeds)
+def run_device_groups(config: ml_collections.ConfigDict) -> list[list[jax.Device]]:
+  """The devices of each run that trains at once (`compare.concurrent_runs`): one group of all
+  devices when runs take turns.
+
+  0 (the default) means one run per device on a single-process CPU machine, where XLA:CPU
+  trains two small models on one core each about 1.6 times as fast as one on both cores, and
+  runs one at a time on accelerators, where a run has all the devices. A run's mesh needs
+  `mesh.fsdp * mesh.tensor` devices (times `mesh.data` when that is fixed); the devices are
+  split into `concurrent_runs` equal groups of consecutive devices.
+  """
+  devices = jax.devices()
+  wanted = int(config.compare.get("concurrent_runs", 0) or 0)
+  mesh = config.mesh
+  needed = mesh.fsdp * mesh.tensor * (mesh.data if mesh.data > 0 else 1)
+  if not wanted:
+    single_cpu = jax.process_count() == 1 and jax.default_backend() == "cpu"
+    wanted = max(1, len(devices) // needed) if single_cpu else 1
+  if wanted < 1 or len(devices) % wanted or len(devices) // wanted < needed:
+    raise ValueError(
+      f"compare.concurrent_runs={wanted}: {len(devices)} devices do not split into "
+      f"{wanted} equal groups of at least {needed} (the mesh of one run); use a divisor of "
+      f"{len(devices) // needed}, or 0."
+    )
+  if jax.process_count() > 1 and wanted > 1:
+    raise ValueError(
+      "compare.concurrent_runs > 1 needs a single process: with several, every run spans them "
+      "all. Set it to 1 (or 0)."
+    )
+  size = len(devices) // wanted
+  return [devices[i * size : (i + 1) * size] for i in range(wanted)]
+
+
+class _Worker:
+  """What one of the runs training at once holds: its trainers (one per method) and evaluator,
+  compiled for its own devices."""
+
+  def __init__(self, devices, config, configs, workdir, base):
+    self.trainers = {
+      name: configure.make_trainer(cfg, mesh=shd.make_mesh(**cfg.mesh.to_dict(), devices=devices))
+      for name, cfg in configs.items()
+    }
+    self.evaluator = run.Evaluator(config, workdir, next(iter(self.trainers.values())), base=base)
+
+
+def _concurrent_results(
+  sweep_runs: list[SweepRun],
+  groups: list[list[jax.Device]],
+  config: ml_collections.ConfigDict,
+  configs: Mapping[str, ml_collections.ConfigDict],
+  workdir: str | os.PathLike,
+  base: Any,
+  before: Mapping[str, float],
+) -> list[dict[str, Any]]:
+  """Every run's result, `len(groups)` runs training at once in threads, each on its group of
+  devices; in the order of `sweep_runs`. A run's numbers are those it gives alone on a mesh of
+  the same shape (`tests/test_sweep.py`). SIGTERM or SIGINT stops every run at its next step,
+  with its checkpoint saved (`loop.StopRequests`)."""
+  workers: queue.Queue[_Worker] = queue.Queue()
+  for devices in groups:
+    workers.put(_Worker(devices, config, configs, workdir, base))
+  clock = _ConcurrentClock([r.to_train(workdir) for r in sweep_runs], len(groups))
+
+  def result(sweep_run: SweepRun, stop: StopRequests) -> dict[str, Any]:
+    worker = workers.get()
+    try:
+      with clock.run(sweep_run):
+        return sweep_run.result(
+          workdir,
+          base,
+          worker.trainers[sweep_run.method],
+          worker.evaluator,
+          before,
+          progress=False,
+          stop=stop,
+        )
+    finally:
+      workers.put(worker)
+
+  with StopRequests() as stop, ThreadPoolExecutor(len(groups)) as pool:
+    futures = [pool.submit(result, sweep_run, stop) for sweep_run in sweep_runs]
+    return [future.result() for future in futures]
 
 
 class _SweepClock:
   """Says which run of the sweeps is running and, from the runs trained so far, about how long
   the rest will take (runs read back from an earlier sweep take no time)."""
 
-  def __init__(self, total: int):
-    self.total, self.index, self.trained, self.seconds = total, 0, 0, 0.0
+  def __init__(self, to_train: list[bool]):
+    """`to_train[i]`: whether run i trains (False: its result is read back)."""
+    self.to_train, self.total = to_train, len(to_train)
+    self.index, self.trained, self.seconds = 0, 0, 0.0
 
   @contextlib.contextmanager
   def run(self, sweep_run: SweepRun):
@@ -197,13 +292,48 @@ class _SweepClock:
     self.index += 1
     left = ""
     if self.trained:
-      remaining = self.seconds / self.trained * (self.total - self.index + 1)
+      remaining = self.seconds / self.trained * sum(self.to_train[self.index - 1 :])
       left = f", about {format_duration(remaining)} left in the sweeps"
     start = time.perf_counter()
     yield f"run {self.index} of {self.total}{left}: {sweep_run.name}"
     elapsed = time.perf_counter() - start
     if elapsed > 1.0:  # trained, not read back
       self.trained, self.seconds = self.trained + 1, self.seconds + elapsed
+
+
+class _ConcurrentClock:
+  """`_SweepClock` for runs that train `width` at a time: one line as each run starts (which
+  runs are training, about how long is left) and the run's own line as it ends."""
+
+  def __init__(self, to_train: list[bool], width: int):
+    self.to_train, self.total, self.width = to_train, len(to_train), width
+    self.started, self.trained, self.seconds = 0, 0, 0.0
+    self.running: dict[str, float] = {}
+    self.start = time.perf_counter()
+    self.lock = threading.Lock()
+
+  @contextlib.contextmanager
+  def run(self, sweep_run: SweepRun):
+    """Times the body and says what is running."""
+    with self.lock:
+      self.started += 1
+      self.running[sweep_run.name] = time.perf_counter()
+      left = ""
+      if self.trained:
+        per_run = self.seconds / self.trained / self.width  # wall seconds a run adds
+        remaining = per_run * sum(self.to_train[self.started - 1 :])
+        left = f", about {format_duration(remaining)} left in the sweeps"
+      _print(
+        f"run {self.started} of {self.total} ({len(self.running)} training at once"
+        f"{left}): {', '.join(self.running)}"
+      )
+    try:
+      yield
+    finally:
+      with self.lock:
+        elapsed = time.perf_counter() - self.running.pop(sweep_run.name)
+        if elapsed > 1.0:  # trained, not read back
+          self.trained, self.seconds = self.trained + 1, self.seconds + elapsed
 
 
 class SweepRun:
@@ -215,10 +345,9 @@ class SweepRun:
     config: ml_collections.ConfigDict,
     learning_rate: float,
     seed: int,
-    trainer: Trainer,
     samples: Any,
   ):
-    self.method, self.config, self.trainer, self.samples = method, config, trainer, samples
+    self.method, self.config, self.samples = method, config, samples
     self.learning_rate, self.seed = learning_rate, seed
     self.fingerprint = configure.fingerprint(config, learning_rate=learning_rate, seed=seed)
 
@@ -227,18 +356,34 @@ class SweepRun:
     """How the console names this run."""
     return f"{self.method} lr {self.learning_rate:.3g} seed {self.seed}"
 
+  def _dir(self, workdir: str | os.PathLike) -> epath.Path:
+    return epath.Path(workdir) / "runs" / self.method / _run_name(self.learning_rate, self.seed)
+
+  def to_train(self, workdir: str | os.PathLike) -> bool:
+    """Whether `result` will train this run (False: a finished run of the same fingerprint)."""
+    run_dir = self._dir(workdir)
+    done = run_dir / "result.json"
+    stamp = run_dir / FINGERPRINT_FILE
+    if not (done.exists() and stamp.exists()):
+      return True
+    return json.loads(stamp.read_text())["fingerprint"] != self.fingerprint
+
   def result(
     self,
     workdir: str | os.PathLike,
     base: Any,
+    trainer: Trainer,
     evaluator: run.Evaluator,
     before: Mapping[str, float],
     description: str = "",
+    *,
+    progress: bool = True,
+    stop: StopRequests | None = None,
   ) -> dict[str, Any]:
     """The run's result: read from its `result.json` when its fingerprint is unchanged, else
-    trained (resuming its own checkpoints) and written there; `description` names it on the
-    progress bar."""
-    run_dir = epath.Path(workdir) / "runs" / self.method / _run_name(self.learning_rate, self.seed)
+    trained with `trainer` (resuming its own checkpoints) and written there; `description`
+    names it on the progress bar (shown with `progress`); `stop` as for `loop.fit`."""
+    run_dir = self._dir(workdir)
     claim(run_dir, self.fingerprint)
     result_path = run_dir / "result.json"
     if result_path.exists():
@@ -246,22 +391,29 @@ class SweepRun:
     fit = run.run_training(
       self.config,
       run_dir,
-      trainer=self.trainer,
+      trainer=trainer,
       init_params=base,
       learning_rate=self.learning_rate,
       seed=self.seed,
       evaluator=evaluator,
+      progress=progress,
       samples=self.samples,
       description=description or self.name,
+      stop=stop,
     )
-    result = self._summary(fit, run_dir, evaluator, before)
+    result = self._summary(fit, run_dir, trainer, evaluator, before)
     if jax.process_index() == 0:
       result_path.write_text(json.dumps(result))
     _print(f"{self.method:>10s} lr={self.learning_rate:<8.3g} seed={self.seed}: " + _fmt(result))
     return result
 
   def _summary(
-    self, fit: Any, run_dir: epath.Path, evaluator: run.Evaluator, before: Mapping[str, float]
+    self,
+    fit: Any,
+    run_dir: epath.Path,
+    trainer: Trainer,
+    evaluator: run.Evaluator,
+    before: Mapping[str, float],
   ) -> dict[str, Any]:
     final = fit.evals[-1]
     result = {
@@ -277,7 +429,7 @@ class SweepRun:
       "optimizer_state_bytes": _tree_bytes(fit.state.opt_state),
       # What the method holds on top of the model it trains: trained weights (or adapters),
       # optimizer state, the frozen base or reference model, replay samples.
-      "held_bytes": self.trainer.held_bytes(fit.state) + sum(x.nbytes for x in self.samples or ()),
+      "held_bytes": trainer.held_bytes(fit.state) + sum(x.nbytes for x in self.samples or ()),
     }
     for set_name in evaluator.fact_sets:
       result[f"{set_name}_fact_accuracy"] = final[f"{set_name}_fact_accuracy"]

@@ -312,6 +312,13 @@ def _check_compare_settings(config: ml_collections.ConfigDict, p: _Problems) -> 
   seeds = _get(config, "compare.seeds")
   if not isinstance(seeds, Sequence) or not seeds or not all(map(_is_seed, seeds)):
     p.fail("compare.seeds", seeds, "give a non-empty list of seeds in [0, 2**32), e.g. (0, 1).")
+  concurrent = _get(config, "compare.concurrent_runs", 0)
+  if not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 0:
+    p.fail(
+      "compare.concurrent_runs",
+      concurrent,
+      "give the number of runs to train at once, or 0 for one per device on a CPU machine.",
+    )
 
 
 def _check_run(run: _Run, job: _Job, p: _Problems) -> set[str]:

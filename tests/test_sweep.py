@@ -1,10 +1,18 @@
-"""What keys a comparison's cached run: everything that determines it, and nothing else."""
+"""What keys a comparison's cached run (everything that determines it, and nothing else), and
+runs that train at once."""
 
+import glob
 import json
 import os
+import subprocess
+import sys
+
+import pytest
 
 from configs import default
 from finch_jax import configure, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**changes):
@@ -58,3 +66,65 @@ def test_claim_sets_a_run_of_another_fingerprint_aside(tmp_path):
   assert (tmp_path / "runs" / "finch" / "lr0.001_seed0.stale-aaaa" / "result.json").exists()
   with open(run_dir / sweep.FINGERPRINT_FILE) as f:
     assert json.load(f) == {"fingerprint": "bbbb"}
+
+
+def _train(workdir, device_count, *overrides):
+  """train.py in a fresh process whose CPU is `device_count` devices."""
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={device_count}"}
+  command = [sys.executable, os.path.join(ROOT, "train.py"), f"--workdir={workdir}", *overrides]
+  done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+def _results(workdir):
+  found = {}
+  for path in glob.glob(os.path.join(workdir, "runs", "*", "*", "result.json")):
+    with open(path) as f:
+      result = json.load(f)
+    found[(result["method"], result["learning_rate"], result["seed"])] = result
+  return found
+
+
+@pytest.mark.slow
+def test_runs_trained_at_once_give_the_separate_runs_results(tmp_path):
+  """A sweep whose runs train two at a time, one per device, ends with each run's numbers as
+  the same sweep run one at a time on one device gives them."""
+  small = [
+    "--config.data.options.embedded_biographies.num_base_people=16",
+    "--config.data.options.embedded_biographies.num_new_people=16",
+    "--config.data.seq_len=64",
+    "--config.data.batch_size=8",
+    "--config.data.eval_examples=16",
+    f"--config.data.data_dir={tmp_path / 'data'}",
+  ]
+  _train(
+    tmp_path / "base",
+    1,
+    "--config=configs/pretrain_tiny.py",
+    "--config.num_train_steps=20",
+    "--config.checkpoint_every=20",
+    *small,
+  )
+  sweep_flags = [
+    *small,
+    f"--config.base_checkpoint={tmp_path / 'base'}",
+    "--config.num_train_steps=12",
+    "--config.eval_every=6",
+    "--config.log_every=6",
+    "--config.checkpoint_every=12",
+    "--config.compare.timing.rounds=1",
+    "--config.compare.timing.steps=1",
+    "--config.compare.methods.standard.learning_rates=(0.001,)",
+    "--config.compare.methods.finch.learning_rates=(0.001,)",
+  ]
+  together = _train(tmp_path / "together", 2, *sweep_flags)
+  alone = _train(tmp_path / "alone", 1, *sweep_flags, "--config.compare.concurrent_runs=1")
+  assert "2 training at once" in together and "training at once" not in alone
+  expected = _results(tmp_path / "alone")
+  assert len(expected) == 4  # 2 methods x 2 seeds
+  got = _results(tmp_path / "together")
+  assert got.keys() == expected.keys()
+  measured = ("task_loss", "retain_loss", "forgetting", "curve", "retain_fact_accuracy")
+  for key, result in expected.items():
+    assert {k: got[key][k] for k in measured} == {k: result[k] for k in measured}, key
