@@ -443,34 +443,22 @@ def plot_frontier(report: Mapping[str, Any]) -> Figure:
     frontier = monotone_sweep(means, "task_loss", increasing=False)
     past = [p for p in means if p not in frontier]
     ax.plot(
-      [p["task_loss"] for p in frontier],
-      [p["forgetting"] for p in frontier],
-      marker="o",
-      label=f"{name} (mean of seeds)",
-      **styles[name],
+      [p["task_loss"] for p in frontier], [p["forgetting"] for p in frontier], marker="o",
+      label=f"{name} (mean of seeds)", **styles[name],
     )
     if past:
       ax.scatter(
-        [p["task_loss"] for p in past],
-        [p["forgetting"] for p in past],
-        s=40,
-        facecolors="none",
-        edgecolors=styles[name]["color"],
+        [p["task_loss"] for p in past], [p["forgetting"] for p in past], s=40,
+        facecolors="none", edgecolors=styles[name]["color"],
       )
     for p in means:
       ax.annotate(
-        f"lr {p['learning_rate']:.2g}",
-        (p["task_loss"], p["forgetting"]),
-        fontsize=7,
-        xytext=(3, 3),
-        textcoords="offset points",
+        f"lr {p['learning_rate']:.2g}", (p["task_loss"], p["forgetting"]), fontsize=7,
+        xytext=(3, 3), textcoords="offset points",
       )
     ax.scatter(
-      [r["task_loss"] for r in method_runs],
-      [r["forgetting"] for r in method_runs],
-      s=10,
-      alpha=0.5,
-      color=styles[name]["color"],
+      [r["task_loss"] for r in method_runs], [r["forgetting"] for r in method_runs], s=10,
+      alpha=0.5, color=styles[name]["color"],
     )
   ax.scatter([], [], s=10, alpha=0.5, color="grey", label="one seed's run")
   past_label = "rate past the lowest task loss"
@@ -479,13 +467,8 @@ def plot_frontier(report: Mapping[str, Any]) -> Figure:
   if target is not None and math.isfinite(target):
     ax.axvline(target, color="grey", ls=":", lw=1, label=f"matched task loss {target:.3f}")
   ax.text(
-    0.02,
-    0.97,
-    "better: lower left (learns more, forgets less)",
-    transform=ax.transAxes,
-    va="top",
-    color="grey",
-    fontsize=8,
+    0.02, 0.97, "better: lower left (learns more, forgets less)", transform=ax.transAxes,
+    va="top", color="grey", fontsize=8,
   )
   ax.set_xlabel("task loss after fine-tuning (lower is better)")
   ax.set_ylabel("forgetting: rise of the retain loss (lower is better)")

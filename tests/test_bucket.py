@@ -245,7 +245,7 @@ def test_a_run_in_a_bucket_resumes_bit_for_bit_and_writes_nothing_locally(gcs, t
   assert "metrics.jsonl" in files
   assert sum(f.startswith("tensorboard/events.out.tfevents.") for f in files) == 2  # a leg each
   assert {f.split("/")[1] for f in files if f.startswith("checkpoints/")} == {"8", "12"}
-  dataset_info = r"data/embedded_corpus/[^/]+/1\.0\.0/dataset_info\.json"
+  dataset_info = r"data/embedded_corpus/[^/]+/\d+\.\d+\.\d+/dataset_info\.json"
   assert any(re.fullmatch(dataset_info, f) for f in files), files
   # Nothing written locally: the legs' directory holds the test's own files (no `gs:` folder,
   # no workdir), and the temporary directory no file (the dataset was built there, uploaded and

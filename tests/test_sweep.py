@@ -98,28 +98,22 @@ def test_runs_trained_at_once_give_the_separate_runs_results(tmp_path):
     "--config.data.eval_examples=16",
     f"--config.data.data_dir={tmp_path / 'data'}",
   ]
-  _train(
-    tmp_path / "base",
-    1,
-    "--config=configs/pretrain_tiny.py",
-    "--config.num_train_steps=20",
-    "--config.checkpoint_every=20",
-    *small,
-  )
   sweep_flags = [
     *small,
-    f"--config.base_checkpoint={tmp_path / 'base'}",
-    "--config.num_train_steps=12",
-    "--config.eval_every=6",
-    "--config.log_every=6",
-    "--config.checkpoint_every=12",
+    "--config.num_train_steps=8",
+    "--config.eval_every=4",
+    "--config.log_every=4",
+    "--config.checkpoint_every=8",
     "--config.compare.timing.rounds=1",
     "--config.compare.timing.steps=1",
     "--config.compare.methods.standard.learning_rates=(0.001,)",
     "--config.compare.methods.finch.learning_rates=(0.001,)",
   ]
-  together = _train(tmp_path / "together", 2, *sweep_flags)
-  alone = _train(tmp_path / "alone", 1, *sweep_flags, "--config.compare.concurrent_runs=1")
+  # The first pretrains the base (over both devices); the second fine-tunes that same base.
+  pretrain = ["--config.compare.pretrain.num_train_steps=10"]
+  together = _train(tmp_path / "together", 2, *sweep_flags, *pretrain)
+  base = f"--config.base_checkpoint={tmp_path / 'together' / 'base'}"
+  alone = _train(tmp_path / "alone", 1, *sweep_flags, base, "--config.compare.concurrent_runs=1")
   assert "2 training at once" in together and "training at once" not in alone
   expected = _results(tmp_path / "alone")
   assert len(expected) == 4  # 2 methods x 2 seeds
