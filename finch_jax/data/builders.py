@@ -58,7 +58,8 @@ VALID_NAMES_HELP = (
   "(see tfds.list_builders())"
 )
 
-_FEATURE_NAMES = ("text", "prompt", "answer", "response")
+# The string features of every record this project builds, empty where unused.
+FEATURE_NAMES = ("text", "prompt", "answer", "response")
 
 
 def options_key(name: str) -> str:
@@ -131,7 +132,7 @@ class EmbeddedCorpus(_PackagedBuilder):
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    features = tfds.features.FeaturesDict({key: tfds.features.Text() for key in _FEATURE_NAMES})
+    features = tfds.features.FeaturesDict({key: tfds.features.Text() for key in FEATURE_NAMES})
     return tfds.core.DatasetInfo(
       builder=self,
       description=self.__doc__,
@@ -147,7 +148,7 @@ class EmbeddedCorpus(_PackagedBuilder):
 
   def _generate_examples(self, rows: list[dict[str, str]]) -> Iterator[tuple[int, dict]]:
     for index, row in enumerate(rows):
-      yield index, {key: row.get(key, "") for key in _FEATURE_NAMES}
+      yield index, {key: row.get(key, "") for key in FEATURE_NAMES}
 
 
 def embedded_config(corpus: str, **options: Any) -> EmbeddedConfig:

@@ -638,7 +638,7 @@ class DebianConfig(tfds.core.BuilderConfig):
 
 
 _OPTIONS = ("root", "passage_chars", "validation_fraction", "known")
-_FEATURES = ("text", "prompt", "answer", "response")
+_FEATURES = builders.FEATURE_NAMES
 _TFDS_ARGUMENTS = frozenset({"config", "data_dir", "version", "file_format"})
 
 
