@@ -35,8 +35,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs import sft  # noqa: E402
 from finch_jax import sharding as shd  # noqa: E402
 from finch_jax.models import LlamaConfig  # noqa: E402
+from finch_jax.models.registry import config_from_dict  # noqa: E402
 from finch_jax.optim import make_optimizer  # noqa: E402
 from finch_jax.trainer import Trainer  # noqa: E402
 
@@ -67,20 +69,8 @@ SHAPES = {
     rope_theta=500_000.0,
     max_len=8192,
   ),
-  # Qwen3-0.6B's shape.
-  "qwen3_0_6b": LlamaConfig(
-    vocab_size=151_936,
-    d_model=1024,
-    num_layers=28,
-    num_heads=16,
-    num_kv_heads=8,
-    head_dim=128,
-    d_ff=3072,
-    model_type="qwen3",
-    tie_embeddings=True,
-    rope_theta=1_000_000.0,
-    max_len=40_960,
-  ),
+  # Qwen3-0.6B's shape, from configs/sft.py (dtype and remat come from the flags).
+  "qwen3_0_6b": config_from_dict(sft.get_config().model),
 }
 
 

@@ -72,8 +72,6 @@ def instructions(config: ml_collections.ConfigDict, workdir: str, spec: Mapping[
   name = configure.spec_name(config, spec)
   if name.startswith(data_lib.builders.JSONL_PREFIX):
     return name.removeprefix(data_lib.builders.JSONL_PREFIX)
-  if name == configure.BASE_SAMPLES:
-    return None
   return data_lib.instruction_records(source(config, workdir, spec))
 
 

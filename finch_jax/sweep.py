@@ -320,7 +320,6 @@ class _ConcurrentClock:
     self.to_train, self.total, self.width = to_train, len(to_train), width
     self.started, self.trained, self.seconds = 0, 0, 0.0
     self.running: dict[str, float] = {}
-    self.start = time.perf_counter()
     self.lock = threading.Lock()
 
   @contextlib.contextmanager
