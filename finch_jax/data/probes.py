@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from finch_jax.data.pipeline import fact_batches
@@ -224,13 +225,13 @@ def known_probes(
     batch_size: probes per forward pass.
   """
   path = os.fspath(path)
+  file = epath.Path(path)  # local or in a bucket (gs://...), as every workdir file
   source = {
     "probes": _tokenizer_digest(tokenizer, records),
     "model": model_key if model_key is not None else _model_digest(model),
   }
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as file:
-      header = json.loads(file.readline() or "{}")
+  if file.is_file():
+    header = json.loads(file.read_text(encoding="utf-8").partition("\n")[0] or "{}")
     if header.get("source") == source:
       return path
   keep = recalled(records, model, tokenizer, batch_size=batch_size)
@@ -238,12 +239,14 @@ def known_probes(
     {"prompt": r["prompt"], "answer": r["answer"]} for r, k in zip(records, keep, strict=True) if k
   ]
   header = {"source": source, "num_probes": len(records), "num_known": len(kept)}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  partial = f"{path}.tmp{os.getpid()}"
-  with open(partial, "w", encoding="utf-8") as file:
-    for row in [header, *kept]:
-      file.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(partial, path)  # Whole or not at all: a cut-short write is never read as a set.
+  text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in [header, *kept])
+  file.parent.mkdir(parents=True, exist_ok=True)
+  if "://" in path:  # a bucket's object is replaced whole by its upload, or not at all
+    file.write_text(text, encoding="utf-8")
+  else:  # whole or not at all: a cut-short write is never read as a set
+    partial = file.with_name(f"{file.name}.tmp{os.getpid()}")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(file)
   return path
 
 
