@@ -333,6 +333,7 @@ def _check_run(run: _Run, job: _Job, p: _Problems) -> set[str]:
     if sizes is not None:
       _check_param_sharding(run, model, sizes, p)
     _check_lengths(run, model, p)
+    _check_tokenizer(run, model, p)
   read = _check_datasets(run, p)
   _check_remedies(run, p)
   _check_forgetting_sets(run, p)
@@ -663,6 +664,40 @@ def _check_lengths(run: _Run, model: ModelConfig, p: _Problems) -> None:
       f"{prompt + answer} tokens, beyond the model's max_len={model.max_len}: lower "
       f"{run.flag('data.max_prompt_len')} or {run.flag('data.answer_len')}, or raise "
       f"{run.flag('model.max_len')}.",
+    )
+
+
+def _check_tokenizer(run: _Run, model: ModelConfig, p: _Problems) -> None:
+  """Every token id has an embedding row: an id at or past the model's `vocab_size` reads none
+  (`jnp.take` fills NaN), so every step's loss is NaN, every update is skipped, and the run
+  ends having learned nothing. A pretrained base's own tokenizer comes with its embedding and
+  is not read here (from a GGUF file that takes seconds)."""
+  field, base = "data.tokenizer", _get(run.config, "base_checkpoint")
+  pretrained = isinstance(base, str) and configure.is_pretrained(base)
+  if pretrained and not _get(run.config, field):
+    return
+  try:
+    tokenizer = configure.make_tokenizer(run.config)
+  except (OSError, ValueError) as error:
+    p.fail(run.name(field), _get(run.config, field, ""), _one_line(error))
+    return
+  tokens, rows = tokenizer.vocab_size, model.vocab_size
+  if tokens <= rows:
+    return
+  too_many = f"the tokenizer has {tokens} tokens, the model's vocabulary {rows} embedding rows"
+  if pretrained:
+    p.fail(
+      run.name(field),
+      _get(run.config, field),
+      f"{too_many} ({base}): set {run.flag(field)}='' to use the base model's own tokenizer, "
+      f"or one of at most {rows} tokens.",
+    )
+  else:
+    p.fail(
+      run.name("model.vocab_size"),
+      rows,
+      f"{too_many}: set {run.flag('model.vocab_size')} to at least {tokens} (e.g. "
+      f"{-(-tokens // 8) * 8}), or {run.flag(field)} to a tokenizer of at most {rows} tokens.",
     )
 
 
