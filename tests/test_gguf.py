@@ -412,15 +412,15 @@ def write_bytes(path, data: bytes) -> str:
 BAD = {
   "architecture": (
     lambda tmp, files, vocab: write_gguf(tmp / "a.gguf", vocab, writer_arch="gpt2"),
-    r"architecture 'gpt2' is not supported; supported: \['llama', 'qwen3'\]",
+    r"architecture 'gpt2' is not supported \(supported: \['llama', 'qwen3'\]",
   ),
   "quantization": (
     lambda tmp, files, vocab: write_gguf(tmp / "q.gguf", vocab, types={"attn_v": Q.Q8_1}),
-    r"blk.0.attn_v.weight is Q8_1, which .* cannot dequantize; supported: F32, F16, Q4_0,",
+    r"blk.0.attn_v.weight is Q8_1, which .* cannot dequantize \(supported: F32, F16, Q4_0,",
   ),
   "tokenizer": (
     lambda tmp, files, vocab: write_gguf(tmp / "t.gguf", vocab, tokenizer_model="llama"),
-    r"tokenizer model 'llama' \(sentencepiece\) is not supported; supported: \['gpt2'\]",
+    r"tokenizer model 'llama' \(sentencepiece\) is not supported \(supported: \['gpt2'\]",
   ),
   "rope_freqs": (
     lambda tmp, files, vocab: write_gguf(tmp / "r.gguf", vocab, rope_freqs=np.linspace(1, 3, 8)),
@@ -430,13 +430,13 @@ BAD = {
     lambda tmp, files, vocab: write_gguf(
       tmp / "e.gguf", vocab, extra=lambda w: w.add_expert_count(8)
     ),
-    r"a mixture of experts \(8 experts\) is not supported \(only dense Llama and Qwen3 models\)",
+    r"a mixture of experts \(8 experts\) is not supported \(only dense Llama and Qwen3 models",
   ),
   "split": (
     lambda tmp, files, vocab: write_gguf(
       tmp / "s.gguf", vocab, extra=lambda w: w.add_uint16("split.count", 3)
     ),
-    r"one of 3 parts of a split GGUF file, which is not supported; merge the parts",
+    r"one of 3 parts of a split GGUF file, which is not supported \(merge the parts",
   ),
   "truncated_tensors": (
     lambda tmp, files, vocab: truncate(files["llama"], tmp / "cut.gguf", -1000),
@@ -448,9 +448,9 @@ BAD = {
   ),
   "not_gguf": (
     lambda tmp, files, vocab: write_bytes(tmp / "model.safetensors", b"\x08\x00{}"),
-    r"is not a GGUF file: it starts with b'\\x08\\x00\{\}', not b'GGUF'",
+    r": not a GGUF file: it starts with b'\\x08\\x00\{\}', not b'GGUF'",
   ),
-  "directory": (lambda tmp, files, vocab: str(tmp), r"is a directory, not a GGUF file.*load_hf"),
+  "directory": (lambda tmp, files, vocab: str(tmp), r": a directory, not a GGUF file.*load_hf"),
 }
 
 

@@ -241,7 +241,7 @@ def test_malformed_data_names_the_file_line_and_the_fix(tmp_path):
     "missing response": (good + "\n\n" + json.dumps({"prompt": "x"}), r"bad\.jsonl:3: needs"),
     "unknown role": (
       json.dumps({"messages": [{"role": "tool", "content": "x"}]}),
-      r"bad\.jsonl:1: messages\[0\] has role 'tool'; use one of system, user, assistant",
+      r"bad\.jsonl:1: messages\[0\] has role 'tool' \(use one of system, user, assistant\)",
     ),
     "content not a string": (
       json.dumps({"messages": [{"role": "assistant", "content": ["x"]}]}),
@@ -251,8 +251,8 @@ def test_malformed_data_names_the_file_line_and_the_fix(tmp_path):
       json.dumps({"messages": [{"role": "user", "content": "x"}]}),
       r"bad\.jsonl:1: the conversation has no assistant message",
     ),
-    "not an object": ("[1, 2]", r"bad\.jsonl:1: got \[1, 2\]; expected one JSON object per line"),
-    "empty": ("\n \n", r"bad\.jsonl holds no records"),
+    "not an object": ("[1, 2]", r"bad\.jsonl:1: got \[1, 2\] \(expected one JSON object per line"),
+    "empty": ("\n \n", r"bad\.jsonl: holds no records"),
   }
   for text, message in cases.values():
     (tmp_path / "bad.jsonl").write_text(text)

@@ -71,6 +71,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from finch_jax.data import builders, probes
+from finch_jax.formats import FileFormatError
 
 PASSAGE_CHARS = 500  # "a few hundred characters": a paragraph, a handful of verses
 VALIDATION_FRACTION = 0.05
@@ -209,6 +210,48 @@ def read_sword_conf(path: str) -> dict[str, str]:
   return settings
 
 
+_REINSTALL = "reinstall the module: apt-get install --reinstall sword-text-web"
+# zlib expands at most about 1032-fold; a block declaring more is corrupt.
+_MAX_INFLATION = 1100
+
+
+def _records(path: str, code: str) -> list[tuple[int, ...]]:
+  """The fixed-size records of a SWORD index file; `FileFormatError` if it is cut short."""
+  size = struct.calcsize(code)
+  try:
+    with open(path, "rb") as file:
+      data = file.read()
+  except FileNotFoundError:
+    raise FileFormatError(path, "is missing from the module", _REINSTALL) from None
+  if len(data) % size:
+    raise FileFormatError(
+      path, f"is {len(data)} bytes, not a whole number of {size}-byte records", _REINSTALL
+    )
+  return list(struct.iter_unpack(code, data))
+
+
+def _inflated(path: str, block: int, compressed: bytes, record: tuple[int, ...]) -> bytes:
+  """Block `block` of the `.bzz` file `path`, as its `.bzs` record places and sizes it."""
+  offset, length, size = record
+  if offset + length > len(compressed) or size > _MAX_INFLATION * length + 64:
+    raise FileFormatError(
+      path,
+      f"block {block} (bytes {offset} to {offset + length}, {size} uncompressed) does not fit "
+      f"the {len(compressed)}-byte file",
+      _REINSTALL,
+    )
+  inflater = zlib.decompressobj()
+  try:
+    data = inflater.decompress(compressed[offset : offset + length], size)
+  except zlib.error as error:
+    raise FileFormatError(path, f"block {block} is not zlib data ({error})", _REINSTALL) from None
+  if inflater.unconsumed_tail:
+    raise FileFormatError(
+      path, f"block {block} inflates to more than the {size} bytes its index gives", _REINSTALL
+    )
+  return data
+
+
 def ztext_entries(directory: str) -> Iterator[str]:
   """Every entry of a SWORD zText module, Old then New Testament, in versification order.
 
@@ -217,27 +260,44 @@ def ztext_entries(directory: str) -> Iterator[str]:
   `.bzv` 10 bytes per entry (block number, offset and size within the uncompressed block:
   uint32, uint32, uint16, little-endian). An entry is the markup of one verse, or of a book or
   chapter heading; entries of places the text lacks are empty. A module of one testament has
-  only its files.
+  only its files. Every record is checked against the file it points into, so a damaged
+  module is a `FileFormatError` naming the file and the block or entry.
+
+  The reader is this project's own rather than `pysword`'s (PyPI, which reads this module too):
+  pysword 0.2.8 (2022) joins words across a removed footnote ("Godcreated"), addresses verses
+  through a versification table rather than the module's own chapter marks that
+  `bible_chapters` splits at, and unpacks the same index records unchecked, so a damaged module
+  fails there with `struct.error` as well.
   """
   for testament in ("ot", "nt"):
     prefix = os.path.join(directory, testament)
     if not os.path.exists(prefix + ".bzv"):
       continue
-    with open(prefix + ".bzs", "rb") as file:
-      blocks = list(struct.iter_unpack("<III", file.read()))
-    with open(prefix + ".bzv", "rb") as file:
-      entries = list(struct.iter_unpack("<IIH", file.read()))
+    blocks = _records(prefix + ".bzs", "<III")
+    entries = _records(prefix + ".bzv", "<IIH")
     with open(prefix + ".bzz", "rb") as file:
       compressed = file.read()
     cache: dict[int, bytes] = {}  # Entries come in block order: each block is inflated once.
-    for block, start, size in entries:
+    for number, (block, start, size) in enumerate(entries):
       if size == 0:
         yield ""
         continue
+      if block >= len(blocks):
+        raise FileFormatError(
+          prefix + ".bzv",
+          f"entry {number} is in block {block}, but the module has {len(blocks)} blocks",
+          _REINSTALL,
+        )
       if block not in cache:
         cache.clear()
-        offset, length, _ = blocks[block]
-        cache[block] = zlib.decompress(compressed[offset : offset + length])
+        cache[block] = _inflated(prefix + ".bzz", block, compressed, blocks[block])
+      if start + size > len(cache[block]):
+        raise FileFormatError(
+          prefix + ".bzv",
+          f"entry {number} (bytes {start} to {start + size}) runs past the end of block {block} "
+          f"({len(cache[block])} bytes)",
+          _REINSTALL,
+        )
       yield cache[block][start : start + size].decode("utf-8", errors="replace")
 
 
@@ -312,6 +372,8 @@ def bible_chapters(root: str = "/", config: str = "bible_web") -> list[list[str]
       "handles zText with ZIP compression. Export its text with diatheke (`apt-get install -y "
       "diatheke`) and read it with local_text: instead."
     )
+  if "DataPath" not in conf:
+    raise FileFormatError(os.path.join(root, SWORD_WEB_CONF), "has no DataPath", _REINSTALL)
   directory = os.path.normpath(
     os.path.join(
       os.path.dirname(os.path.dirname(os.path.join(root, SWORD_WEB_CONF))), conf["DataPath"]

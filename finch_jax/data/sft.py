@@ -80,6 +80,7 @@ import numpy as np
 
 from finch_jax.data.pipeline import _check_shard, _check_sizes, _token_arrays, lm_batches
 from finch_jax.data.tokenizer import Tokenizer
+from finch_jax.formats import FileFormatError, parse_json
 
 PathOrPaths = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -101,18 +102,21 @@ def _shown(value: Any, limit: int = 80) -> str:
 
 def _checked_message(message: Any, index: int, where: str) -> dict[str, Any]:
   if not isinstance(message, Mapping):
-    raise ValueError(
-      f"{where}: messages[{index}] must be an object with role and content, got "
-      f"{_shown(message)}; expected {EXPECTED}."
+    raise FileFormatError(
+      where,
+      f"messages[{index}] must be an object with role and content, got {_shown(message)}",
+      f"expected {EXPECTED}",
     )
   role, content = message.get("role"), message.get("content")
   if role not in ROLES:
-    raise ValueError(
-      f"{where}: messages[{index}] has role {_shown(role)}; use one of {', '.join(ROLES)}."
+    raise FileFormatError(
+      where, f"messages[{index}] has role {_shown(role)}", f"use one of {', '.join(ROLES)}"
     )
   if not isinstance(content, str):
-    raise ValueError(
-      f"{where}: messages[{index}] ({role}) needs a string content, got {_shown(content)}."
+    raise FileFormatError(
+      where,
+      f"messages[{index}] ({role}) needs a string content, got {_shown(content)}",
+      f"expected {EXPECTED}",
     )
   return dict(message)
 
@@ -120,27 +124,31 @@ def _checked_message(message: Any, index: int, where: str) -> dict[str, Any]:
 def _checked(record: Any, where: str) -> dict[str, Any]:
   """A validated copy of one record: {"messages": [...]} or {"prompt", "response"}."""
   if not isinstance(record, Mapping):
-    raise ValueError(f"{where}: got {_shown(record)}; expected {EXPECTED}.")
+    raise FileFormatError(where, f"got {_shown(record)}", f"expected {EXPECTED}")
   if "messages" in record:
     if "prompt" in record or "response" in record:
-      raise ValueError(f"{where}: has both messages and prompt/response; keep one form per record.")
+      raise FileFormatError(
+        where, "has both messages and prompt/response", "keep one form per record"
+      )
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
-      raise ValueError(
-        f"{where}: messages must be a non-empty list, got {_shown(messages)}; expected {EXPECTED}."
+      raise FileFormatError(
+        where, f"messages must be a non-empty list, got {_shown(messages)}", f"expected {EXPECTED}"
       )
     checked = [_checked_message(m, i, where) for i, m in enumerate(messages)]
     if not any(m["role"] == "assistant" for m in checked):
-      raise ValueError(
-        f"{where}: the conversation has no assistant message, so nothing to learn; add the "
-        "assistant's reply or drop the line."
+      raise FileFormatError(
+        where,
+        "the conversation has no assistant message, so nothing to learn",
+        "add the assistant's reply or drop the line",
       )
     return {"messages": checked}
   fields = {name: record.get(name) for name in ("prompt", "response")}
   if not all(isinstance(value, str) for value in fields.values()):
-    raise ValueError(
-      f"{where}: needs string prompt and response (or messages), got keys "
-      f"{sorted(record)}; expected {EXPECTED}."
+    raise FileFormatError(
+      where,
+      f"needs string prompt and response (or messages), got keys {_shown(sorted(record))}",
+      f"expected {EXPECTED}",
     )
   return fields
 
@@ -159,20 +167,19 @@ def jsonl_files(path: str | os.PathLike) -> list[str]:
 
 
 def _read_file(path: str) -> tuple[list[dict[str, Any]], list[str]]:
+  """The records of one JSONL file. Lines are read as bytes and decoded one at a time, so
+  invalid UTF-8, invalid JSON or nesting too deep to parse is named by its file and line."""
   records, wheres = [], []
-  with open(path, encoding="utf-8") as f:
+  with open(path, "rb") as f:
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
       where = f"{path}:{number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not valid JSON ({error.msg}); expected {EXPECTED}.") from None
+      record = parse_json(line, where, f"expected {EXPECTED}, as UTF-8 text")
       records.append(_checked(record, where))
       wheres.append(where)
   if not records:
-    raise ValueError(f"{path} holds no records (it is empty or blank); expected {EXPECTED}.")
+    raise FileFormatError(path, "holds no records (it is empty or blank)", f"expected {EXPECTED}")
   return records, wheres
 
 
@@ -542,8 +549,12 @@ def _example_source(
   max_len: int | None,
   separator: str,
   rows: slice,
+  selection: tuple[str, str],
 ) -> grain.MapDataset:
-  """The selected `rows` of the records, tokenized, as a MapDataset of example dicts."""
+  """The selected `rows` of the records, tokenized, as a MapDataset of example dicts.
+
+  `selection` says which rows these are and how to select some when there are none
+  (`FileFormatError` naming the source then)."""
   if isinstance(source, SFTExamples):
     if (source.tokenizer_key, source.max_len, source.separator) != (
       _tokenizer_key(tokenizer),
@@ -556,6 +567,10 @@ def _example_source(
       )
     return grain.MapDataset.source(source)[rows]
   records, wheres = _read(source)
+  if not records[rows]:
+    named = os.fspath(source) if isinstance(source, str | os.PathLike) else "the SFT data"
+    which, fix = selection
+    raise FileFormatError(named, f"holds {len(records)} records, none of them {which}", fix)
   examples = _tokenized(
     records[rows], wheres[rows], tokenizer=tokenizer, max_len=max_len, separator=separator
   )
@@ -610,6 +625,10 @@ def sft_examples(
     max_len=max_len,
     separator=separator,
     rows=slice(shard_index, None, shard_count),
+    selection=(
+      f"in shard {shard_index} of {shard_count}",
+      "use fewer shards than records (or leave shard_count 1 and shard rows in sft_batches)",
+    ),
   )
   if len(examples) == 0:
     raise ValueError(f"shard {shard_index} of {shard_count} is empty: use fewer shards.")
@@ -728,6 +747,7 @@ def sft_eval_batches(
     max_len=seq_len + 1 if max_len is None else max_len,
     separator=separator,
     rows=slice(None, num_examples),
+    selection=(f"among the first {num_examples}", "set num_examples to None or a positive number"),
   )
   return sft_batches(
     examples,

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
 import os
+import struct
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -34,6 +36,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from finch_jax import sharding as shd
+from finch_jax.formats import FileFormatError
 from finch_jax.models.hf import HFTokenizer, _layout, place_weights, with_execution_options
 from finch_jax.models.llama import Llama, Llama3RopeScaling, LlamaConfig
 
@@ -91,8 +94,13 @@ _DIGITS_PRE = ("smollm",)
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
-class GGUFError(ValueError):
-  """A file `load_gguf` cannot read: not GGUF, truncated, or an unsupported model or format."""
+class GGUFError(FileFormatError):
+  """A file `load_gguf` cannot read: not GGUF, truncated, corrupt, or an unsupported model or
+  format. One line, `PATH: what is wrong (what to do).`"""
+
+
+_AGAIN = "the file is truncated or corrupt: download or copy it again"
+_UNSUPPORTED = "only dense Llama and Qwen3 models are supported"
 
 
 def is_gguf_file(path: str | os.PathLike) -> bool:
@@ -154,12 +162,137 @@ def _dequantizable() -> tuple[str, ...]:
   return tuple(names)
 
 
+# GGUF value types (`gguf.GGUFValueType`): the struct format of each scalar; 8 is a string (a
+# uint64 length, then UTF-8 bytes), 9 an array (item type uint32, count uint64, then the items).
+_SCALARS = {**dict(enumerate("BbHhIif?")), 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_MAX_NESTING = 8  # arrays of arrays; llama.cpp writes none
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+class _Header:
+  """A walk over a GGUF file's header that checks each declared count and length against the
+  bytes left before reading it, so a corrupt or crafted header is refused at once.
+
+  The `gguf` package's reader trusts the counts: an array declared with 2**63 items spins while
+  its memory grows. This walk reads nothing it has not checked, decodes every string as UTF-8
+  (as the format requires), and checks every tensor's type, shape and bytes against the file.
+  """
+
+  def __init__(self, path: str, data: Any):
+    self.path, self.data, self.pos, self.order = path, data, 0, "<"
+
+  def fail(self, problem: str) -> GGUFError:
+    return GGUFError(self.path, problem, _AGAIN)
+
+  def take(self, size: int, what: str) -> int:
+    """The offset of the next `size` bytes, which hold `what`."""
+    left = len(self.data) - self.pos
+    if size > left:
+      raise self.fail(f"{what} needs {size} bytes at byte {self.pos}, only {left} are left")
+    start, self.pos = self.pos, self.pos + size
+    return start
+
+  def unpack(self, code: str, what: str) -> Any:
+    start = self.take(struct.calcsize(code), what)
+    return struct.unpack_from(self.order + code, self.data, start)[0]
+
+  def string(self, what: str) -> str:
+    length = self.unpack("Q", f"the length of {what}")
+    start = self.take(length, f"{what} ({length} bytes)")
+    try:
+      return bytes(self.data[start : start + length]).decode("utf-8")
+    except UnicodeDecodeError as error:
+      raise self.fail(f"{what} is not UTF-8 (byte {start + error.start})") from None
+
+  def value(self, kind: int, what: str, depth: int = 0) -> None:
+    if kind in _SCALARS:
+      self.take(struct.calcsize(_SCALARS[kind]), what)
+    elif kind == _STRING:
+      self.string(what)
+    elif kind == _ARRAY:
+      if depth >= _MAX_NESTING:
+        raise self.fail(f"{what} nests arrays more than {_MAX_NESTING} deep")
+      item = self.unpack("I", f"the item type of {what}")
+      count = self.unpack("Q", f"the length of {what}")
+      smallest = struct.calcsize(_SCALARS[item]) if item in _SCALARS else 8 if item == 8 else 12
+      if item not in (*_SCALARS, _STRING, _ARRAY):
+        raise self.fail(f"{what} is an array of unknown value type {item}")
+      left = len(self.data) - self.pos
+      if count * smallest > left:
+        raise self.fail(f"{what} declares {count} items, more than the {left} bytes left can hold")
+      if item in _SCALARS:
+        self.take(count * smallest, what)
+      else:
+        for i in range(count):
+          self.value(item, f"{what}[{i}]", depth + 1)
+    else:
+      raise self.fail(f"{what} has unknown value type {kind}")
+
+  def check(self, size: int) -> None:
+    """Walks the whole header; raises `GGUFError` at the first thing the file cannot hold."""
+    gguf = _gguf()
+    self.take(len(GGUF_MAGIC), "the magic")
+    version = self.unpack("I", "the version")
+    if version & 0xFFFF == 0:  # written on a machine of the other byte order
+      self.order, version = ">", int.from_bytes(version.to_bytes(4, "little"), "big")
+    if version not in (2, 3):
+      raise GGUFError(
+        self.path,
+        f"GGUF version {version} is not supported (versions 2 and 3 are)",
+        "convert the file again with a current llama.cpp",
+      )
+    tensor_count = self.unpack("Q", "the tensor count")
+    kv_count = self.unpack("Q", "the metadata count")
+    # Each metadata entry takes at least 12 bytes (key length, value type), each tensor 24.
+    left = len(self.data) - self.pos
+    if kv_count * 12 + tensor_count * 24 > left:
+      raise self.fail(
+        f"the header declares {kv_count} metadata entries and {tensor_count} tensors, more than "
+        f"the {left} bytes left can hold"
+      )
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    for i in range(kv_count):
+      key = self.string(f"metadata key {i}")
+      kind = self.unpack("I", f"the type of {key}")
+      start = self.pos
+      self.value(kind, key)
+      if key == "general.alignment" and kind == 4:
+        alignment = struct.unpack_from(self.order + "I", self.data, start)[0]
+    tensors = []
+    for i in range(tensor_count):
+      name = self.string(f"the name of tensor {i}")
+      n_dims = self.unpack("I", f"the rank of {name}")
+      if not 1 <= n_dims <= _MAX_DIMS:
+        raise self.fail(f"tensor {name} has {n_dims} dimensions (at most {_MAX_DIMS})")
+      dims = [self.unpack("Q", f"the shape of {name}") for _ in range(n_dims)]
+      kind = self.unpack("I", f"the type of {name}")
+      offset = self.unpack("Q", f"the offset of {name}")
+      tensors.append((name, dims, kind, offset))
+    if alignment < 1 or alignment & (alignment - 1):
+      raise self.fail(f"general.alignment={alignment} is not a power of two")
+    start = -(-self.pos // alignment) * alignment
+    for name, dims, kind, offset in tensors:
+      try:
+        block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+      except (ValueError, KeyError):
+        raise self.fail(f"tensor {name} has unknown type {kind}") from None
+      if dims[0] % block:
+        raise self.fail(f"tensor {name}'s rows of {dims[0]} are not whole blocks of {block}")
+      end = start + offset + math.prod(dims) // block * nbytes
+      if end > size:
+        raise GGUFError(
+          self.path, f"truncated: tensor {name} ends at byte {end}, the file has {size}", _AGAIN
+        )
+
+
 def _open(path: str) -> Any:
-  """A `gguf.GGUFReader` for `path`, with every tensor's bytes inside the file."""
+  """A `gguf.GGUFReader` for `path`, after `_Header` has checked the header and tensor table."""
   if os.path.isdir(path):
     raise GGUFError(
-      f"{path} is a directory, not a GGUF file; for a Hugging Face checkpoint directory use "
-      "finch_jax.models.load_hf."
+      path,
+      "a directory, not a GGUF file",
+      "for a Hugging Face checkpoint directory use finch_jax.models.load_hf",
     )
   if not os.path.exists(path):
     raise FileNotFoundError(f"No such GGUF file: {path}.")
@@ -167,37 +300,74 @@ def _open(path: str) -> Any:
     with open(path, "rb") as f:
       start = f.read(len(GGUF_MAGIC))
     raise GGUFError(
-      f"{path} is not a GGUF file: it starts with {start!r}, not {GGUF_MAGIC!r}; load_gguf reads "
-      "llama.cpp .gguf files (use load_hf for Hugging Face checkpoint directories)."
+      path,
+      f"not a GGUF file: it starts with {start!r}, not {GGUF_MAGIC!r}",
+      "load_gguf reads llama.cpp .gguf files; use load_hf for Hugging Face checkpoint directories",
     )
   gguf = _gguf()
   size = os.path.getsize(path)
+  with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    _Header(path, data).check(size)
   try:
     reader = gguf.GGUFReader(path, "r")
   except (ValueError, IndexError, OverflowError, KeyError, EOFError) as e:
     raise GGUFError(
-      f"{path} is truncated or corrupt ({size} bytes; reading its header and tensor table "
-      f"failed: {e}); download or copy it again."
+      path, f"truncated or corrupt ({size} bytes; its header could not be read: {e})", _AGAIN
     ) from e
-  parts = reader.fields.get("split.count")
-  if parts is not None and int(parts.contents()) > 1:
+  parts = _Metadata(_fields(reader, path), path).get("split.count", int, 1)
+  if parts > 1:
     raise GGUFError(
-      f"{path} is one of {int(parts.contents())} parts of a split GGUF file, which is not "
-      "supported; merge the parts into one file first (llama.cpp's gguf-split --merge)."
-    )
-  ends = [(t.data_offset + t.n_bytes, t.name) for t in reader.tensors]
-  end, name = max(ends, default=(0, ""))
-  if end > size:
-    raise GGUFError(
-      f"{path} is truncated: tensor {name} ends at byte {end}, the file has {size}; download or "
-      "copy it again."
+      path,
+      f"one of {parts} parts of a split GGUF file, which is not supported",
+      "merge the parts into one file first: llama.cpp's gguf-split --merge",
     )
   return reader
 
 
-def _fields(reader: Any) -> dict[str, Any]:
+def _fields(reader: Any, path: str) -> dict[str, Any]:
   """The file's metadata as Python values (strings, numbers, lists)."""
-  return {name: field.contents() for name, field in reader.fields.items()}
+  try:
+    return {name: field.contents() for name, field in reader.fields.items()}
+  except (ValueError, IndexError, TypeError) as error:  # a value the gguf package cannot decode
+    raise GGUFError(path, f"its metadata cannot be read ({error})", _AGAIN) from None
+
+
+class _Metadata:
+  """A GGUF file's metadata, each value checked for the type a reader of it needs."""
+
+  def __init__(self, fields: Mapping[str, Any], path: str):
+    self.fields, self.path = fields, path
+
+  def get(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    """The value of `key`, or `default` when absent; `GGUFError` when it is not a `kind`."""
+    value = self.fields.get(key, default)
+    if value is default:
+      return value
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+      names = " or ".join(k.__name__ for k in kinds)
+      shown = repr(value) if len(repr(value)) < 60 else f"a {type(value).__name__}"
+      raise GGUFError(self.path, f"metadata key {key} is {shown}, not a {names}", _AGAIN)
+    return value
+
+  def size(self, key: str, limit: int, default: int | None = None) -> int:
+    """A positive integer at most `limit` (what the file's tensors can hold); `GGUFError` else."""
+    value = self.get(key, int, default)
+    if value is None:
+      raise GGUFError(self.path, f"metadata key {key} is missing", _AGAIN)
+    if not 1 <= value <= limit:
+      raise GGUFError(
+        self.path,
+        f"metadata key {key} is {value}, outside 1 to {limit}, the most its tensors can hold",
+        _AGAIN,
+      )
+    return int(value)
+
+  def strings(self, key: str) -> list[str]:
+    values = self.get(key, list, [])
+    if not all(isinstance(value, str) for value in values):
+      raise GGUFError(self.path, f"metadata key {key} is not a list of strings", _AGAIN)
+    return values
 
 
 def _head_rows(n_heads: int, head_dim: int) -> np.ndarray:
@@ -243,10 +413,18 @@ class _Dequantized:
 
 
 def _llama3_scaling(
-  factors: np.ndarray, theta: float, head_dim: int, fields: Mapping[str, Any], arch: str, path: str
+  factors: np.ndarray, theta: float, head_dim: int, meta: _Metadata, arch: str
 ) -> Llama3RopeScaling:
   """The Llama 3 rope scaling whose per-frequency factors are `factors` (rope_freqs.weight)."""
-  original = int(fields.get(f"{arch}.rope.scaling.original_context_length", 8192))
+  original = meta.size(f"{arch}.rope.scaling.original_context_length", 2**31, 8192)
+  unsupported = GGUFError(
+    meta.path,
+    f"{_ROPE_FREQS} holds rope factors that are not Llama 3's rope scaling (factor "
+    f"{np.max(factors, initial=0.0)}, low/high frequency factors 1/4, original context {original})",
+    "only that rope scaling is supported",
+  )
+  if factors.shape != (head_dim // 2,) or not np.all(np.isfinite(factors) & (factors > 0)):
+    raise unsupported
   scaling = Llama3RopeScaling(
     factor=float(np.max(factors)),
     low_freq_factor=1.0,
@@ -267,87 +445,126 @@ def _llama3_scaling(
         scaling.high_freq_factor - scaling.low_freq_factor
       )
       expected.append(1 / ((1 - smooth) / scaling.factor + smooth))
-  if factors.shape != (head_dim // 2,) or not np.allclose(factors, expected, rtol=1e-4):
-    raise GGUFError(
-      f"{path}: {_ROPE_FREQS} holds rope factors that are not Llama 3's rope scaling (factor "
-      f"{scaling.factor}, low/high frequency factors 1/4, original context {original}); only "
-      "that rope scaling is supported."
-    )
+  if not np.allclose(factors, expected, rtol=1e-4):
+    raise unsupported
   return scaling
+
+
+def _layers(tensors: Mapping[str, Any]) -> int:
+  """How many decoder blocks the tensors hold weights of (`blk.{i}.*`, i from 0)."""
+  found = {
+    int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()
+  }
+  return len(found) if found == set(range(len(found))) else -1
 
 
 def _config(
   reader: Any, fields: Mapping[str, Any], path: str, dtype: str, param_dtype: str
 ) -> LlamaConfig:
-  """The `LlamaConfig` that the file's metadata and tensor list describe."""
-  arch = fields.get("general.architecture")
+  """The `LlamaConfig` that the file's metadata and tensor list describe.
+
+  Every size is checked against the tensors before anything is built from it: the block count
+  must be the number of layers the file holds weights of, and no other size may exceed the
+  largest tensor dimension (a corrupt count of 2**31 layers or heads is refused, not built).
+  """
+  meta = _Metadata(fields, path)
+  arch = meta.get("general.architecture", str)
   if arch not in SUPPORTED_ARCHITECTURES:
     raise GGUFError(
-      f"{path}: GGUF architecture {arch!r} is not supported; supported: "
-      f"{list(SUPPORTED_ARCHITECTURES)} (Llama and Qwen3)."
+      path,
+      f"GGUF architecture {arch!r} is not supported",
+      f"supported: {list(SUPPORTED_ARCHITECTURES)}, Llama and Qwen3 models",
     )
+  tensors = {t.name: t for t in reader.tensors}
+  if not tensors:
+    raise GGUFError(
+      path, "holds no tensors, only metadata (a vocabulary-only file?)", "use a model's .gguf file"
+    )
+  limit = max(int(n) for t in reader.tensors for n in t.shape.tolist())
+  layers = _layers(tensors)
 
-  def get(key: str, default: Any = None) -> Any:
-    return fields.get(f"{arch}.{key}", default)
+  def get(key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    return meta.get(f"{arch}.{key}", kind, default)
 
-  def need(key: str) -> int:
-    if f"{arch}.{key}" not in fields:
-      raise GGUFError(f"{path}: metadata key {arch}.{key} is missing; the file is incomplete.")
-    return int(fields[f"{arch}.{key}"])
+  def size(key: str, default: int | None = None, most: int = limit) -> int:
+    return meta.size(f"{arch}.{key}", most, default)
 
   def refuse(what: str) -> GGUFError:
-    return GGUFError(f"{path}: {what} is not supported (only dense Llama and Qwen3 models).")
+    return GGUFError(path, f"{what} is not supported", _UNSUPPORTED)
 
-  if get("expert_count", 0):
-    raise refuse(f"a mixture of experts ({get('expert_count')} experts)")
-  if get("attention.sliding_window"):
+  if get("expert_count", int, 0):
+    raise refuse(f"a mixture of experts ({get('expert_count', int)} experts)")
+  if get("attention.sliding_window", int, 0):
     raise refuse("sliding-window attention")
-  rope_type = get("rope.scaling.type", "none")
-  if rope_type not in ("none", None):
+  rope_type = get("rope.scaling.type", str, "none")
+  if rope_type != "none":
     raise refuse(f"rope scaling type {rope_type!r}")
-  heads, width = need("attention.head_count"), need("embedding_length")
-  kv_heads = get("attention.head_count_kv", heads)
+  num_layers = size("block_count", most=2**31)
+  if num_layers != layers:
+    raise GGUFError(
+      path,
+      f"metadata says {arch}.block_count={num_layers}, but its tensors hold "
+      + (f"{layers} layers" if layers >= 0 else "layers with gaps in their numbers"),
+      _AGAIN,
+    )
+  heads, width = size("attention.head_count"), size("embedding_length")
+  kv_heads = get("attention.head_count_kv", (int, list), heads)
   if isinstance(kv_heads, list):
-    if len(set(kv_heads)) != 1:
-      raise refuse(f"a per-layer number of key/value heads {kv_heads}")
+    if len(set(map(repr, kv_heads))) != 1:
+      raise refuse(f"a per-layer number of key/value heads {kv_heads[:8]}")
     kv_heads = kv_heads[0]
-  head_dim = int(get("attention.key_length", width // heads))
-  if int(get("attention.value_length", head_dim)) != head_dim:
-    raise refuse(f"a value head size {get('attention.value_length')} unlike the key's {head_dim}")
-  rotary = int(get("rope.dimension_count", head_dim))
+  if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or not 1 <= kv_heads <= heads:
+    raise GGUFError(
+      path, f"{kv_heads!r} key/value heads for {heads} query heads (1 to {heads})", _AGAIN
+    )
+  if heads % kv_heads:
+    raise GGUFError(
+      path, f"{kv_heads} key/value heads do not divide the {heads} query heads", _AGAIN
+    )
+  head_dim = size("attention.key_length", max(width // heads, 1), most=limit // heads)
+  if size("attention.value_length", head_dim) != head_dim:
+    raise refuse(
+      f"a value head size {get('attention.value_length', int)} unlike the key's {head_dim}"
+    )
+  rotary = size("rope.dimension_count", head_dim)
   if rotary != head_dim:
     raise refuse(f"partial rotary embedding ({rotary} of {head_dim} dimensions per head)")
 
-  tensors = {t.name: t for t in reader.tensors}
-  theta = float(get("rope.freq_base", 10_000.0))
+  theta = float(get("rope.freq_base", (int, float), 10_000.0))
   scaling = None
   if _ROPE_FREQS in tensors:
     factors = _Dequantized(tensors[_ROPE_FREQS])[(slice(None),)]
-    scaling = _llama3_scaling(factors, theta, head_dim, fields, arch, path)
-  return LlamaConfig(
-    vocab_size=int(_Dequantized(tensors["token_embd.weight"]).shape[0])
-    if "token_embd.weight" in tensors
-    else int(get("vocab_size", len(fields.get("tokenizer.ggml.tokens", ())))),
-    d_model=width,
-    num_layers=need("block_count"),
-    num_heads=heads,
-    num_kv_heads=int(kv_heads),
-    d_ff=need("feed_forward_length"),
-    head_dim=head_dim,
-    model_type=arch,
-    attention_bias="blk.0.attn_q.bias" in tensors,
-    mlp_bias="blk.0.ffn_gate.bias" in tensors,
-    tie_embeddings="output.weight" not in tensors,
-    rope_theta=theta,
-    rope_scaling=scaling,
-    norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-    max_len=int(get("context_length", 8192)),
-    bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
-    eos_token_id=fields.get("tokenizer.ggml.eos_token_id"),
-    pad_token_id=fields.get("tokenizer.ggml.padding_token_id"),
-    dtype=dtype,
-    param_dtype=param_dtype,
-  )
+    scaling = _llama3_scaling(factors, theta, head_dim, meta, arch)
+  token_ids = {
+    name: meta.get(f"tokenizer.ggml.{key}_token_id", int)
+    for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
+  }
+  try:
+    config = LlamaConfig(
+      vocab_size=int(_Dequantized(tensors["token_embd.weight"]).shape[0])
+      if "token_embd.weight" in tensors
+      else size("vocab_size"),
+      d_model=width,
+      num_layers=num_layers,
+      num_heads=heads,
+      num_kv_heads=kv_heads,
+      d_ff=size("feed_forward_length"),
+      head_dim=head_dim,
+      model_type=arch,
+      attention_bias="blk.0.attn_q.bias" in tensors,
+      mlp_bias="blk.0.ffn_gate.bias" in tensors,
+      tie_embeddings="output.weight" not in tensors,
+      rope_theta=theta,
+      rope_scaling=scaling,
+      norm_eps=float(get("attention.layer_norm_rms_epsilon", (int, float), 1e-5)),
+      max_len=size("context_length", 8192, most=2**31),
+      bos_token_id=token_ids["bos"],
+      eos_token_id=token_ids["eos"],
+      pad_token_id=token_ids["pad"],
+    )
+  except ValueError as error:  # the sizes and numbers LlamaConfig refuses
+    raise GGUFError(path, f"its metadata describes no valid model: {error}", _AGAIN) from None
+  return config.replace(dtype=dtype, param_dtype=param_dtype)
 
 
 def _hf_tensors(reader: Any, config: LlamaConfig, path: str) -> dict[str, _Dequantized]:
@@ -377,15 +594,19 @@ def _hf_tensors(reader: Any, config: LlamaConfig, path: str) -> dict[str, _Dequa
       continue
     if tensor.tensor_type.name not in supported:
       raise GGUFError(
-        f"{path}: tensor {name} is {tensor.tensor_type.name}, which the installed gguf package "
-        f"cannot dequantize; supported: {', '.join(supported)}."
+        path,
+        f"tensor {name} is {tensor.tensor_type.name}, which the installed gguf package cannot "
+        "dequantize",
+        f"supported: {', '.join(supported)}",
       )
     out[hf_name] = _Dequantized(tensor, rows.get(name.split(".")[-2]))
   missing = sorted(expected - set(out))
   if unexpected or missing:
     raise GGUFError(
-      f"{path}: tensors do not match a dense {config.model_type} model: unexpected "
-      f"{unexpected[:6]}, missing {missing[:6]} (only dense Llama and Qwen3 models are supported)."
+      path,
+      f"tensors do not match a dense {config.model_type} model: unexpected {unexpected[:6]}, "
+      f"missing {missing[:6]}",
+      _UNSUPPORTED,
     )
   return out
 
@@ -406,19 +627,27 @@ def _byte_alphabet() -> dict[int, str]:
 
 def _tokenizer(fields: Mapping[str, Any], path: str) -> HFTokenizer | None:
   """The file's tokenizer as an `HFTokenizer`, or None when its metadata has none."""
-  kind = fields.get("tokenizer.ggml.model")
+  meta = _Metadata(fields, path)
+  kind = meta.get("tokenizer.ggml.model", str)
   if kind is None:
     return None
   if kind not in SUPPORTED_TOKENIZERS:
     known = {"llama": " (sentencepiece)", "bert": " (WordPiece)", "t5": " (unigram)"}
     raise GGUFError(
-      f"{path}: tokenizer model {kind!r}{known.get(kind, '')} is not supported; supported: "
-      f"{list(SUPPORTED_TOKENIZERS)} (byte-level BPE)."
+      path,
+      f"tokenizer model {kind!r}{known.get(kind, '')} is not supported",
+      f"supported: {list(SUPPORTED_TOKENIZERS)}, byte-level BPE",
     )
   from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-  tokens = list(fields["tokenizer.ggml.tokens"])
-  types = list(fields.get("tokenizer.ggml.token_type") or [])
+  if "tokenizer.ggml.tokens" not in fields:
+    raise GGUFError(path, f"its {kind} tokenizer has no tokenizer.ggml.tokens", _AGAIN)
+  tokens = meta.strings("tokenizer.ggml.tokens")
+  types = meta.get("tokenizer.ggml.token_type", list, [])
+  if len(types) > len(tokens) or not all(isinstance(t, int) for t in types):
+    raise GGUFError(
+      path, f"tokenizer.ggml.token_type is not one integer for each of {len(tokens)} tokens", _AGAIN
+    )
   alphabet = _byte_alphabet()
   letters = set(alphabet.values())
   # Byte-level tokens are spelled in the alphabet; respell any that is not.
@@ -426,13 +655,18 @@ def _tokenizer(fields: Mapping[str, Any], path: str) -> HFTokenizer | None:
     t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8")) for t in tokens
   ]
   vocab = {t: i for i, t in enumerate(spelled)}
-  merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []]
+  merges = [tuple(m.split(" ", 1)) for m in meta.strings("tokenizer.ggml.merges")]
+  if not all(len(m) == 2 and m[0] in vocab and m[1] in vocab for m in merges):
+    bad = next(" ".join(m) for m in merges if len(m) != 2 or m[0] not in vocab or m[1] not in vocab)
+    raise GGUFError(
+      path, f"tokenizer.ggml.merges holds {bad!r}, not two tokens of the vocabulary", _AGAIN
+    )
   tokenizer = Tokenizer(
     models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
   )
 
   # `tokenizer.ggml.add_space_prefix` is a sentencepiece setting; byte-level BPE adds no space.
-  pre = fields.get("tokenizer.ggml.pre", "default")
+  pre = meta.get("tokenizer.ggml.pre", str, "default")
   if pre in _SPLITS:
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
       [
@@ -457,23 +691,31 @@ def _tokenizer(fields: Mapping[str, Any], path: str) -> HFTokenizer | None:
   tokenizer.decoder = decoders.ByteLevel()
 
   def special(key: str) -> str | None:
-    token_id = fields.get(f"tokenizer.ggml.{key}_token_id")
+    token_id = meta.get(f"tokenizer.ggml.{key}_token_id", int)
     return spelled[token_id] if token_id is not None and 0 <= token_id < len(spelled) else None
 
   bos, eos, unk, pad = (special(k) for k in ("bos", "eos", "unknown", "padding"))
   # Control tokens (and the named special ones) stay whole and are dropped by decode; user-defined
   # ones stay whole and are kept. A control token spelled outside the alphabet is mislabelled.
-  control = [tokens[i] for i, t in enumerate(types) if t == _CONTROL and spelled[i] == tokens[i]]
+  control = [
+    tokens[i]
+    for i, t in enumerate(types)
+    if t == _CONTROL and spelled[i] == tokens[i] and tokens[i]
+  ]
   named = [t for t in (bos, eos, unk, pad) if t is not None and t not in control]
   tokenizer.add_special_tokens(
     [AddedToken(t, normalized=False, special=True) for t in dict.fromkeys(control + named)]
   )
-  user = [tokens[i] for i, t in enumerate(types) if t == _USER_DEFINED and tokens[i] in vocab]
+  user = [
+    tokens[i]
+    for i, t in enumerate(types)
+    if t == _USER_DEFINED and tokens[i] in vocab and tokens[i]
+  ]
   tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
 
   # What `add_special_tokens=True` adds, for users of the saved tokenizer.json.
-  add_bos = bos is not None and bool(fields.get("tokenizer.ggml.add_bos_token", False))
-  add_eos = eos is not None and bool(fields.get("tokenizer.ggml.add_eos_token", False))
+  add_bos = bos is not None and meta.get("tokenizer.ggml.add_bos_token", bool, False)
+  add_eos = eos is not None and meta.get("tokenizer.ggml.add_eos_token", bool, False)
   if add_bos or add_eos:
     single = ([bos] if add_bos else []) + ["$A"] + ([eos] if add_eos else [])
     pair = single + [s.replace("$A", "$B") for s in single]
@@ -483,13 +725,16 @@ def _tokenizer(fields: Mapping[str, Any], path: str) -> HFTokenizer | None:
     )
 
   template = fields.get("tokenizer.chat_template")
-  return HFTokenizer(
-    tokenizer,
-    bos_token=bos,
-    eos_token=eos,
-    pad_token=pad,
-    chat_template=template if isinstance(template, str) else None,
-  )
+  try:
+    return HFTokenizer(
+      tokenizer,
+      bos_token=bos,
+      eos_token=eos,
+      pad_token=pad,
+      chat_template=template if isinstance(template, str) else None,
+    )
+  except ValueError as error:  # a special token the vocabulary does not hold
+    raise GGUFError(path, f"its tokenizer cannot be built: {error}", _AGAIN) from None
 
 
 # ----- loading ------------------------------------------------------------------------------
@@ -528,18 +773,21 @@ def load_gguf(
   """
   path = os.fspath(path)
   reader = _open(path)
-  fields = _fields(reader)
+  fields = _fields(reader, path)
   config = _config(reader, fields, path, dtype, param_dtype or dtype)
   config = with_execution_options(config, options)
   tokenizer = _tokenizer(fields, path)
   tensors = _hf_tensors(reader, config, path)
-  model = place_weights(
-    config,
-    tensors,
-    mesh=mesh,
-    rules=shd.DEFAULT_RULES if rules is None else rules,
-    source=f"the metadata of {os.path.basename(path)}",
-  )
+  try:
+    model = place_weights(
+      config,
+      tensors,
+      mesh=mesh,
+      rules=shd.DEFAULT_RULES if rules is None else rules,
+      source="its metadata",
+    )
+  except ValueError as error:  # a tensor of a shape the metadata does not imply
+    raise GGUFError(path, str(error).rstrip("."), _AGAIN) from None
   return model, tokenizer
 
 
@@ -549,13 +797,13 @@ def gguf_config(
   """The `LlamaConfig` of a GGUF file, read from its metadata alone (no tensor is read)."""
   path = os.fspath(path)
   reader = _open(path)
-  return _config(reader, _fields(reader), path, dtype, param_dtype or dtype)
+  return _config(reader, _fields(reader, path), path, dtype, param_dtype or dtype)
 
 
 def gguf_tokenizer(path: str | os.PathLike) -> HFTokenizer | None:
   """The tokenizer rebuilt from a GGUF file's metadata, or None when the file has none."""
   path = os.fspath(path)
-  return _tokenizer(_fields(_open(path)), path)
+  return _tokenizer(_fields(_open(path), path), path)
 
 
 __all__ = [

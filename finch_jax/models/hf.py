@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -52,6 +53,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from finch_jax import sharding as shd
+from finch_jax.formats import FileFormatError, read_json
 from finch_jax.models.llama import (
   EXECUTION_FIELDS,
   MODEL_TYPES,
@@ -74,82 +76,191 @@ _ROPE_TYPES = ("default", "llama3")
 # ----- config -------------------------------------------------------------------------------
 
 
+# No published decoder comes near these; a config.json beyond them is corrupt, and building
+# from it would exhaust memory before anything else could say so.
+_MAX_SIZE = 2**24  # widths, heads, vocabulary
+_MAX_LAYERS = 2**12
+_FIX_CONFIG = "fix config.json or copy the checkpoint again"
+
+
+def _number(h: Mapping[str, Any], key: str, default: float, source: str) -> float:
+  value = h.get(key, default)
+  if isinstance(value, bool) or not isinstance(value, int | float):
+    raise FileFormatError(source, f"{key} is {value!r}, not a number", _FIX_CONFIG)
+  return float(value)
+
+
+def _size(
+  h: Mapping[str, Any], key: str, source: str, default: Any = None, most: int = _MAX_SIZE
+) -> int:
+  """`h[key]` as a positive integer at most `most`; `FileFormatError` naming the key if not."""
+  value = h.get(key)
+  value = default if value is None else value
+  if value is None:
+    raise FileFormatError(source, f"{key} is missing", _FIX_CONFIG)
+  if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+    raise FileFormatError(
+      source, f"{key} is {value!r}, not an integer from 1 to {most}", _FIX_CONFIG
+    )
+  return value
+
+
+def _token_id(h: Mapping[str, Any], key: str, source: str) -> Any:
+  value = h.get(key)
+  ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
+  if not all(i is None or isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    raise FileFormatError(source, f"{key} is {value!r}, not a token id", _FIX_CONFIG)
+  return tuple(value) if isinstance(value, list) else value
+
+
+def _llama3_rope(rope: Mapping[str, Any], max_len: int, source: str) -> Llama3RopeScaling:
+  """The Llama 3 rope scaling of a `rope_scaling` (or `rope_parameters`) object."""
+  keys = ("factor", "low_freq_factor", "high_freq_factor")
+  if missing := [key for key in keys if key not in rope]:
+    raise FileFormatError(
+      source,
+      f"rope_scaling of rope_type 'llama3' lacks {', '.join(missing)}",
+      "Llama 3 rope scaling needs factor, low_freq_factor and high_freq_factor; " + _FIX_CONFIG,
+    )
+  factors = {key: _number(rope, key, 0.0, source) for key in keys}
+  try:
+    return Llama3RopeScaling(
+      **factors,
+      # transformers falls back to max_position_embeddings the same way.
+      original_max_position_embeddings=_size(
+        rope, "original_max_position_embeddings", source, max_len, most=2**31
+      ),
+    )
+  except ValueError as error:
+    raise FileFormatError(source, f"rope_scaling: {error}", _FIX_CONFIG) from None
+
+
 def config_from_hf(
-  hf_config: Mapping[str, Any], *, dtype: str = "float32", param_dtype: str | None = None
+  hf_config: Mapping[str, Any],
+  *,
+  dtype: str = "float32",
+  param_dtype: str | None = None,
+  source: str = CONFIG_FILE,
 ) -> LlamaConfig:
   """A `LlamaConfig` from the contents of a Hugging Face `config.json` (Qwen3 or Llama).
 
   Reads rotary settings in both layouts: `rope_theta` + `rope_scaling` (transformers 4 and most
-  published checkpoints) and `rope_parameters` (transformers 5). Raises ValueError, naming the
-  field, for anything this implementation would compute differently (other model types, rope
-  types other than default/llama3, partial rotary, sliding-window layers, activations other than
-  SiLU, quantized weights).
+  published checkpoints) and `rope_parameters` (transformers 5). Raises `FileFormatError` (a
+  ValueError) naming `source` (the file the values came from) and the field, for anything this
+  implementation would compute differently (other model types, rope types other than
+  default/llama3, partial rotary, sliding-window layers, activations other than SiLU, quantized
+  weights) and for a field of the wrong type, a missing one, or a size no model has (more than
+  2**24 wide or 4096 layers deep).
   """
+  if not isinstance(hf_config, Mapping):
+    raise FileFormatError(
+      source, f"holds {type(hf_config).__name__}, not a JSON object", _FIX_CONFIG
+    )
   h = dict(hf_config)
   model_type = h.get("model_type")
   if model_type not in MODEL_TYPES:
-    raise ValueError(
-      f"Unsupported model_type {model_type!r} in config.json; supported: {list(MODEL_TYPES)} "
-      "(Qwen3 and Llama 3 architectures)."
+    raise FileFormatError(
+      source,
+      f"model_type {model_type!r} is not supported",
+      f"supported: {list(MODEL_TYPES)}, the Qwen3 and Llama 3 architectures",
     )
+
+  def refuse(what: str) -> FileFormatError:
+    return FileFormatError(source, f"{what} is not supported", "Qwen3 and Llama 3 models load")
+
   if h.get("quantization_config"):
-    raise ValueError("Quantized checkpoints (config.json quantization_config) are not supported.")
+    raise refuse("a quantized checkpoint (quantization_config)")
   act = h.get("hidden_act", "silu")
   if act != "silu":
-    raise ValueError(f"hidden_act={act!r} is not supported; the MLP here is SwiGLU (silu).")
-  if h.get("use_sliding_window") or any(
-    kind != "full_attention" for kind in h.get("layer_types") or ()
-  ):
-    raise ValueError("Sliding-window attention layers are not supported; all must be full.")
+    raise refuse(f"hidden_act={act!r} (the MLP here is SwiGLU, silu)")
+  layer_types = h.get("layer_types") or []
+  if not isinstance(layer_types, list):
+    raise FileFormatError(source, f"layer_types is {layer_types!r}, not a list", _FIX_CONFIG)
+  if h.get("use_sliding_window") or any(kind != "full_attention" for kind in layer_types):
+    raise refuse("sliding-window attention (every layer must be full_attention)")
 
-  rope = dict(h.get("rope_scaling") or h.get("rope_parameters") or {})
+  rope = h.get("rope_scaling") or h.get("rope_parameters") or {}
+  if not isinstance(rope, Mapping):
+    raise FileFormatError(
+      source,
+      f"rope_scaling is {rope!r}, not an object",
+      'write it as {"rope_type": "llama3", "factor": ..., "low_freq_factor": ..., '
+      '"high_freq_factor": ...}, or null for none',
+    )
   if rope and isinstance(next(iter(rope.values())), Mapping):
-    raise ValueError(f"Per-layer-type rope parameters are not supported: {sorted(rope)}.")
+    raise refuse(f"per-layer-type rope parameters {sorted(rope)}")
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type not in _ROPE_TYPES:
-    raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {list(_ROPE_TYPES)}.")
+    raise refuse(f"rope_type {rope_type!r} (supported: {list(_ROPE_TYPES)})")
   partial = rope.get("partial_rotary_factor", h.get("partial_rotary_factor", 1.0))
   if partial != 1.0:
-    raise ValueError(f"partial_rotary_factor={partial} is not supported (only 1.0).")
-  max_len = int(h.get("max_position_embeddings", 8192))
-  scaling = None
-  if rope_type == "llama3":
-    scaling = Llama3RopeScaling(
-      factor=float(rope["factor"]),
-      low_freq_factor=float(rope["low_freq_factor"]),
-      high_freq_factor=float(rope["high_freq_factor"]),
-      # transformers falls back to max_position_embeddings the same way.
-      original_max_position_embeddings=int(rope.get("original_max_position_embeddings", max_len)),
-    )
+    raise refuse(f"partial_rotary_factor={partial!r} (only 1.0)")
+  max_len = _size(h, "max_position_embeddings", source, 8192, most=2**31)
+  scaling = _llama3_rope(rope, max_len, source) if rope_type == "llama3" else None
 
-  hidden, heads = int(h["hidden_size"]), int(h["num_attention_heads"])
-  head_dim = h.get("head_dim")
-  if head_dim is None:
-    # transformers' Qwen3Config defaults head_dim to 128 rather than hidden_size / heads.
-    head_dim = 128 if model_type == "qwen3" else hidden // heads
-  eos = h.get("eos_token_id")
-  return LlamaConfig(
-    vocab_size=int(h["vocab_size"]),
-    d_model=hidden,
-    num_layers=int(h["num_hidden_layers"]),
-    num_heads=heads,
-    num_kv_heads=int(h.get("num_key_value_heads") or heads),
-    d_ff=int(h["intermediate_size"]),
-    head_dim=int(head_dim),
-    model_type=model_type,
-    attention_bias=bool(h.get("attention_bias", False)),
-    mlp_bias=bool(h.get("mlp_bias", False)),
-    tie_embeddings=bool(h.get("tie_word_embeddings", False)),
-    rope_theta=float(rope.get("rope_theta", h.get("rope_theta", 10_000.0))),
-    rope_scaling=scaling,
-    norm_eps=float(h.get("rms_norm_eps", 1e-6)),
-    max_len=max_len,
-    bos_token_id=h.get("bos_token_id"),
-    eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-    pad_token_id=h.get("pad_token_id"),
-    dtype=dtype,
-    param_dtype=param_dtype or dtype,
-  )
+  hidden, heads = _size(h, "hidden_size", source), _size(h, "num_attention_heads", source)
+  kv_heads = _size(h, "num_key_value_heads", source, heads, most=heads)
+  if heads % kv_heads:
+    raise FileFormatError(
+      source,
+      f"num_key_value_heads={kv_heads} does not divide num_attention_heads={heads}",
+      _FIX_CONFIG,
+    )
+  # transformers' Qwen3Config defaults head_dim to 128 rather than hidden_size / heads.
+  default_head_dim = 128 if model_type == "qwen3" else max(hidden // heads, 1)
+  try:
+    config = LlamaConfig(
+      vocab_size=_size(h, "vocab_size", source),
+      d_model=hidden,
+      num_layers=_size(h, "num_hidden_layers", source, most=_MAX_LAYERS),
+      num_heads=heads,
+      num_kv_heads=kv_heads,
+      d_ff=_size(h, "intermediate_size", source),
+      head_dim=_size(h, "head_dim", source, default_head_dim),
+      model_type=model_type,
+      attention_bias=bool(h.get("attention_bias", False)),
+      mlp_bias=bool(h.get("mlp_bias", False)),
+      tie_embeddings=bool(h.get("tie_word_embeddings", False)),
+      rope_theta=_number(rope, "rope_theta", _number(h, "rope_theta", 10_000.0, source), source),
+      rope_scaling=scaling,
+      norm_eps=_number(h, "rms_norm_eps", 1e-6, source),
+      max_len=max_len,
+      bos_token_id=_token_id(h, "bos_token_id", source),
+      eos_token_id=_token_id(h, "eos_token_id", source),
+      pad_token_id=_token_id(h, "pad_token_id", source),
+    )
+  except ValueError as error:  # what LlamaConfig refuses: odd head_dim, negative theta, ...
+    raise FileFormatError(source, f"describes no valid model: {error}", _FIX_CONFIG) from None
+  return config.replace(dtype=dtype, param_dtype=param_dtype or dtype)
+
+
+def hf_config(
+  path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None
+) -> LlamaConfig:
+  """The `LlamaConfig` of the Hugging Face checkpoint directory `path`, from its config.json.
+
+  As `config_from_hf`, with errors naming the file; when the directory holds weights, its
+  `num_hidden_layers` must be the number of layers they hold (a corrupt count is refused here,
+  before anything is built from it).
+  """
+  path = os.fspath(path)
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"No {CONFIG_FILE} in {path}: expected a Hugging Face model directory.")
+  values = read_json(config_path, _FIX_CONFIG)
+  config = config_from_hf(values, dtype=dtype, param_dtype=param_dtype, source=config_path)
+  try:
+    names = weight_files(path)
+  except FileNotFoundError:
+    return config  # no weights to compare with: the architecture alone
+  layers = {name.split(".")[2] for name in names if name.startswith("model.layers.")}
+  if config.num_layers != len(layers):
+    raise FileFormatError(
+      config_path,
+      f"num_hidden_layers is {config.num_layers}, but the weights hold {len(layers)} layers",
+      _FIX_CONFIG,
+    )
+  return config
 
 
 def config_to_hf(config: LlamaConfig) -> dict[str, Any]:
@@ -332,22 +443,56 @@ def with_execution_options(config: LlamaConfig, options: Mapping[str, Any]) -> L
   return config.replace(**options) if options else config
 
 
+def _safetensors_names(file: str) -> list[str]:
+  """The tensor names of a safetensors file; `FileFormatError` when its header is unreadable."""
+  from safetensors import safe_open
+
+  try:
+    with safe_open(file, framework="numpy") as f:
+      return list(f.keys())
+  except Exception as error:  # safetensors raises its own SafetensorError for a bad header
+    raise FileFormatError(
+      file, f"not a readable safetensors file ({error})", "copy the checkpoint again"
+    ) from None
+
+
+def _is_plain(name: Any) -> bool:
+  """Whether an index's shard name is a plain file name, inside the checkpoint directory."""
+  return isinstance(name, str) and os.path.basename(name) == name and name not in ("", ".", "..")
+
+
+def _index(path: str) -> dict[str, Any] | None:
+  """Tensor name -> shard name as the sharded index in `path` gives it, if there is one."""
+  index_path = os.path.join(path, WEIGHTS_INDEX_FILE)
+  if not os.path.exists(index_path):
+    return None
+  index = read_json(index_path, "fix or delete the index")
+  weight_map = index.get("weight_map") if isinstance(index, Mapping) else None
+  if not isinstance(weight_map, Mapping) or not all(isinstance(n, str) for n in weight_map):
+    raise FileFormatError(
+      index_path, "has no weight_map object of tensor names", "fix or delete the index"
+    )
+  return dict(weight_map)
+
+
 def weight_files(path: str) -> dict[str, str]:
   """Tensor name -> safetensors file holding it: the single file, else the sharded index.
 
-  The single file wins when both exist, as in transformers.
+  The single file wins when both exist, as in transformers. An index may name only files
+  inside `path`.
   """
   single = os.path.join(path, WEIGHTS_FILE)
   if os.path.exists(single):
-    from safetensors import safe_open
-
-    with safe_open(single, framework="numpy") as f:
-      return dict.fromkeys(f.keys(), single)
-  index_path = os.path.join(path, WEIGHTS_INDEX_FILE)
-  if os.path.exists(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f)["weight_map"]
-    return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    return dict.fromkeys(_safetensors_names(single), single)
+  shards = _index(path)
+  if shards is not None:
+    if bad := [file for file in shards.values() if not _is_plain(file)]:
+      raise FileFormatError(
+        os.path.join(path, WEIGHTS_INDEX_FILE),
+        f"names the shard {bad[0]!r}, not a file name inside {path}",
+        "an index lists shards by their file names in the same directory; fix or delete it",
+      )
+    return {name: os.path.join(path, file) for name, file in shards.items()}
   found = sorted(os.listdir(path))
   raise FileNotFoundError(
     f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {path} (found {found}); only safetensors "
@@ -445,12 +590,7 @@ def load_hf(
     directory has no tokenizer.json.
   """
   path = os.fspath(path)
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"No {CONFIG_FILE} in {path}: expected a Hugging Face model directory.")
-  with open(config_path) as f:
-    config = config_from_hf(json.load(f), dtype=dtype, param_dtype=param_dtype)
-  config = with_execution_options(config, options)
+  config = with_execution_options(hf_config(path, dtype=dtype, param_dtype=param_dtype), options)
 
   table = _layout(config)
   files = weight_files(path)
@@ -472,12 +612,22 @@ def load_hf(
   from safetensors import safe_open
 
   with contextlib.ExitStack() as stack:
-    handles = {
-      file: stack.enter_context(safe_open(file, framework="numpy"))
-      for file in sorted(set(files.values()))
-    }
-    tensors = {name: handles[files[name]].get_slice(name) for name in expected}
-    model = place_weights(config, tensors, mesh=mesh, rules=rules)
+    handles = {}
+    for file in sorted(set(files.values())):
+      _safetensors_names(file)  # a missing or unreadable shard, named
+      handles[file] = stack.enter_context(safe_open(file, framework="numpy"))
+    tensors = {}
+    for name in expected:
+      try:
+        tensors[name] = handles[files[name]].get_slice(name)
+      except Exception:  # safetensors' own error: the index places a tensor the shard lacks
+        raise FileFormatError(
+          files[name], f"lacks the tensor {name} that the index places in it", "copy it again"
+        ) from None
+    try:
+      model = place_weights(config, tensors, mesh=mesh, rules=rules)
+    except ValueError as error:  # a tensor of a shape config.json does not imply
+      raise FileFormatError(path, str(error).rstrip("."), _FIX_CONFIG) from None
   return model, load_tokenizer(path)
 
 
@@ -493,17 +643,37 @@ def _host(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _remove_sharded_weights(path: str) -> None:
-  """Deletes a sharded checkpoint's index and shards, which the new single file replaces."""
-  index_path = os.path.join(path, WEIGHTS_INDEX_FILE)
-  if not os.path.exists(index_path):
-    return
-  with open(index_path) as f:
-    shards = set(json.load(f)["weight_map"].values())
-  for shard in shards:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(os.path.join(path, shard))
-  os.remove(index_path)
+def _old_shards(path: str) -> set[str]:
+  """The shards an existing sharded index in `path` lists, by file name, that saving the single
+  file makes stale: only plain `.safetensors` names inside `path`; a name with a directory part
+  (`../x`, `/abs/x`) or one the new checkpoint writes is never a shard to delete."""
+  try:
+    shards = _index(path) or {}
+  except FileFormatError as error:
+    logging.warning("%s; its shards are left in place.", error)
+    return set()
+  ours = {WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, WEIGHTS_INDEX_FILE}
+  return {
+    file
+    for file in shards.values()
+    if _is_plain(file) and file.endswith(".safetensors") and file not in ours
+  }
+
+
+@contextlib.contextmanager
+def _staged(paths: Sequence[str]) -> Iterator[list[str]]:
+  """Temporary names beside `paths` to write to; on leaving the block without an error each
+  replaces its path (a rename), so a reader never sees a half-written file and a crash while
+  writing leaves the old files as they were. Temporary files are removed either way."""
+  staged = [f"{path}.tmp{os.getpid()}" for path in paths]
+  try:
+    yield staged
+    for temporary, path in zip(staged, paths, strict=True):
+      os.replace(temporary, path)
+  finally:
+    for temporary in staged:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(temporary)
 
 
 def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer: HFTokenizer | None = None) -> None:
@@ -511,8 +681,11 @@ def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer: HFTokenizer | N
 
   Tensors keep the parameter dtype and use torch's names and layout, so `load_hf` reads them back
   bit for bit and `transformers.AutoModelForCausalLM.from_pretrained(path)` loads them. With
-  `tokenizer`, its tokenizer.json and tokenizer_config.json are written too. A sharded
-  checkpoint already in `path` (index and shards) is deleted, so the directory holds one model.
+  `tokenizer`, its tokenizer.json and tokenizer_config.json are written too. Each file is
+  written under a temporary name and renamed over the old one, so a crash while writing leaves
+  the checkpoint that was there loadable. A sharded checkpoint already in `path` is deleted
+  after the new files are in place, so the directory holds one model: its index, and the
+  `.safetensors` shards it lists by plain file name (a name outside `path` is never followed).
   The whole model is gathered on the host; with several processes, all must call this and
   process 0 writes. A model with `scan_layers` is written as the unscanned one would be, one
   tensor per layer.
@@ -534,12 +707,20 @@ def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer: HFTokenizer | N
     return
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
-  _remove_sharded_weights(path)
-  save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(config_to_hf(config), f, indent=2)
+  stale = _old_shards(path)
+  files = [os.path.join(path, name) for name in (WEIGHTS_FILE, CONFIG_FILE)]
+  with _staged(files) as (weights, config_json):
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with open(config_json, "w") as f:
+      json.dump(config_to_hf(config), f, indent=2)
   if tokenizer is not None:
     tokenizer.save(path)
+  # Only now is the old sharded checkpoint replaced: its index, then the shards it listed.
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(os.path.join(path, WEIGHTS_INDEX_FILE))
+  for shard in sorted(stale):
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(path, shard))
 
 
 # ----- tokenizer ----------------------------------------------------------------------------
@@ -591,12 +772,19 @@ class HFTokenizer:
     from tokenizers import Tokenizer
 
     path = os.fspath(path)
-    tokenizer = Tokenizer.from_file(os.path.join(path, TOKENIZER_FILE))
+    tokenizer_path = os.path.join(path, TOKENIZER_FILE)
+    try:
+      tokenizer = Tokenizer.from_file(tokenizer_path)
+    except Exception as error:  # tokenizers raises a bare Exception for a file it cannot parse
+      raise FileFormatError(
+        tokenizer_path, f"not a tokenizer the tokenizers library reads ({error})", "copy it again"
+      ) from None
     settings: dict[str, Any] = {}
     config_path = os.path.join(path, TOKENIZER_CONFIG_FILE)
     if os.path.exists(config_path):
-      with open(config_path) as f:
-        settings = json.load(f)
+      settings = read_json(config_path, "fix it or copy it again")
+      if not isinstance(settings, Mapping):
+        raise FileFormatError(config_path, "not a JSON object", "fix it or copy it again")
     chat_template = settings.get("chat_template")
     template_path = os.path.join(path, "chat_template.jinja")
     if chat_template is None and os.path.exists(template_path):
@@ -631,7 +819,6 @@ class HFTokenizer:
     """Writes tokenizer.json and tokenizer_config.json (special tokens, chat template)."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    self.tokenizer.save(os.path.join(path, TOKENIZER_FILE))
     settings = {
       "tokenizer_class": "PreTrainedTokenizerFast",
       "bos_token": self.bos_token,
@@ -640,8 +827,11 @@ class HFTokenizer:
     }
     if self.chat_template is not None:
       settings["chat_template"] = self.chat_template
-    with open(os.path.join(path, TOKENIZER_CONFIG_FILE), "w") as f:
-      json.dump(settings, f, indent=2)
+    files = [os.path.join(path, name) for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)]
+    with _staged(files) as (tokenizer_json, config_json):
+      self.tokenizer.save(tokenizer_json)
+      with open(config_json, "w") as f:
+        json.dump(settings, f, indent=2)
 
 
 def load_tokenizer(path: str | os.PathLike) -> HFTokenizer | None:
