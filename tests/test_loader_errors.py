@@ -194,7 +194,10 @@ GGUF_METADATA = {
     {"llama.attention.head_count_kv": 3, "llama.attention.head_count": 4},
     "3 key/value heads do not divide the 4 query heads",
   ),
-  "block_count_a_string": ({"llama.block_count": "one"}, "llama.block_count is 'one', not a int"),
+  "block_count_a_string": (
+    {"llama.block_count": "one"},
+    "llama.block_count is 'one', not an integer",
+  ),
   "name_not_utf8": ({"general.name": "\udcff"}, "general.name is not UTF-8"),
 }
 

@@ -332,6 +332,9 @@ def _fields(reader: Any, path: str) -> dict[str, Any]:
     raise GGUFError(path, f"its metadata cannot be read ({error})", _AGAIN) from None
 
 
+_KINDS = {int: "an integer", float: "a number", str: "a string", list: "a list", bool: "a boolean"}
+
+
 class _Metadata:
   """A GGUF file's metadata, each value checked for the type a reader of it needs."""
 
@@ -345,9 +348,9 @@ class _Metadata:
       return value
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-      names = " or ".join(k.__name__ for k in kinds)
+      names = " or ".join(_KINDS.get(k, k.__name__) for k in kinds)
       shown = repr(value) if len(repr(value)) < 60 else f"a {type(value).__name__}"
-      raise GGUFError(self.path, f"metadata key {key} is {shown}, not a {names}", _AGAIN)
+      raise GGUFError(self.path, f"metadata key {key} is {shown}, not {names}", _AGAIN)
     return value
 
   def size(self, key: str, limit: int, default: int | None = None) -> int:
