@@ -219,7 +219,8 @@ def known_probes(
     records: all probes, e.g. `element_probes(debian.elements())`.
     model: the base model, as the run evaluates it (see `recalled`).
     tokenizer: its tokenizer.
-    path: where to keep the set, e.g. `WORKDIR/probes/elements.jsonl`.
+    path: where to keep the set, local or in a bucket (`gs://...`), e.g.
+      `WORKDIR/probes/elements.jsonl`.
     model_key: a string that identifies the model (e.g. its file and version), to skip hashing
       its parameters; None hashes them (about a second for 135M parameters).
     batch_size: probes per forward pass.
