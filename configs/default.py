@@ -48,13 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.seq_len = 128  # Tokens per row (byte-level tokenizer).
   config.data.batch_size = 8  # Rows per global batch.
   config.data.packing = True  # Pack several examples per row with segment ids.
-  config.data.eval_examples = 100  # Examples per eval set (the first ones); 0 means all.
+  config.data.eval_examples = 100  # Examples per eval set, drawn by a stable hash; 0 means all.
   config.data.fact_examples = 0  # Facts per fact set; 0 means all.
   config.data.max_prompt_len = 48  # Prompt width of fact batches.
   # More measures of what changed, each read before and after fine-tuning (whole logits):
-  config.data.token_accuracy = False  # NAME_accuracy: arg-max next-token accuracy per eval set.
+  config.data.token_accuracy = False  # NAME_accuracy (and NAME_exact for instruction sets).
   config.data.kl_sets = ()  # Eval sets with NAME_kl: KL(base || model) of next-token predictions.
-  config.data.calibration = False  # NAME_ece: calibration of each fact set's first answer token.
+  config.data.calibration_sets = ()  # Fact sets with NAME_ece: first answer token's calibration.
   config.data.answer_len = 40  # Answer width of fact batches.
   # Tokenizer: a directory with tokenizer.json; "" means the base checkpoint's when it is a
   # Hugging Face directory, else bytes (ByteTokenizer, the embedded benchmarks' tokenizer).

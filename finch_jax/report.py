@@ -200,10 +200,11 @@ FORGETTING_MEASURES = {
   "forgetting": "rise of the retain loss (nats per token)",
   "retain_accuracy_drop": "drop of the retain fact-recall accuracy",
   "retain_kl": "KL(base || fine-tuned) of next-token distributions on the retain text",
-  "retain_ece_change": "rise of the expected calibration error on the retain facts",
+  "retain_nll_rise": "rise of the retain facts' answer NLL per token (forgetting in confidence)",
 }
-# Task scores a comparison can be matched at, higher is better: fact recall, else token accuracy.
-TASK_ACCURACIES = ("task_fact_accuracy", "task_accuracy")
+# Task scores a comparison can be matched at, higher is better: fact recall, else exact answers,
+# else token accuracy.
+TASK_ACCURACIES = ("task_fact_accuracy", "task_exact", "task_accuracy")
 
 
 def every_measure(runs: Sequence[Mapping]) -> dict[str, Any]:

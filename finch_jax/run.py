@@ -29,7 +29,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from finch_jax import configure
+from finch_jax import configure, measures
 from finch_jax import data as data_lib
 from finch_jax.checkpoint import Checkpointer, restore_params
 from finch_jax.loop import FitResult, MetricsWriter, StopRequests, fit
@@ -206,13 +206,17 @@ class Evaluator:
   ):
     # On the trainer's devices (a sweep's runs may each have their own), as the KL reads it.
     self.base = None if base is None else jax.device_put(base, trainer.param_shardings)
-    self.token_accuracy = bool(config.data.get("token_accuracy", False))
-    self.kl_sets = set(config.data.get("kl_sets", ()) or ())
-    self.calibration = bool(config.data.get("calibration", False))
+    self.token_accuracy = bool(config.data.token_accuracy)
+    self.kl_sets = set(config.data.kl_sets or ())
+    self.calibration_sets = set(config.data.calibration_sets or ())
     if self.kl_sets and base is None:
       raise ValueError("data.kl_sets measures KL to the base model: pass base= to Evaluator.")
     self.trainer = trainer
     tokenizer = configure.make_tokenizer(config)
+    # Token accuracy counts an answer's own tokens, not the control tokens that close it.
+    self.end_ids = sorted({tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id})
+    self.continues = data_lib.word_continuations(tokenizer, trainer.model_config.vocab_size)
+    self.instruction_sets = set()
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     local_batch = configure.local_batch_size(config)
     self.loss_sets = {
@@ -263,31 +267,58 @@ class Evaluator:
     )
     records = instructions(config, workdir, spec)
     if records is not None:
+      self.instruction_sets.add(name)
       return data_lib.sft_eval_batches(records, **sizes)
     return data_lib.eval_batches(source(config, workdir, spec), **sizes)
 
   def __call__(self, params: Any, *, facts: bool = True) -> dict[str, float]:
-    """`{NAME_loss: ..., NAME_fact_accuracy: ...}` for every configured set, plus
-    `NAME_accuracy` (`data.token_accuracy`), `NAME_kl` for the sets of `data.kl_sets` and
-    `NAME_ece` (`data.calibration`)."""
+    """Every configured measure of the model's `params` (`finch_jax.measures`):
+
+    - per eval set: `NAME_loss`; with `data.token_accuracy`, `NAME_accuracy` (arg-max accuracy
+      over the text's or answers' own tokens, end markers left out) and, for instruction data,
+      `NAME_exact` (answers greedy decoding reproduces whole and ends where it should); for the
+      sets of `data.kl_sets`, `NAME_kl` (KL(base || model) per token);
+    - per fact set (with `facts`): `NAME_fact_accuracy` (exact recall), `NAME_answer_nll` (the
+      answers' mean NLL per token); for the sets of `data.calibration_sets`, `NAME_ece` and
+      `NAME_overconfidence` (mean confidence minus accuracy of the first answer token: above 0
+      over-confident, below 0 under-confident).
+    """
     out = {}
     for name, batches in self.loss_sets.items():
-      if not (self.token_accuracy or name in self.kl_sets):
-        out[f"{name}_loss"] = self.trainer.evaluate(params, batches)
-        continue
       reference = self.base if name in self.kl_sets else None
-      measured = self.trainer.measure(params, batches, reference)
-      out[f"{name}_loss"] = measured["loss"]
-      if self.token_accuracy:
-        out[f"{name}_accuracy"] = measured["accuracy"]
+      sums = self.trainer.eval_sums(params, batches, reference, self.end_ids)
+      out[f"{name}_loss"] = sums["loss"] / max(sums["tokens"], 1.0)
+      if self.token_accuracy and "right" in sums:
+        out[f"{name}_accuracy"] = sums["right"] / max(sums["scored"], 1.0)
+        if name in self.instruction_sets:
+          out[f"{name}_exact"] = sums["answers_right"] / max(sums["answers"], 1.0)
       if reference is not None:
-        out[f"{name}_kl"] = measured["kl"]
+        out[f"{name}_kl"] = sums["kl"] / max(sums["tokens"], 1.0)
     if facts:
       for name, batches in self.fact_sets.items():
-        out[f"{name}_fact_accuracy"] = self.trainer.fact_accuracy(params, batches)
-        if self.calibration:
-          out[f"{name}_ece"] = self.trainer.calibration_error(params, batches)
+        out.update(self._fact_measures(name, params, batches))
     return out
+
+  def _fact_measures(self, name: str, params: Any, batches: Any) -> dict[str, float]:
+    sums = self.trainer.fact_sums(params, batches, self.continues)
+    out = {
+      f"{name}_fact_accuracy": float(sums["recalled"]) / max(float(sums["facts"]), 1.0),
+      f"{name}_answer_nll": float(sums["answer_nll"]) / max(float(sums["answer_tokens"]), 1.0),
+    }
+    if name in self.calibration_sets:
+      count, confidence, right = np.asarray(sums["calibration"], np.float64)
+      out[f"{name}_ece"] = measures.expected_calibration_error(sums["calibration"])
+      out[f"{name}_overconfidence"] = float((confidence.sum() - right.sum()) / max(count.sum(), 1))
+    return out
+
+  def reliability(self, params: Any) -> dict[str, dict[str, list[float]]]:
+    """The reliability diagram (`finch_jax.measures.reliability`) of each calibration set."""
+    return {
+      name: measures.reliability(
+        self.trainer.fact_sums(params, self.fact_sets[name], self.continues)["calibration"]
+      )
+      for name in sorted(self.calibration_sets)
+    }
 
 
 def run_training(

@@ -448,13 +448,18 @@ class SweepRun:
         before["retain_fact_accuracy"] - result["retain_fact_accuracy"]
       )
     # The further measures, when the config asks for them (`data.token_accuracy`, `kl_sets`,
-    # `calibration`): the task's token accuracy, KL to the base on the retain text, and the
-    # change of calibration on the retain facts.
-    for key in ("task_accuracy", "retain_kl"):
+    # `calibration_sets`): the task's token accuracy and exact answers, KL to the base on the
+    # retain text, the rise of the retain facts' answer NLL (forgetting in confidence), and
+    # calibration before and after (not a forgetting measure: a model that forgets may grow
+    # better or worse calibrated).
+    for key in ("task_accuracy", "task_exact", "retain_kl"):
       if key in final:
         result[key] = final[key]
-    if "retain_ece" in final and "retain_ece" in before:
-      result["retain_ece_change"] = final["retain_ece"] - before["retain_ece"]
+    if "retain_answer_nll" in final:
+      result["retain_nll_rise"] = final["retain_answer_nll"] - before["retain_answer_nll"]
+    for key in final:
+      if key.endswith(("_ece", "_overconfidence")):
+        result[f"{key}_before"], result[f"{key}_after"] = before[key], final[key]
     return result
 
 

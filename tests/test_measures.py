@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from finch_jax import configure, run
-from finch_jax.trainer import expected_calibration_error
+from finch_jax.measures import expected_calibration_error
 from tests.test_trainer import small_config
 
 
@@ -20,7 +20,11 @@ def test_expected_calibration_error_by_hand():
 
 def test_evaluator_measures_accuracy_kl_and_calibration(tmp_path):
   config = small_config(
-    **{"data.token_accuracy": True, "data.kl_sets": ("retain",), "data.calibration": True}
+    **{
+      "data.token_accuracy": True,
+      "data.kl_sets": ("retain",),
+      "data.calibration_sets": ("task", "retain"),
+    }
   )
   trainer = configure.make_trainer(config)
   base = trainer.init_params(0)

@@ -91,16 +91,16 @@ def test_every_measure_is_read_at_matched_loss_and_at_matched_accuracy():
   for r in runs:  # accuracy rises as the task loss falls; KL and ECE grow with the rate
     r["task_accuracy"] = 1.0 - r["task_loss"] / 4
     r["retain_kl"] = 2 * r["forgetting"]
-    r["retain_ece_change"] = r["forgetting"] / 10
+    r["retain_nll_rise"] = r["forgetting"] / 10
   out = report.build_report("standard", BEFORE, runs)
   at_loss, at_accuracy = out["measures"]["task_loss"], out["measures"]["task_accuracy"]
   assert at_loss["target"] == pytest.approx(1.0)
   assert at_accuracy["target"] == pytest.approx(0.75)  # the same point, read on the accuracy
-  assert set(at_loss["measures"]) == {"forgetting", "retain_kl", "retain_ece_change"}
+  assert set(at_loss["measures"]) == {"forgetting", "retain_kl", "retain_nll_rise"}
   kl = at_accuracy["measures"]["retain_kl"]["anchor"]
   assert kl["mean"] == pytest.approx(2 * (0.3 + 0.31) / 2)
   assert kl["seeds"] == 2
   text = report.markdown_table(out)
   assert "At matched task accuracy 0.7500" in text
-  assert "| method | forgetting | retain_kl | retain_ece_change |" in text
+  assert "| method | forgetting | retain_kl | retain_nll_rise |" in text
   assert "KL(base || fine-tuned)" in text
