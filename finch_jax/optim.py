@@ -105,7 +105,8 @@ def _anchored_adamw(
 
 def _anchored_sgd(learning_rate, momentum, anchor_strength) -> optax.GradientTransformation:
   """SGD (with momentum) plus a decoupled pull toward the starting weights."""
-  parts = [optax.trace(decay=momentum)] if momentum else []
+  # None when there is no momentum; a number, or under inject_hyperparams an array, when there is.
+  parts = [optax.trace(decay=momentum)] if momentum is not None else []
   return optax.chain(
     *parts, anchor_to_init(anchor_strength), optax.scale_by_learning_rate(learning_rate)
   )

@@ -1,15 +1,19 @@
 """The optimizer a config describes: schedule values, the logged learning rate, SGD, and FINCH's
 logged bound with a loss floor."""
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from finch_jax import finch_stats
+from finch_jax import finch_stats, scale_by_finch
 from finch_jax import sharding as shd
 from finch_jax.models import LlamaConfig
 from finch_jax.optim import make_optimizer, schedule_shape
+from finch_jax.remedies import anchor_to_init
 from finch_jax.trainer import Trainer, eval_step
 
 MODEL = LlamaConfig.tiny(num_layers=1, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64)
@@ -100,3 +104,59 @@ def test_logged_forgetting_bound_honours_the_loss_floor():
     float(stats["scale"]) * np.sqrt(smoothed - floor), rel=1e-6
   )
   assert float(metrics["forgetting_bound"]) < float(stats["scale"]) * np.sqrt(smoothed) * 0.9
+
+
+def _grad_sequence(steps, seed=0):
+  rng = np.random.default_rng(seed)
+  return [
+    {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.asarray(rng.normal(size=4))}
+    for _ in range(steps)
+  ]
+
+
+def _run(tx, grads, losses=None):
+  """The parameters after one update per gradient, jitted (`losses` as FINCH's `value`)."""
+  params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+  state = tx.init(params)
+  extra = (lambda i: {"value": jnp.float32(losses[i])}) if losses else (lambda i: {})
+
+  @jax.jit
+  def step(params, state, g, extra):
+    updates, state = tx.update(g, state, params, **extra)
+    return optax.apply_updates(params, updates), state
+
+  for i, g in enumerate(grads):
+    params, state = step(params, state, g, extra(i))
+  return params
+
+
+def test_plain_sgd_momentum_path_is_optax_sgd_bit_for_bit():
+  grads = _grad_sequence(8)
+  tx, _ = make_optimizer({"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}, None, 8)
+  want = _run(optax.sgd(0.05, momentum=0.9), grads)
+  jax.tree.map(np.testing.assert_array_equal, _run(tx, grads), want)
+  # FINCH over it scales the momentum's step, as a learning rate does.
+  losses = [4.0, 3.0, 5.0, 1.0, 0.5, 2.0, 1.0, 0.25]
+  tx, _ = make_optimizer(
+    {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}, {"enabled": True}, 8
+  )
+  want = _run(optax.chain(optax.sgd(0.05, momentum=0.9), scale_by_finch()), grads, losses)
+  # Equal to float32 rounding (one ulp at most): the two chains compile to different programs.
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+  jax.tree.map(close, _run(tx, grads, losses), want)
+
+
+@pytest.mark.parametrize("finch_options", [None, {"enabled": True, "max_scale": 2.0}])
+def test_anchored_sgd_with_momentum_is_momentum_then_pull_to_the_start(finch_options):
+  grads = _grad_sequence(5)
+  losses = [4.0, 2.0, 1.0, 3.0, 0.5]
+  optimizer = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "anchor_strength": 0.5}
+  tx, _ = make_optimizer(optimizer, finch_options, 5)
+  want = optax.chain(
+    optax.trace(decay=0.9), anchor_to_init(0.5), optax.scale_by_learning_rate(0.1)
+  )
+  if finch_options:
+    want = optax.chain(want, scale_by_finch(max_scale=2.0))
+  got = _run(tx, grads, losses if finch_options else None)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+  jax.tree.map(close, got, _run(want, grads, losses if finch_options else None))
