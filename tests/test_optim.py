@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 
+from configs import default
 from finch_jax import finch_stats, scale_by_finch
 from finch_jax import sharding as shd
 from finch_jax.models import LlamaConfig
-from finch_jax.optim import make_optimizer, schedule_shape
+from finch_jax.optim import finch_keywords, make_optimizer, schedule_shape
 from finch_jax.remedies import anchor_to_init
 from finch_jax.trainer import Trainer, eval_step
 
@@ -152,11 +153,48 @@ def test_anchored_sgd_with_momentum_is_momentum_then_pull_to_the_start(finch_opt
   losses = [4.0, 2.0, 1.0, 3.0, 0.5]
   optimizer = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "anchor_strength": 0.5}
   tx, _ = make_optimizer(optimizer, finch_options, 5)
-  want = optax.chain(
-    optax.trace(decay=0.9), anchor_to_init(0.5), optax.scale_by_learning_rate(0.1)
-  )
+  want = optax.chain(optax.trace(decay=0.9), anchor_to_init(0.5), optax.scale_by_learning_rate(0.1))
   if finch_options:
     want = optax.chain(want, scale_by_finch(max_scale=2.0))
   got = _run(tx, grads, losses if finch_options else None)
   close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
   jax.tree.map(close, got, _run(want, grads, losses if finch_options else None))
+
+
+def test_config_readings_become_the_transform_keywords():
+  config = default.get_config().finch.to_dict()
+  bounds = {"loss_floor": 0.0, "min_scale": 0.1, "max_scale": 4.0, "ema_decay": 0.0}
+  # The default reading passes nothing of its own: scale_by_finch's first-loss reference.
+  assert finch_keywords(config) == bounds
+  assert finch_keywords({"enabled": True}) == {}
+  assert finch_keywords({**config, "reading": "first_k", "reference_steps": 8}) == {
+    **bounds,
+    "reference_steps": 8,
+  }
+  assert finch_keywords({**config, "reading": "running", "reference_decay": 0.99}) == {
+    **bounds,
+    "reference_decay": 0.99,
+  }
+  target = {**config, "reading": "target", "reference_loss": 1.5, "max_scale": 1.0}
+  assert finch_keywords(target) == {**bounds, "max_scale": 1.0, "reference_loss": 1.5}
+  for wrong, match in [
+    ({"reading": "last"}, "^reading 'last' is not one of"),
+    ({"reading": "running"}, "^reference_decay must be set"),
+    ({"reading": "target", "reference_loss": 1.5}, "^max_scale .* set finch.max_scale=1"),
+    ({"reading": "first_k", "reference_steps": 4, "reference_loss": 1.5}, "^reference_loss"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      finch_keywords({**config, **wrong})
+
+
+def test_a_configured_reading_is_the_transform_with_its_keyword():
+  grads, losses = _grad_sequence(6), [4.0, 3.0, 6.0, 1.0, 2.0, 0.5]
+  sgd = {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}
+  options = {"enabled": True, "reading": "running", "reference_decay": 0.8, "reference_steps": None}
+  tx, _ = make_optimizer(sgd, options, 6)
+  want = optax.chain(optax.sgd(0.05, momentum=0.9), scale_by_finch(reference_decay=0.8))
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+  jax.tree.map(close, _run(tx, grads, losses), _run(want, grads, losses))
+  # ... and not the default reading, on these losses.
+  first = _run(optax.chain(optax.sgd(0.05, momentum=0.9), scale_by_finch()), grads, losses)
+  assert not np.allclose(_run(tx, grads, losses)["w"], first["w"], rtol=1e-3)
