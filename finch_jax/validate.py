@@ -469,7 +469,9 @@ def _check_finch(run: _Run, p: _Problems) -> None:
     keywords = finch_keywords({k: v for k, v in options.items() if k in accepted})
   except ValueError as error:  # messages start with the field to change
     field = str(error).split()[0]
-    p.fail(run.name(f"finch.{field}"), options.get(field), str(error))
+    if options.get(field) is None:  # a reading's field left unset: name the reading
+      field = "reading"
+    p.fail(run.name(f"finch.{field}"), options.get(field, "first"), str(error))
     return
   try:
     scale_by_finch(**keywords)

@@ -304,14 +304,20 @@ def test_finch_hyperparameters_out_of_range(changes, fragments):
   "changes, fragments",
   [
     ({"finch__reading": "last"}, ["finch.reading='last'", "'first', 'first_k', 'running'"]),
-    ({"finch__reading": "target"}, ["finch.reference_loss=None", "target task loss"]),
+    (
+      {"finch__reading": "target"},
+      ["finch.reading='target'", "set finch.reference_loss to the target"],
+    ),
     (
       {"finch__reading": "target", "finch__reference_loss": 2.0},
       ["finch.max_scale=4.0", "set finch.max_scale=1"],
     ),
-    ({"finch__reading": "first_k"}, ["finch.reference_steps=None", "how many first losses"]),
-    ({"finch__reading": "running"}, ["finch.reference_decay=None", "running average's decay"]),
-    ({"finch__reading": "running", "finch__reference_decay": 0.0}, ["must be in (0, 1)"]),
+    ({"finch__reading": "first_k"}, ["finch.reading='first_k'", "set finch.reference_steps"]),
+    ({"finch__reading": "running"}, ["finch.reading='running'", "set finch.reference_decay"]),
+    (
+      {"finch__reading": "running", "finch__reference_decay": 0.0},
+      ["finch.reference_decay=0.0", "must be in (0, 1)"],
+    ),
     (
       {"finch__reference_loss": 2.0},
       ["finch.reference_loss=2.0", "read only by reading 'target'", "finch.reading='target'"],
@@ -336,6 +342,15 @@ def test_finch_reading_needs_its_field_and_no_other(changes, fragments):
 )
 def test_finch_readings_validate(changes):
   validate(config_with(mode="pretrain", finch__enabled=True, **changes))
+
+
+def test_finch_reading_of_a_compared_method_is_named_as_its_override():
+  config = config_with()
+  config.compare.methods["finch_k"] = {
+    "finch": {"enabled": True, "reading": "first_k"},
+    "learning_rates": (1e-4,),
+  }
+  the_problem(config, "compare.methods.finch_k.finch.reading='first_k'", "reference_steps")
 
 
 def test_finch_options_must_exist():
