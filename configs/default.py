@@ -83,7 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.finch = ml_collections.ConfigDict()
   config.finch.enabled = True  # Scale the optimizer's updates by FINCH.
-  config.finch.reference_loss = ml_collections.config_dict.placeholder(float)  # None: 1st loss.
+  config.finch.reading = "first"  # Reference: "first", "first_k", "running" or "target".
+  config.finch.reference_steps = ml_collections.config_dict.placeholder(int)  # "first_k": k.
+  config.finch.reference_decay = ml_collections.config_dict.placeholder(float)  # "running": decay.
+  config.finch.reference_loss = ml_collections.config_dict.placeholder(float)  # "target": loss.
   config.finch.loss_floor = 0.0  # Lower bound of the loss.
   config.finch.min_scale = 0.1  # Smallest multiplier.
   config.finch.max_scale = 4.0  # Largest multiplier.

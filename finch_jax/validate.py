@@ -56,7 +56,7 @@ from finch_jax import sharding as shd
 from finch_jax.data import builders, sft, synthetic
 from finch_jax.lora import LoraConfig
 from finch_jax.models import ModelConfig, hf
-from finch_jax.optim import make_optimizer, schedule_shape
+from finch_jax.optim import READINGS, finch_keywords, make_optimizer, schedule_shape
 from finch_jax.transform import scale_by_finch
 
 # The modes `experiment.train_and_evaluate` runs. Defined here rather than imported from
@@ -451,32 +451,41 @@ def _check_optimizer(run: _Run, p: _Problems) -> None:
 
 
 def _check_finch(run: _Run, p: _Problems) -> None:
-  """With FINCH on, its options are those of `scale_by_finch`, in its ranges."""
+  """With FINCH on, its options are its reading (`optim.finch_keywords`) and those of
+  `scale_by_finch`, in their ranges and consistent with the reading."""
   finch = _as_dict(_get(run.config, "finch"))
   if not finch.get("enabled", False):
     return
   options = {k: v for k, v in finch.items() if k != "enabled"}
   parameters = inspect.signature(scale_by_finch).parameters
-  accepted = sorted(parameters)
+  accepted = sorted({*parameters, "reading"})
   for key in sorted(set(options) - set(accepted)):
     p.fail(
       run.name(f"finch.{key}"),
       options[key],
-      f"not an option of scale_by_finch{_did_you_mean(key, accepted)}; "
-      f"options: {', '.join(accepted)}.",
+      f"not a FINCH option{_did_you_mean(key, accepted)}; options: {', '.join(accepted)}.",
     )
   try:
-    scale_by_finch(**{k: v for k, v in options.items() if k in parameters})
+    keywords = finch_keywords({k: v for k, v in options.items() if k in accepted})
+  except ValueError as error:  # messages start with the field to change
+    field = str(error).split()[0]
+    if options.get(field) is None:  # a reading's field left unset: name the reading
+      field = "reading"
+    p.fail(run.name(f"finch.{field}"), options.get(field, "first"), str(error))
+    return
+  try:
+    scale_by_finch(**keywords)
   except (TypeError, ValueError) as error:  # scale_by_finch's own range checks
     first = str(error).split()[0]  # they start with the option's name
     if first not in options:
       p.fail(run.name("finch"), finch, str(error))
       return
-    default = parameters[first].default
+    # A reading's own field has no default: its reading needs it set.
+    default = "" if first in READINGS.values() else f" (default: {parameters[first].default!r})"
     p.fail(
       run.name(f"finch.{first}"),
       options[first],
-      f"{error} Set {run.flag(f'finch.{first}')} accordingly (default: {default!r}).",
+      f"{error} Set {run.flag(f'finch.{first}')} accordingly{default}.",
     )
 
 
