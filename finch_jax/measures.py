@@ -132,6 +132,9 @@ def recalled_rows(
   exact = jnp.all((predicted == batch["answers"]) | ~mask, axis=1)
   last = batch["prompt_lengths"] + jnp.sum(mask, axis=1).astype(jnp.int32) - 1
   after = jnp.argmax(logits[rows, last], axis=-1)
+  # Ids past the table (an embedding padded beyond the tokenizer's vocabulary) continue nothing.
+  vocab = logits.shape[-1]
+  continues = jnp.pad(continues, (0, max(0, vocab - continues.shape[0])))[:vocab]
   return exact & ~continues[after]
 
 

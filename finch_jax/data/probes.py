@@ -161,7 +161,7 @@ def recalled(
     answer_len=answer_len,
     batch_size=batch_size,
   )
-  continues = jax.numpy.asarray(word_continuations(tokenizer, model.config.vocab_size))
+  continues = jax.numpy.asarray(word_continuations(tokenizer, tokenizer.vocab_size))
   verdicts = []
   for batch in batches:
     arrays = {k: jax.numpy.asarray(v) for k, v in batch.items()}
