@@ -627,7 +627,12 @@ def measure_step_times(
   names = list(trainers)
   states = {}
   for name in names:  # compiled before timing; a step's output feeds the next
-    states[name], _ = trainers[name].train_step(trainers[name].create_state(base), batches[name])
+    state = trainers[name].create_state(base)
+    # Two steps: the second takes the first's output, whose placement can differ from a new
+    # state's, and so may compile again.
+    for _ in range(2):
+      state, _ = trainers[name].train_step(state, batches[name])
+    states[name] = state
   jax.block_until_ready(states)
   times: dict[str, list[float]] = {name: [] for name in names}
   for round_index in range(rounds):

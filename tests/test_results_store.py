@@ -121,8 +121,9 @@ def test_step_times_are_timed_in_alternating_rounds():
   trainers = {name: _FakeTrainer(name, calls) for name in ("a", "b", "c")}
   times = sweep.measure_step_times(trainers, dict.fromkeys(trainers), None, rounds=4, steps=2)
   assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
-  # After one step each to compile, every round has each method's steps, the order rotating.
-  assert calls[3:] == [
+  # After two steps each to compile, every round has each method's steps, the order rotating.
+  assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
+  assert calls[6:] == [
     *("a", "a", "b", "b", "c", "c"),
     *("b", "b", "c", "c", "a", "a"),
     *("c", "c", "a", "a", "b", "b"),
