@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from finch_jax import report, sweep
+from finch_jax import configure, report, sweep
 from tests.test_report import BEFORE, RUNS
 from tests.test_trainer import small_config
 
@@ -138,3 +138,16 @@ def test_the_timing_defaults_have_one_owner():
   assert "timing.get" not in source and "rounds: int = " not in source
   timing = small_config().compare.timing
   assert timing.rounds >= 16  # enough rounds for a 95% interval of the median
+
+
+def test_a_file_touched_but_not_changed_keeps_the_fingerprint(tmp_path):
+  """A package reinstalled in a new session gets new file times: a study's runs are still its."""
+  data = tmp_path / "train.jsonl"
+  data.write_text('{"prompt": "a", "response": "b"}\n')
+  config = small_config()
+  config.data.train = {"name": f"jsonl:{data}", "split": "train"}
+  key = configure.fingerprint(config)
+  os.utime(data, ns=(10**18, 10**18))
+  assert configure.fingerprint(config) == key
+  data.write_text('{"prompt": "a", "response": "c"}\n')  # same size, other content
+  assert configure.fingerprint(config) != key
