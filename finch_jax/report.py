@@ -399,7 +399,13 @@ def build_report(
     report["at_matched_accuracy"] = {
       "target_task_fact_accuracy": by_acc["target"],
       "methods": {
-        name: {**{k: e[k] for k in keys}, "seeds_reaching_target": e["seeds_reaching_target"]}
+        name: {
+          **{k: e[k] for k in keys},
+          "retain_accuracy_drop_per_seed": {
+            str(s): v["retain_accuracy_drop"] for s, v in e["per_seed"].items()
+          },
+          "seeds_reaching_target": e["seeds_reaching_target"],
+        }
         for name, e in by_acc["methods"].items()
       },
     }
@@ -602,7 +608,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
   if report.get("matched_on"):
     lo, hi = report["overlap_task_loss"]
     lines.append(
-      f"Methods at matched task loss {_value(report['target_task_loss'], '.4f')}, the middle of "
+      f"Methods at matched task loss {_value(report['target_task_loss'], '.4f')}, the arithmetic "
+      "middle of "
       f"the range every sweep reaches ({_value(lo, '.4f')} to {_value(hi, '.4f')}), interpolated "
       f"along each learning-rate sweep; {INTERVAL_NOTE}.\n"
     )
