@@ -126,8 +126,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Runs trained at once, each on an equal share of the devices; 0: one run per device on a
   # single-process CPU machine (train.py makes each core a device), one at a time elsewhere.
   config.compare.concurrent_runs = 0
-  # The cost column's step times: every method's step timed in turn, rounds x steps each.
-  config.compare.timing = {"rounds": 3, "steps": 5}
+  # The cost column: every method's step timed in alternating rounds of `steps` steps each; the
+  # ratio to the baseline is the median over rounds of the paired ratios, with a 95% interval
+  # from order statistics (16 rounds: the 4th to 13th smallest). The one place these are set.
+  config.compare.timing = {"rounds": 16, "steps": 1}
+  # A study's results directory (e.g. docs/results/STUDY): one summary per finished run, reused by
+  # fingerprint on a rerun; `python -m finch_jax.report DIR` rebuilds its report. "": none.
+  config.compare.results_dir = ""
   config.compare.pretrain = {  # Overrides that make the base model (cached in WORKDIR/base).
     "num_train_steps": 320,
     "checkpoint_every": 160,
@@ -147,7 +152,7 @@ def get_config() -> ml_collections.ConfigDict:
 def full_size(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` with the embedded benchmark at the size RESULTS.md measured: 100 people a
   population, 150 steps of 16 rows, a base pretrained for 600 steps, evaluations of 200
-  examples every 50 steps and the cost column timed over 5 rounds of 10 steps."""
+  examples every 50 steps and the cost column timed over 24 rounds of 2 steps."""
   config.num_train_steps = 150
   config.log_every = 25
   config.eval_every = 50
@@ -155,7 +160,7 @@ def full_size(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.data.eval_examples = 200
   config.data.options["embedded_biographies"] = {"num_base_people": 100, "num_new_people": 100}
   config.data.batch_size = 16
-  config.compare.timing = {"rounds": 5, "steps": 10}
+  config.compare.timing = {"rounds": 24, "steps": 2}
   config.compare.pretrain["num_train_steps"] = 600
   config.compare.pretrain["checkpoint_every"] = 200
   return config

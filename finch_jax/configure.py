@@ -8,6 +8,7 @@ it, so each of them reads a config the same way.
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import hashlib
 import json
@@ -269,18 +270,33 @@ def _local_files(config: ml_collections.ConfigDict) -> list[str]:
   return sorted({f for p in patterns for f in glob.glob(p) if os.path.isfile(f)})
 
 
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+  """SHA-256 of a file's content (read once per size and modification time)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
 def fingerprint(config: ml_collections.ConfigDict, **extra: Any) -> str:
   """A hash of everything that determines a run: the effective config (without the other methods
   and sweeps of a comparison, and without checkpoint cadence), `extra` (e.g. the learning rate
-  and seed of a sweep's run), and the size and modification time of every local file its data
-  or base checkpoint reads. A cached run is reused only when this is unchanged."""
+  and seed of a sweep's run), and the content of every local file its data or base checkpoint
+  reads. A cached run is reused only when this is unchanged. The content, not the modification
+  time: a package reinstalled in a new session (the SmolLM2 GGUF file) gets a new time, and a
+  study's runs kept from an earlier session must still be recognised."""
   values = json.loads(config.to_json_best_effort(sort_keys=True))
   compare = values.pop("compare", None) or {}
   values["compare.pretrain"] = compare.get("pretrain")
   values["data"].pop("data_dir", None)  # where datasets are built, not what they hold
   for key in _NOT_DETERMINING:
     values.pop(key, None)
-  files = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in _local_files(config)]
+  files = []
+  for f in _local_files(config):
+    stat = os.stat(f)
+    files.append((f, stat.st_size, _file_digest(f, stat.st_size, stat.st_mtime_ns)))
   text = json.dumps({"config": values, "extra": extra, "files": files}, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -12,16 +12,26 @@ rate and seed, the local data files). A rerun reuses a run only when that finger
 unchanged; otherwise the old directory is set aside (renamed with its fingerprint, nothing
 deleted) and the run is redone. The base model is kept the same way.
 
+With `compare.results_dir` set, the comparison is also a study that can grow across sessions:
+each finished run's summary (its fingerprint, the code version, every measure before and after,
+its curves thinned to at most `MAX_CURVE_POINTS` points) is written there as
+`runs/METHOD/lrRATE_seedSEED.json`, with `study.json` (baseline, methods, step timings) and the
+report of every run the directory holds. A run whose summary there has the same fingerprint is
+not trained again, whatever the workdir holds; `python -m finch_jax.report DIR` rebuilds the
+report from those files alone.
+
 The workdir is local or in a bucket (`gs://BUCKET/...`): every path is an `etils.epath.Path`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import queue
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Mapping
@@ -33,11 +43,21 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
+import finch_jax
 from finch_jax import configure, run
 from finch_jax import sharding as shd
 from finch_jax.data import debian, probes
 from finch_jax.loop import StopRequests, format_duration
-from finch_jax.report import build_report, markdown_table, write_report
+from finch_jax.report import (
+  STORE_RUNS,
+  STUDY_FILE,
+  build_report,
+  markdown_table,
+  read_json,
+  report_from_store,
+  write_json,
+  write_report,
+)
 from finch_jax.trainer import Trainer
 
 FINGERPRINT_FILE = configure.FINGERPRINT_FILE
@@ -55,6 +75,28 @@ def _fmt(values: Mapping[str, Any]) -> str:
 
 def _tree_bytes(tree: Any) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+MAX_CURVE_POINTS = 50  # per curve in a run's summary
+
+
+def thinned(points: list[dict[str, Any]], max_points: int = MAX_CURVE_POINTS) -> list:
+  """At most `max_points` of `points`, evenly spaced, the first and the last kept."""
+  if len(points) <= max_points:
+    return list(points)
+  keep = sorted({round(i * (len(points) - 1) / (max_points - 1)) for i in range(max_points)})
+  return [points[i] for i in keep]
+
+
+# Keys of a metrics record that time the machine rather than describe the training.
+_TIMING_KEYS = ("step_time", "input_wait_share", "tokens_per_second")
+
+
+def _training_records(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The training records of metrics.jsonl (loss, FINCH's scale, ...), without the timings."""
+  with (epath.Path(workdir) / "metrics.jsonl").open() as f:
+    records = [r for r in map(json.loads, f) if "loss" in r]
+  return [{k: v for k, v in r.items() if k not in _TIMING_KEYS} for r in records]
 
 
 def _median_step_time(workdir: str | os.PathLike) -> float:
@@ -111,12 +153,13 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
   evaluator = run.Evaluator(config, workdir, next(iter(trainers.values())), base=base)
   before = _evaluate_base(evaluator, base, base_dir)
   _print("base model: " + _fmt(before))
+  store = ResultsStore(config.compare.results_dir) if config.compare.results_dir else None
   sweep_runs = []
   for name, cfg in configs.items():
     samples = run.replay_samples(cfg, trainers[name], base, cache=base_dir / _samples_file(cfg))
     for learning_rate in config.compare.methods[name].learning_rates:
       for seed in config.compare.seeds:
-        sweep_runs.append(SweepRun(name, cfg, float(learning_rate), int(seed), samples))
+        sweep_runs.append(SweepRun(name, cfg, float(learning_rate), int(seed), samples, store))
   if len(groups) == 1:
     clock = _SweepClock([r.to_train(workdir) for r in sweep_runs])
     runs = []
@@ -129,21 +172,85 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         )
   else:
     runs = _concurrent_results(sweep_runs, groups, config, configs, workdir, base, before)
-  _print("Timing each method's train step back to back (the cost column)...")
-  timing = config.compare.get("timing", {}) or {}
+  timing = config.compare.timing
+  _print(
+    f"Timing each method's train step in {timing.rounds} alternating rounds of {timing.steps} "
+    "step(s) each (the cost column)..."
+  )
   step_times = measure_step_times(
     trainers,
     {name: _first_batch(cfg, workdir, trainers[name], base) for name, cfg in configs.items()},
     base,
-    rounds=timing.get("rounds", 5),
-    steps=timing.get("steps", 10),
+    rounds=timing.rounds,
+    steps=timing.steps,
   )
   _print("Reading the sweeps at matched task loss and writing the report...")
   report = build_report(config.compare.baseline, before, runs, step_times)
   if jax.process_index() == 0:
     write_report(workdir, report)
+    if store is not None:
+      store.write_study(config.compare.baseline, list(configs), step_times)
     _print("\n" + markdown_table(report))
   return report
+
+
+class ResultsStore:
+  """A study's results directory (`compare.results_dir`): one summary per finished run,
+  `runs/METHOD/lrRATE_seedSEED.json`, plus `study.json` and the report of all of them.
+
+  Every file is written atomically (a temporary file, then a rename), so a rerun that reads one
+  to decide what to skip never reads half of it. A summary stands for its run only while its
+  fingerprint is the run's (`configure.fingerprint`, the same key as a workdir's `result.json`).
+  """
+
+  def __init__(self, directory: str | os.PathLike):
+    self.directory = epath.Path(directory)
+
+  def path(self, method: str, learning_rate: float, seed: int) -> epath.Path:
+    """Where the summary of a run is kept."""
+    return self.directory / STORE_RUNS / method / f"{_run_name(learning_rate, seed)}.json"
+
+  def find(self, sweep_run: SweepRun) -> dict[str, Any] | None:
+    """The summary kept for `sweep_run`, or None when there is none of its fingerprint."""
+    path = self.path(sweep_run.method, sweep_run.learning_rate, sweep_run.seed)
+    if not path.exists():
+      return None
+    summary = read_json(path)
+    return summary if summary.get("fingerprint") == sweep_run.fingerprint else None
+
+  def write(self, summary: Mapping[str, Any]) -> None:
+    """Keeps a finished run's summary (replacing one of another fingerprint)."""
+    path = self.path(summary["method"], summary["learning_rate"], summary["seed"])
+    write_json(path, summary)
+
+  def write_study(
+    self, baseline: str, methods: list[str], step_times: Mapping[str, list[float]]
+  ) -> None:
+    """Writes study.json (the baseline, the order of the methods, the latest step timings),
+    then the report of every run the directory holds."""
+    write_json(
+      self.directory / STUDY_FILE,
+      {"baseline": baseline, "methods": methods, "step_times": dict(step_times)},
+    )
+    write_report(self.directory, report_from_store(self.directory))
+
+
+@functools.cache
+def code_version() -> str:
+  """The code that ran: `git describe --always --dirty` of the package's checkout, else the
+  installed package's version."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    described = subprocess.run(
+      ["git", "-C", here, "describe", "--always", "--dirty", "--tags"],
+      capture_output=True,
+      text=True,
+      timeout=30,
+      check=True,
+    )
+    return f"git {described.stdout.strip()}"
+  except (OSError, subprocess.SubprocessError):
+    return f"finch_jax {finch_jax.__version__}"
 
 
 def _base_model(config: ml_collections.ConfigDict, base_dir: epath.Path) -> Any:
@@ -356,8 +463,9 @@ class SweepRun:
     learning_rate: float,
     seed: int,
     samples: Any,
+    store: ResultsStore | None = None,
   ):
-    self.method, self.config, self.samples = method, config, samples
+    self.method, self.config, self.samples, self.store = method, config, samples, store
     self.learning_rate, self.seed = learning_rate, seed
     self.fingerprint = configure.fingerprint(config, learning_rate=learning_rate, seed=seed)
 
@@ -371,6 +479,8 @@ class SweepRun:
 
   def to_train(self, workdir: str | os.PathLike) -> bool:
     """Whether `result` will train this run (False: a finished run of the same fingerprint)."""
+    if self.store is not None and self.store.find(self) is not None:
+      return False
     run_dir = self._dir(workdir)
     done = run_dir / "result.json"
     stamp = run_dir / FINGERPRINT_FILE
@@ -392,12 +502,16 @@ class SweepRun:
   ) -> dict[str, Any]:
     """The run's result: read from its `result.json` when its fingerprint is unchanged, else
     trained with `trainer` (resuming its own checkpoints) and written there; `description`
-    names it on the progress bar (shown with `progress`); `stop` as for `loop.fit`."""
+    names it on the progress bar (shown with `progress`); `stop` as for `loop.fit`. With a
+    results store, a summary of the same fingerprint there is the result, and a new result is
+    kept there."""
+    if self.store is not None and (kept := self.store.find(self)) is not None:
+      return kept
     run_dir = self._dir(workdir)
     claim(run_dir, self.fingerprint)
     result_path = run_dir / "result.json"
     if result_path.exists():
-      return json.loads(result_path.read_text())
+      return self._kept(json.loads(result_path.read_text()), before)
     fit = run.run_training(
       self.config,
       run_dir,
@@ -415,7 +529,16 @@ class SweepRun:
     if jax.process_index() == 0:
       result_path.write_text(json.dumps(result))
     _print(f"{self.method:>10s} lr={self.learning_rate:<8.3g} seed={self.seed}: " + _fmt(result))
-    return result
+    return self._kept(result, before)
+
+  def _kept(self, result: dict[str, Any], before: Mapping[str, float]) -> dict[str, Any]:
+    """`result` as the results store keeps it, written there when there is a store. A result
+    written before runs recorded these gets the base's measures and an unknown code version."""
+    summary = {"before": dict(before), "code_version": "unknown", **result}
+    summary["curve"] = thinned(summary["curve"])
+    if self.store is not None and jax.process_index() == 0:
+      self.store.write(summary)
+    return summary
 
   def _summary(
     self,
@@ -431,10 +554,15 @@ class SweepRun:
       "learning_rate": self.learning_rate,
       "seed": self.seed,
       "fingerprint": self.fingerprint,
+      "code_version": code_version(),
       "task_loss": final["task_loss"],
       "retain_loss": final["retain_loss"],
       "forgetting": final["retain_loss"] - before["retain_loss"],
-      "curve": fit.evals,
+      # Every measure of the eval sets on the base model and after fine-tuning.
+      "before": dict(before),
+      "after": {k: v for k, v in final.items() if k != "step"},
+      "curve": thinned(fit.evals),
+      "train_curve": thinned(_training_records(run_dir)),
       "step_time": _median_step_time(run_dir),
       "optimizer_state_bytes": _tree_bytes(fit.state.opt_state),
       # What the method holds on top of the model it trains: trained weights (or adapters),
@@ -481,20 +609,35 @@ def measure_step_times(
   batches: Mapping[str, Any],
   base: Any,
   *,
-  rounds: int = 5,
-  steps: int = 10,
-) -> dict[str, float]:
-  """Seconds per train step of each method, timed back to back in the same process.
+  rounds: int,
+  steps: int,
+) -> dict[str, list[float]]:
+  """Seconds per train step of each method in each of `rounds` rounds, timed in turn in the same
+  process (`compare.timing` of configs/default.py sets both counts).
 
-  The methods take turns (`rounds` rounds of `steps` steps each, the order rotating every
-  round) on a fixed batch each, starting from the base, so a load that comes and goes on the
-  machine touches them all alike; each method's figure is the median of its rounds. The step
-  times logged during the sweeps (`metrics.jsonl`) ran minutes apart and vary with the load.
+  In every round each method runs `steps` steps on a fixed batch of its own, starting from the
+  base, the order rotating every round; so a load that comes and goes on the machine touches
+  the methods of one round alike, and `report.step_time_ratios` reads the rounds as pairs (the
+  median of the paired ratios, with an interval). The step times logged during the sweeps
+  (`metrics.jsonl`) ran minutes apart and vary with the load.
+
+  Returns:
+    `{name: [seconds per step in round 0, round 1, ...]}`.
   """
+  if rounds < 1 or steps < 1:
+    raise ValueError(
+      f"compare.timing rounds={rounds}, steps={steps}: give at least 1 of each (about 16 rounds "
+      "give the cost column a 95% interval)."
+    )
   names = list(trainers)
   states = {}
   for name in names:  # compiled before timing; a step's output feeds the next
-    states[name], _ = trainers[name].train_step(trainers[name].create_state(base), batches[name])
+    state = trainers[name].create_state(base)
+    # Two steps: the second takes the first's output, whose placement can differ from a new
+    # state's, and so may compile again.
+    for _ in range(2):
+      state, _ = trainers[name].train_step(state, batches[name])
+    states[name] = state
   jax.block_until_ready(states)
   times: dict[str, list[float]] = {name: [] for name in names}
   for round_index in range(rounds):
@@ -507,7 +650,17 @@ def measure_step_times(
       jax.block_until_ready(state)
       times[name].append((time.perf_counter() - start) / steps)
       states[name] = state
-  return {name: statistics.median(values) for name, values in times.items()}
+  return times
 
 
-__all__ = ["FINGERPRINT_FILE", "SweepRun", "claim", "compare", "measure_step_times"]
+__all__ = [
+  "FINGERPRINT_FILE",
+  "MAX_CURVE_POINTS",
+  "ResultsStore",
+  "SweepRun",
+  "claim",
+  "code_version",
+  "compare",
+  "measure_step_times",
+  "thinned",
+]

@@ -274,7 +274,7 @@ def test_reports_metrics_and_sweep_records_are_kept_in_the_bucket(gcs):
   workdir = f"gs://{bucket}/wd"
   report.write_report(workdir, report.build_report("standard", BEFORE, RUNS))
   files = gcs.files(f"{bucket}/wd")
-  assert files == ["curves.png", "frontier.png", "report.json", "report.md"]
+  assert files == ["curves.png", "frontier.png", "relative_change.png", "report.json", "report.md"]
   assert gcs.fs.cat(f"{bucket}/wd/frontier.png").startswith(b"\x89PNG")
   assert json.loads(gcs.fs.cat(f"{bucket}/wd/report.json"))["baseline"] == "standard"
 
