@@ -233,3 +233,33 @@ def test_the_tunix_surface_the_override_relies_on_is_unchanged():
 def test_docstring_example_runs():
   result = doctest.testmod(tunix_integration, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_checkpoints_resume_with_finchs_state(tmp_path):
+  """Tunix's checkpoints hold FINCH's state (an optimizer state like any other) and leave out the
+  micro-batch loss, which is not read between optimizer steps: a resumed run carries on."""
+
+  def trainer(steps):
+    config = tunix_peft.TrainingConfig(
+      eval_every_n_steps=10**6,
+      max_steps=steps,
+      gradient_accumulation_steps=2,
+      checkpoint_root_directory=str(tmp_path),
+    )
+    model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    out = FinchPeftTrainer(model, make_tx(), config)
+    return out.with_loss_fn(lambda m, x, y: jnp.mean((m(x) - y) ** 2))
+
+  data = [
+    {"x": np.full((4, 2), i + 1.0, np.float32), "y": np.ones((4, 1), np.float32)} for i in range(8)
+  ]
+  first = trainer(2)
+  first.train(data)
+  reference = float(finch_jax.finch_stats(first.optimizer.opt_state)["reference_loss"])
+  resumed = trainer(4)
+  assert resumed.train_steps == 2
+  restored = finch_jax.finch_stats(resumed.optimizer.opt_state)
+  assert float(restored["reference_loss"]) == reference > 0
+  resumed.train(data)
+  assert resumed.train_steps == 4
+  np.testing.assert_allclose(history(resumed, "finch_reference_loss"), reference, rtol=1e-6)
