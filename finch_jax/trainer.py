@@ -429,12 +429,13 @@ class Trainer:
 
   def _make_state(self, trained: Any) -> TrainState:
     opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings())(trained)
-    return TrainState(
-      step=jnp.zeros([], jnp.int32),
-      params=trained,
-      opt_state=opt_state,
-      num_skipped=jnp.zeros([], jnp.int32),
+    # The counters laid out as the step returns them (replicated over the mesh): an array left
+    # on one device would make the second step compile the program again.
+    # Two arrays: the step donates its state, and one buffer cannot be donated twice.
+    step, num_skipped = jax.device_put(
+      (jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)), self._state_shardings().step
     )
+    return TrainState(step=step, params=trained, opt_state=opt_state, num_skipped=num_skipped)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of a state, for restoring a checkpoint without allocating."""

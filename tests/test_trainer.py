@@ -286,3 +286,15 @@ def test_loss_chunk_size_must_be_a_count():
   for bad in (-1, 2.5, True):
     with pytest.raises(ValueError, match="loss_chunk_size must be an integer >= 0"):
       Trainer(SMALL_MODEL, tx, shape, mesh, loss_chunk_size=bad)
+
+
+def test_the_train_step_compiles_once():
+  """A fresh state is laid out as the step's output is, so the second step reuses the first's
+  program (before: step and num_skipped were uncommitted arrays on one device, the step's output
+  replicated over the mesh, and every run compiled its train step twice)."""
+  trainer = make_trainer(shd.make_mesh(data=1, devices=jax.devices()[:1]))
+  state = trainer.create_state(trainer.init_params(0))
+  batch = trainer.global_batch(random_batch(np.random.default_rng(0)))
+  for _ in range(3):
+    state, _ = trainer.train_step(state, batch)
+  assert trainer._train_step._cache_size() == 1
