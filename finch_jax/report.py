@@ -13,7 +13,6 @@ Pure: this module reads finished runs (dicts) and writes files; it runs nothing.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import statistics
@@ -24,6 +23,8 @@ import matplotlib
 import numpy as np
 from etils import epath
 from matplotlib.figure import Figure
+
+from finch_jax import files
 
 COMBINED_SUFFIX = "+finch"  # a method name "X+finch" is method X with FINCH on top
 
@@ -402,17 +403,20 @@ def markdown_table(report: Mapping[str, Any]) -> str:
 
 
 def write_report(workdir: str | os.PathLike, report: Mapping[str, Any]) -> None:
-  """Writes report.json, report.md and the plots into `workdir` (local or `gs://...`)."""
+  """Writes report.json, report.md and the plots into `workdir` (local or `gs://...`), each
+  whole or not at all (`finch_jax.files`)."""
   directory = epath.Path(workdir)
-  (directory / "report.json").write_text(json.dumps(report, indent=2))
-  (directory / "report.md").write_text("# Forgetting report\n\n" + markdown_table(report) + "\n")
+  files.write_json(directory / "report.json", report, indent=2)
+  files.write_text(
+    directory / "report.md", "# Forgetting report\n\n" + markdown_table(report) + "\n"
+  )
   if report.get("runs"):
     plots = {"frontier.png": plot_frontier(report), "curves.png": plot_curves(report)}
     for name, figure in plots.items():
       # Rendered in memory: matplotlib writes to local paths or to a file object, not to a bucket.
       png = io.BytesIO()
       figure.savefig(png, format="png", dpi=120)
-      (directory / name).write_bytes(png.getvalue())
+      files.write_bytes(directory / name, png.getvalue())
 
 
 def _line_styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -51,7 +51,7 @@ from etils import epath
 from flax import nnx
 from tensorflow_datasets.core import naming
 
-from finch_jax import configure, models
+from finch_jax import configure, files, models
 from finch_jax import sharding as shd
 from finch_jax.data import builders, sft, synthetic
 from finch_jax.lora import LoraConfig
@@ -1016,7 +1016,7 @@ def _check_workdir(workdir: str, p: _Problems) -> bool:
   can; the resume checks read the workdir only then."""
   if workdir.startswith("gs://"):
     return _check_bucket(workdir, p)
-  if "://" in workdir:
+  if files.is_remote(workdir):
     return True  # another store of epath's (s3://, ...): the run itself says what is wrong
   return _check_local_dir(workdir, p)
 
