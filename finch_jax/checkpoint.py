@@ -415,14 +415,10 @@ class Checkpointer:
     step = self.latest_step()
     if step is None or self.fingerprint is None:
       return
-    error: Exception | None = None
-    try:
-      self._check_fingerprint(step, self._saved_meta(step))
-    except ResumeMismatch as e:
-      error = e
-    except Exception:  # unreadable: `restore` retries, or skips it as damaged
-      pass
-    if _worst_everywhere(_outcome(error) if error else _READ) == _MISMATCH:
+    error: ResumeMismatch | None = None
+    with contextlib.suppress(Exception):  # unreadable: `restore` retries, or skips it as damaged
+      error = _mismatch(self.directory, step, self._saved_meta(step), self.fingerprint)
+    if _worst_everywhere(_outcome(error)) == _MISMATCH:
       raise error or ResumeMismatch(
         f"Another process found checkpoint step {step} in {self.directory} saved by a run of "
         "another fingerprint."
@@ -457,10 +453,9 @@ class Checkpointer:
 
   def _check_fingerprint(self, step: int, meta: Mapping[str, Any]) -> None:
     """Raises `ResumeMismatch` when `meta` was saved with another fingerprint than this one."""
-    saved = meta.get("fingerprint")
     if self.fingerprint is None:
       return
-    if saved is None:
+    if meta.get("fingerprint") is None:
       logging.warning(
         "Checkpoint step %d in %s was saved before checkpoints kept their run's fingerprint: "
         "resuming it without checking that the config and data are the same.",
@@ -468,20 +463,9 @@ class Checkpointer:
         self.directory,
       )
       return
-    if saved.get("fingerprint") == self.fingerprint.get("fingerprint"):
-      return
-    changes = _changed_fields(saved.get("inputs"), self.fingerprint.get("inputs"))
-    shown = ", ".join(changes[:_SHOWN_CHANGES])
-    if len(changes) > _SHOWN_CHANGES:
-      shown += f" and {len(changes) - _SHOWN_CHANGES} more"
-    workdir = self.directory.parent if self.directory.name == "checkpoints" else self.directory
-    raise ResumeMismatch(
-      f"{self.directory} holds checkpoint step {step} of another run; changed since it was "
-      f"written: {shown or 'what the run is made from'}. Resuming it would continue that run as "
-      "if it were this one. Rerun with the config and data that wrote it, or use a new "
-      f"--workdir; to start this config over in the same workdir, move the old run aside first "
-      f"(mv {workdir} {workdir}.old)."
-    )
+    error = _mismatch(self.directory, step, meta, self.fingerprint)
+    if error is not None:
+      raise error
 
   def _restore_step(self, abstract_state: TrainState, step: int) -> TrainState:
     self._check_fingerprint(step, self._saved_meta(step))
@@ -540,6 +524,43 @@ class Checkpointer:
         self.manager.close()
       raise
     self.manager.close()
+
+
+def _mismatch(
+  directory: epath.Path, step: int, meta: Mapping[str, Any], fingerprint: Mapping[str, Any]
+) -> ResumeMismatch | None:
+  """The refusal to resume step `step`, whose `meta` is given, under `fingerprint`; None when
+  it was saved with the same fingerprint or with none."""
+  saved = meta.get("fingerprint")
+  if saved is None or saved.get("fingerprint") == fingerprint.get("fingerprint"):
+    return None
+  changes = _changed_fields(saved.get("inputs"), fingerprint.get("inputs"))
+  shown = ", ".join(changes[:_SHOWN_CHANGES])
+  if len(changes) > _SHOWN_CHANGES:
+    shown += f" and {len(changes) - _SHOWN_CHANGES} more"
+  workdir = directory.parent if directory.name == "checkpoints" else directory
+  return ResumeMismatch(
+    f"{directory} holds checkpoint step {step} of another run; changed since it was written: "
+    f"{shown or 'what the run is made from'}. Resuming it would continue that run as if it "
+    "were this one. Rerun with the config and data that wrote it, or use a new --workdir; to "
+    f"start this config over in the same workdir, move the old run aside first (mv {workdir} "
+    f"{workdir}.old)."
+  )
+
+
+def resume_mismatch(
+  directory: str | os.PathLike, step: int, fingerprint: Mapping[str, Any]
+) -> ResumeMismatch | None:
+  """Why checkpoint `step` in `directory` may not be resumed by a run of `fingerprint`
+  (`finch_jax.configure.fingerprint_record`), as `Checkpointer.restore` would refuse it; None
+  when it may, when it was saved before checkpoints kept fingerprints, or when its `meta` cannot
+  be read here. Reads one small file, for checks before anything is built (`finch_jax.validate`)."""
+  directory = _absolute(directory)
+  try:
+    meta = json.loads((directory / str(step) / "meta" / "metadata").read_text())
+  except (OSError, ValueError):
+    return None
+  return _mismatch(directory, step, meta, fingerprint) if isinstance(meta, dict) else None
 
 
 def restore_params(

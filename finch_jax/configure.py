@@ -252,6 +252,9 @@ FINGERPRINT_FILE = "fingerprint.json"  # in a run directory: what its checkpoint
 
 # Fields that change where and how often a run writes, not what it computes.
 _NOT_DETERMINING = ("checkpoint_every", "keep_checkpoints")
+# Fields a run may change and still resume its own checkpoints: how long it trains (it goes on
+# to the new last step) and how often it logs and evaluates.
+RESUMABLE_FIELDS = ("num_train_steps", "log_every", "eval_every")
 
 
 def _dataset_files(name: str, options: Mapping[str, Any]) -> list[str]:
@@ -333,9 +336,12 @@ def fingerprint(config: ml_collections.ConfigDict, **extra: Any) -> str:
 
 
 def fingerprint_record(config: ml_collections.ConfigDict, **extra: Any) -> dict[str, Any]:
-  """`{"fingerprint": key, "inputs": fingerprint_inputs}`: what a checkpoint stores to refuse a
-  resume under another config or other data (`finch_jax.checkpoint.Checkpointer`)."""
+  """`{"fingerprint": key, "inputs": ...}`: what a checkpoint stores to refuse a resume under
+  another config, other data or another base (`finch_jax.checkpoint.Checkpointer`): the
+  `fingerprint_inputs` without `RESUMABLE_FIELDS`, and their hash."""
   inputs = fingerprint_inputs(config, **extra)
+  for key in RESUMABLE_FIELDS:
+    inputs["config"].pop(key, None)
   return {"fingerprint": _digest(inputs), "inputs": inputs}
 
 
@@ -370,6 +376,7 @@ def samples_fingerprint(config: ml_collections.ConfigDict, seed: int) -> str:
 __all__ = [
   "BASE_SAMPLES",
   "FINGERPRINT_FILE",
+  "RESUMABLE_FIELDS",
   "base_fingerprint",
   "data_dir",
   "dataset_options",

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from finch_jax import checkpoint, configure, run
+from finch_jax import checkpoint, configure, experiment, run
 from finch_jax.checkpoint import Checkpointer, CheckpointError, ResumeMismatch
 from finch_jax.trainer import TrainState
+from finch_jax.validate import ConfigError, validate
 from tests.test_trainer import small_config
 
 # ----- a single run refuses a workdir of another run -------------------------------------------
@@ -64,11 +65,27 @@ def test_a_run_refuses_the_checkpoints_of_another_config(trained, tmp_path, chan
   assert sorted(os.listdir(copy / "checkpoints")) == ["2"]  # nothing moved or written
 
 
+def test_train_and_evaluate_names_the_change_before_anything_runs(trained, tmp_path):
+  """What `python train.py` runs: the validator reports the refused resume with the others."""
+  config, workdir, _ = trained
+  copy = shutil.copytree(workdir, tmp_path / "run")
+  changed = configure.override(config, {"seed": 1})
+  with pytest.raises(ConfigError, match=r"--workdir=.*holds checkpoint step 2 of another run.*"):
+    experiment.train_and_evaluate(changed, str(copy))
+  with pytest.raises(ConfigError, match="seed 0 -> 1"):
+    validate(changed, str(copy))
+  validate(config, str(copy))  # its own config: no problem
+
+
 def test_the_same_config_resumes_its_own_checkpoint(trained, tmp_path):
   config, workdir, trainer = trained
   copy = shutil.copytree(workdir, tmp_path / "run")
   result = run.run_training(config, str(copy), trainer=trainer, progress=False)
   assert int(result.state.step) == 2  # resumed at the end: nothing trained again
+  # A longer run, logged and evaluated at other intervals, still resumes its own checkpoints.
+  longer = configure.override(config, {"num_train_steps": 3, "log_every": 3, "eval_every": 3})
+  result = run.run_training(longer, str(copy), trainer=trainer, progress=False)
+  assert int(result.state.step) == 3
 
 
 def test_a_fine_tune_refuses_another_base_of_the_same_shape(trained, tmp_path):
