@@ -133,8 +133,13 @@ def files_under(path: PathLike) -> list[str]:
     return []
   if not root.is_dir():
     return [os.fspath(root)]
+  # A bucket's walk names directories without their scheme (fsspec's paths): put it back.
+  scheme = os.fspath(root).split("://")[0] + "://" if is_remote(root) else ""
   found = []
   for directory, _, names in root.walk():
+    directory = os.fspath(directory)
+    if scheme and not is_remote(directory):
+      directory = scheme + directory
     found.extend(os.fspath(epath.Path(directory) / name) for name in names)
   return sorted(found)
 
