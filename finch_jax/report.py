@@ -37,7 +37,6 @@ import math
 import os
 import statistics
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,6 +45,8 @@ import numpy as np
 from etils import epath
 from matplotlib.figure import Figure
 from scipy import stats
+
+from finch_jax import files
 
 COMBINED_SUFFIX = "+finch"  # a method name "X+finch" is method X with FINCH on top
 CONFIDENCE = 0.95  # of every interval the report gives
@@ -713,21 +714,14 @@ def measures_table(report: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def write_json(path: str | os.PathLike, content: Any) -> None:
-  """Writes `content` as JSON to `path` (local or `gs://...`) by way of a temporary file beside
-  it, renamed over it: a reader sees the old file or the new one, never part of one."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-  temporary.write_text(json.dumps(content, indent=1) + "\n")
-  temporary.replace(path)
-
-
 def write_report(workdir: str | os.PathLike, report: Mapping[str, Any]) -> None:
-  """Writes report.json, report.md and the plots into `workdir` (local or `gs://...`)."""
+  """Writes report.json, report.md and the plots into `workdir` (local or `gs://...`), each
+  whole or not at all (`finch_jax.files`)."""
   directory = epath.Path(workdir)
-  write_json(directory / "report.json", report)
-  (directory / "report.md").write_text("# Forgetting report\n\n" + markdown_table(report) + "\n")
+  files.write_json(directory / "report.json", report, indent=2)
+  files.write_text(
+    directory / "report.md", "# Forgetting report\n\n" + markdown_table(report) + "\n"
+  )
   if report.get("runs"):
     plots = {"frontier.png": plot_frontier(report), "curves.png": plot_curves(report)}
     if any(c["targets"] for pairs in report["relative_change"].values() for c in pairs.values()):
@@ -736,7 +730,7 @@ def write_report(workdir: str | os.PathLike, report: Mapping[str, Any]) -> None:
       # Rendered in memory: matplotlib writes to local paths or to a file object, not to a bucket.
       png = io.BytesIO()
       figure.savefig(png, format="png", dpi=120)
-      (directory / name).write_bytes(png.getvalue())
+      files.write_bytes(directory / name, png.getvalue())
 
 
 def _line_styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -909,8 +903,9 @@ class StoreError(ValueError):
   """A results directory that cannot be read as a study; the message names the file and fix."""
 
 
-def read_json(path: str | os.PathLike) -> Any:
-  """The JSON content of `path`; StoreError naming the file when it is not JSON."""
+def _read_stored(path: str | os.PathLike) -> Any:
+  """The JSON content of a store's file; StoreError naming the file when it is not JSON (a
+  committed summary is never treated as absent, unlike a workdir's files)."""
   path = epath.Path(path)
   try:
     return json.loads(path.read_text())
@@ -939,13 +934,13 @@ def read_store(directory: str | os.PathLike) -> tuple[dict[str, Any], list[dict[
       f"{study_path} is missing: a results directory is written by a sweep with "
       f"--config.compare.results_dir={directory}."
     )
-  study = read_json(study_path)
+  study = _read_stored(study_path)
   paths = sorted((directory / STORE_RUNS).glob("*/*.json"))
   if not paths:
     raise StoreError(f"{directory / STORE_RUNS} holds no run summary (runs/METHOD/NAME.json).")
   runs = []
   for path in paths:
-    run = read_json(path)
+    run = _read_stored(path)
     missing = [k for k in RUN_SUMMARY_KEYS if not isinstance(run, dict) or k not in run]
     if missing:
       raise StoreError(f"{path}: not a run summary (no {', '.join(missing)}); move it out.")

@@ -8,9 +8,13 @@ report.json, report.md and the plots.
 
 A finished run leaves `result.json` beside its checkpoints, stamped with the fingerprint of
 everything that determines it (`finch_jax.configure.fingerprint`: the effective config, the
-rate and seed, the local data files). A rerun reuses a run only when that fingerprint is
-unchanged; otherwise the old directory is set aside (renamed with its fingerprint, nothing
-deleted) and the run is redone. The base model is kept the same way.
+rate and seed, the files its data and base read). A rerun reuses a run only when that
+fingerprint is unchanged; otherwise the old directory is set aside (renamed with its
+fingerprint, nothing deleted) and the run is redone. The base model is kept the same way. Every
+file a rerun reads to decide this is written whole or not at all (`finch_jax.files`).
+
+When runs train several at once, a run that fails, or SIGTERM/SIGINT, stops the others at their
+next step (each saves its checkpoint) and starts no queued run; the first error is raised then.
 
 With `compare.results_dir` set, the comparison is also a study that can grow across sessions:
 each finished run's summary (its fingerprint, the code version, every measure before and after,
@@ -30,12 +34,13 @@ import functools
 import json
 import os
 import queue
+import signal
 import statistics
 import subprocess
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 import jax
@@ -44,18 +49,16 @@ from etils import epath
 from flax import nnx
 
 import finch_jax
-from finch_jax import configure, run
+from finch_jax import configure, files, run
 from finch_jax import sharding as shd
 from finch_jax.data import debian, probes
-from finch_jax.loop import StopRequests, format_duration
+from finch_jax.loop import Preempted, StopRequests, format_duration
 from finch_jax.report import (
   STORE_RUNS,
   STUDY_FILE,
   build_report,
   markdown_table,
-  read_json,
   report_from_store,
-  write_json,
   write_report,
 )
 from finch_jax.trainer import Trainer
@@ -110,34 +113,31 @@ def _run_name(learning_rate: float, seed: int) -> str:
   return f"lr{learning_rate:.3g}_seed{seed}"
 
 
-def _samples_file(config: ml_collections.ConfigDict) -> str:
-  r = config.replay
-  return f"replay_samples_n{r.num_samples}_len{r.sample_len}_t{r.temperature:g}.npz"
-
-
 def claim(directory: str | os.PathLike, key: str) -> None:
   """Makes `directory` hold the run of fingerprint `key`: a directory made for another
-  fingerprint is renamed aside (`DIR.stale-OLDKEY`), never deleted, and the key is recorded.
+  fingerprint is renamed aside (`DIR.stale-OLDKEY`, or `DIR.stale-OLDKEY-2`, ... when that name
+  is taken: a config flipped back and forth, a rename cut short), never deleted, and the key is
+  recorded (written whole or not at all).
 
-  In a bucket a rename copies each object and deletes the original, so it is not atomic: a run
-  stopped during it leaves the old run split between the two names, with nothing lost.
+  Process 0 does this while the others wait (every process calls `claim`), so no process opens
+  the old run's checkpoints while they move. In a bucket a rename copies each object and deletes
+  the original, so it is not atomic: a run stopped during it leaves the old run split between
+  the two names, with nothing lost, and the rerun sets the rest aside under a free name.
   """
-  directory = epath.Path(directory)
-  path = directory / FINGERPRINT_FILE
-  if path.exists():
-    old = json.loads(path.read_text())["fingerprint"]
-    if old == key:
-      return
-    if jax.process_index() == 0:
-      directory.replace(directory.with_name(f"{directory.name}.stale-{old}"))
-      _print(f"{directory}: its config or data changed; the old run is kept in .stale-{old}.")
-  elif directory.is_dir() and any(directory.iterdir()):
-    # Made before runs were fingerprinted: which config made it is unknown, so it is redone.
-    if jax.process_index() == 0:
-      directory.replace(directory.with_name(f"{directory.name}.stale-unknown"))
   if jax.process_index() == 0:
-    directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"fingerprint": key}))
+    directory = epath.Path(directory)
+    path = directory / FINGERPRINT_FILE
+    stamp = files.read_json(path)  # None: absent, or cut short by an older version's crash
+    old = stamp.get("fingerprint") if isinstance(stamp, dict) else None
+    if old != key:
+      if old is not None:
+        moved = files.set_aside(directory, f".stale-{old}")
+        _print(f"{directory}: its config or data changed; the old run is kept in {moved.name}.")
+      elif directory.is_dir() and any(directory.iterdir()):
+        # Made before runs were fingerprinted: which config made it is unknown, so it is redone.
+        files.set_aside(directory, ".stale-unknown")
+      files.write_json(path, {"fingerprint": key})
+  shd.barrier("finch_jax.sweep.claim")
 
 
 def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
   store = ResultsStore(config.compare.results_dir) if config.compare.results_dir else None
   sweep_runs = []
   for name, cfg in configs.items():
-    samples = run.replay_samples(cfg, trainers[name], base, cache=base_dir / _samples_file(cfg))
+    samples = run.replay_samples(cfg, trainers[name], base, cache_dir=base_dir)
     for learning_rate in config.compare.methods[name].learning_rates:
       for seed in config.compare.seeds:
         sweep_runs.append(SweepRun(name, cfg, float(learning_rate), int(seed), samples, store))
@@ -215,22 +215,23 @@ class ResultsStore:
     path = self.path(sweep_run.method, sweep_run.learning_rate, sweep_run.seed)
     if not path.exists():
       return None
-    summary = read_json(path)
-    return summary if summary.get("fingerprint") == sweep_run.fingerprint else None
+    summary = files.read_json(path)
+    return summary if summary and summary.get("fingerprint") == sweep_run.fingerprint else None
 
   def write(self, summary: Mapping[str, Any]) -> None:
     """Keeps a finished run's summary (replacing one of another fingerprint)."""
     path = self.path(summary["method"], summary["learning_rate"], summary["seed"])
-    write_json(path, summary)
+    files.write_json(path, summary, indent=1)
 
   def write_study(
     self, baseline: str, methods: list[str], step_times: Mapping[str, list[float]]
   ) -> None:
     """Writes study.json (the baseline, the order of the methods, the latest step timings),
     then the report of every run the directory holds."""
-    write_json(
+    files.write_json(
       self.directory / STUDY_FILE,
       {"baseline": baseline, "methods": methods, "step_times": dict(step_times)},
+      indent=1,
     )
     write_report(self.directory, report_from_store(self.directory))
 
@@ -292,12 +293,13 @@ def _with_known_probes(
 def _evaluate_base(evaluator: run.Evaluator, base: Any, base_dir: epath.Path) -> dict[str, float]:
   """The eval sets on the base model, kept in `base_dir/eval_before.json`."""
   path = base_dir / "eval_before.json"
-  if path.exists():
-    return json.loads(path.read_text())
+  before = files.read_json(path)
+  if before is not None:
+    return before
   _print("Evaluating the base model on the task and retain sets...")
   before = evaluator(base)
   if jax.process_index() == 0:
-    path.write_text(json.dumps(before))
+    files.write_json(path, before)
   return before
 
 
@@ -367,14 +369,17 @@ def _concurrent_results(
 ) -> list[dict[str, Any]]:
   """Every run's result, `len(groups)` runs training at once in threads, each on its group of
   devices; in the order of `sweep_runs`. A run's numbers are those it gives alone on a mesh of
-  the same shape (`tests/test_sweep.py`). SIGTERM or SIGINT stops every run at its next step,
-  with its checkpoint saved (`loop.StopRequests`)."""
+  the same shape (`tests/test_sweep.py`). SIGTERM or SIGINT, or a run that fails, stops every
+  run at its next step, with its checkpoint saved (`loop.StopRequests`), and starts no queued
+  run; the first error is raised as soon as the runs in flight have stopped."""
   workers: queue.Queue[_Worker] = queue.Queue()
   for devices in groups:
     workers.put(_Worker(devices, config, configs, workdir, base))
   clock = _ConcurrentClock([r.to_train(workdir) for r in sweep_runs], len(groups))
 
-  def result(sweep_run: SweepRun, stop: StopRequests) -> dict[str, Any]:
+  def result(sweep_run: SweepRun, stop: _SweepStop) -> dict[str, Any]:
+    if stop.stopping():
+      raise stop.not_started(sweep_run)
     worker = workers.get()
     try:
       with clock.run(sweep_run):
@@ -387,12 +392,55 @@ def _concurrent_results(
           progress=False,
           stop=stop,
         )
+    except BaseException:
+      stop.failed.set()  # before this thread takes a queued run
+      raise
     finally:
       workers.put(worker)
 
-  with StopRequests() as stop, ThreadPoolExecutor(len(groups)) as pool:
+  with _SweepStop() as stop, ThreadPoolExecutor(len(groups)) as pool:
     futures = [pool.submit(result, sweep_run, stop) for sweep_run in sweep_runs]
+    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+    failed = [f for f in futures if f in done and f.exception() is not None]
+    if failed:
+      stop.failed.set()  # the runs in flight save and stop at their next step
+      for future in futures:
+        future.cancel()  # the queued ones never start
+      raise failed[0].exception()  # once the pool has waited for the runs in flight
     return [future.result() for future in futures]
+
+
+class _SweepStop(StopRequests):
+  """The `StopRequests` of runs training at once, which a failed run sets as well: every run in
+  flight then stops at its next step, saving its checkpoint, and no queued run starts."""
+
+  def __init__(self):
+    super().__init__()
+    self.failed = threading.Event()
+
+  def stopping(self) -> bool:
+    """Whether the sweep is stopping (a signal came, or a run failed)."""
+    return self.failed.is_set() or self.signum is not None
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step`."""
+    return self.failed.is_set() or super().reached(step)
+
+  def preempted(self, step: int, state: Any, checkpointer: Any) -> Preempted:
+    """The exception a run stopped by a signal, or by another run's failure, raises."""
+    if self.signum is not None:
+      return super().preempted(step, state, checkpointer)
+    where = getattr(checkpointer, "directory", None)
+    message = f"Stopped after step {step} because another run of the sweep failed" + (
+      f": the checkpoint of step {step} is in {where}." if where else "."
+    )
+    return Preempted(signal.SIGTERM, step, state, message)
+
+  def not_started(self, sweep_run: SweepRun) -> Preempted:
+    """The exception of a queued run that is not started because the sweep is stopping."""
+    signum = self.signum or signal.SIGTERM
+    message = f"{sweep_run.name} was not started: the sweep is stopping. Rerun to resume it."
+    return Preempted(signum, 0, None, message)
 
 
 class _SweepClock:
@@ -482,11 +530,10 @@ class SweepRun:
     if self.store is not None and self.store.find(self) is not None:
       return False
     run_dir = self._dir(workdir)
-    done = run_dir / "result.json"
-    stamp = run_dir / FINGERPRINT_FILE
-    if not (done.exists() and stamp.exists()):
+    stamp = files.read_json(run_dir / FINGERPRINT_FILE)
+    if not isinstance(stamp, dict) or stamp.get("fingerprint") != self.fingerprint:
       return True
-    return json.loads(stamp.read_text())["fingerprint"] != self.fingerprint
+    return files.read_json(run_dir / "result.json") is None
 
   def result(
     self,
@@ -510,8 +557,9 @@ class SweepRun:
     run_dir = self._dir(workdir)
     claim(run_dir, self.fingerprint)
     result_path = run_dir / "result.json"
-    if result_path.exists():
-      return self._kept(json.loads(result_path.read_text()), before)
+    result = files.read_json(result_path)  # None: not finished (or cut short): redone
+    if result is not None:
+      return self._kept(result, before)
     fit = run.run_training(
       self.config,
       run_dir,
@@ -527,7 +575,7 @@ class SweepRun:
     )
     result = self._summary(fit, run_dir, trainer, evaluator, before)
     if jax.process_index() == 0:
-      result_path.write_text(json.dumps(result))
+      files.write_json(result_path, result)
     _print(f"{self.method:>10s} lr={self.learning_rate:<8.3g} seed={self.seed}: " + _fmt(result))
     return self._kept(result, before)
 
@@ -595,9 +643,7 @@ def _first_batch(
   config: ml_collections.ConfigDict, workdir: str | os.PathLike, trainer: Trainer, base: Any
 ) -> dict[str, Any]:
   """A training batch of a method (its replay marker included), on the mesh."""
-  samples = run.replay_samples(
-    config, trainer, base, cache=epath.Path(workdir) / "base" / _samples_file(config)
-  )
+  samples = run.replay_samples(config, trainer, base, cache_dir=epath.Path(workdir) / "base")
   iterator = iter(run.train_batches(config, workdir, config.seed, samples))
   batch = trainer.global_batch(next(iterator))
   iterator.close()

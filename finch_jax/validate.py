@@ -51,7 +51,7 @@ from etils import epath
 from flax import nnx
 from tensorflow_datasets.core import naming
 
-from finch_jax import configure, models
+from finch_jax import checkpoint, configure, files, models
 from finch_jax import sharding as shd
 from finch_jax.data import builders, sft, synthetic
 from finch_jax.lora import LoraConfig
@@ -1025,7 +1025,7 @@ def _check_workdir(workdir: str, p: _Problems) -> bool:
   can; the resume checks read the workdir only then."""
   if workdir.startswith("gs://"):
     return _check_bucket(workdir, p)
-  if "://" in workdir:
+  if files.is_remote(workdir):
     return True  # another store of epath's (s3://, ...): the run itself says what is wrong
   return _check_local_dir(workdir, p)
 
@@ -1168,6 +1168,10 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: str, p: _Problems)
   if not found or not found[1]:
     return
   directory, step = found[0], max(found[1])
+  mismatch = _fingerprint_mismatch(config, directory, step)
+  if mismatch:
+    p.fail("--workdir", workdir, mismatch)
+    return
   saved = _saved_arrays(directory, step)
   built = _built_arrays(config)
   if saved is None or built is None:
@@ -1190,6 +1194,17 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: str, p: _Problems)
     f"{_shown_arrays(paths, saved, built)}{changed}. The run would resume from it and {outcome}"
     ": rerun with the config that wrote it, or use a new --workdir.",
   )
+
+
+def _fingerprint_mismatch(config: ml_collections.ConfigDict, directory: str, step: int) -> str:
+  """Why the run `config` makes may not resume checkpoint `step` (saved by a run of another
+  config, other data or another base: `checkpoint.resume_mismatch`), or ''."""
+  try:
+    record = configure.fingerprint_record(config)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return ""  # a config rejected above, or files the run itself will name
+  error = checkpoint.resume_mismatch(directory, step, record)
+  return "" if error is None else str(error)
 
 
 def _saved_arrays(directory: str, step: int) -> dict[str, tuple[Any, ...]] | None:
