@@ -126,6 +126,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Runs trained at once, each on an equal share of the devices; 0: one run per device on a
   # single-process CPU machine (train.py makes each core a device), one at a time elsewhere.
   config.compare.concurrent_runs = 0
+  # Methods to sweep now, in order (the baseline always); (): all. A study kept in results_dir
+  # grows a few methods a session, and its report reads every run kept there.
+  config.compare.only = ()
   # The cost column: every method's step timed in alternating rounds of `steps` steps each; the
   # ratio to the baseline is the median over rounds of the paired ratios, with a 95% interval
   # from order statistics (16 rounds: the 4th to 13th smallest). The one place these are set.

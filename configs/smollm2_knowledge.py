@@ -88,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.seq_len = 128
   config.data.batch_size = 16
   config.data.eval_examples = 0  # all: every taught fact, the whole held-out English
+  config.compare.baseline = "adamw"
   config.compare.seeds = (0, 1, 2)
   config.compare.methods = methods(adamw=1e-4)
   return config

@@ -29,5 +29,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.batch_size = 4
   config.data.eval_examples = 64
   config.compare.methods = smollm2_knowledge.methods(adamw=5e-5)
-  config.compare.timing = {"rounds": 2, "steps": 2}
+  config.compare.timing = {"rounds": 8, "steps": 1}
+  config.compare.results_dir = "docs/results/smollm2_knowledge"
   return config

@@ -148,7 +148,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
   base_dir = epath.Path(workdir) / "base"
   base = _base_model(config, base_dir)
   config = _with_known_probes(config, base, base_dir)
-  configs = configure.method_configs(config)
+  configs = _methods_to_train(config, configure.method_configs(config))
   trainers = {name: configure.make_trainer(cfg) for name, cfg in configs.items()}
   evaluator = run.Evaluator(config, workdir, next(iter(trainers.values())), base=base)
   before = _evaluate_base(evaluator, base, base_dir)
@@ -194,6 +194,23 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
   return report
 
 
+def _methods_to_train(
+  config: ml_collections.ConfigDict, configs: dict[str, ml_collections.ConfigDict]
+) -> dict[str, ml_collections.ConfigDict]:
+  """The methods this invocation sweeps: `compare.only` (the baseline always among them), in
+  that order, or all. A study that grows over sessions trains a few methods at a time; its
+  results directory holds the others, and its report reads them all."""
+  only = list(config.compare.get("only", ()) or ())
+  if not only:
+    return configs
+  if unknown := [name for name in only if name not in configs]:
+    raise ValueError(
+      f"compare.only names {unknown}, which compare.methods lacks; choose among {list(configs)}."
+    )
+  baseline = config.compare.baseline
+  return {name: configs[name] for name in dict.fromkeys([baseline, *only])}
+
+
 class ResultsStore:
   """A study's results directory (`compare.results_dir`): one summary per finished run,
   `runs/METHOD/lrRATE_seedSEED.json`, plus `study.json` and the report of all of them.
@@ -228,9 +245,13 @@ class ResultsStore:
   ) -> None:
     """Writes study.json (the baseline, the order of the methods, the latest step timings),
     then the report of every run the directory holds."""
+    # Methods swept in earlier sessions keep their place and their timings.
+    earlier = files.read_json(self.directory / STUDY_FILE) or {}
+    methods = list(dict.fromkeys([*earlier.get("methods", []), *methods]))
+    step_times = {**earlier.get("step_times", {}), **step_times}
     files.write_json(
       self.directory / STUDY_FILE,
-      {"baseline": baseline, "methods": methods, "step_times": dict(step_times)},
+      {"baseline": baseline, "methods": methods, "step_times": step_times},
       indent=1,
     )
     write_report(self.directory, report_from_store(self.directory))

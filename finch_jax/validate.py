@@ -309,6 +309,13 @@ def _check_compare_settings(config: ml_collections.ConfigDict, p: _Problems) -> 
       baseline,
       f"the baseline must be one of compare.methods: {sorted(methods)}.",
     )
+  only = _get(config, "compare.only", ()) or ()
+  if isinstance(only, str) or not all(name in methods for name in only):
+    p.fail(
+      "compare.only",
+      only,
+      f"name methods of compare.methods to sweep now, e.g. ('finch',): {sorted(methods)}.",
+    )
   seeds = _get(config, "compare.seeds")
   if not isinstance(seeds, Sequence) or not seeds or not all(map(_is_seed, seeds)):
     p.fail("compare.seeds", seeds, "give a non-empty list of seeds in [0, 2**32), e.g. (0, 1).")

@@ -295,3 +295,19 @@ def test_runs_trained_at_once_give_the_separate_runs_results(tmp_path):
   measured = ("task_loss", "retain_loss", "forgetting", "curve", "retain_fact_accuracy")
   for key, result in expected.items():
     assert {k: got[key][k] for k in measured} == {k: result[k] for k in measured}, key
+
+
+def test_only_sweeps_the_named_methods_and_the_baseline():
+  config = default.get_config()
+  config.compare.methods = {
+    "standard": {"finch": {"enabled": False}, "learning_rates": (1e-3,)},
+    "finch": {"finch": {"enabled": True}, "learning_rates": (1e-3,)},
+    "cosine": {"optimizer": {"schedule": "cosine"}, "learning_rates": (1e-3,)},
+  }
+  configs = configure.method_configs(config)
+  assert set(sweep._methods_to_train(config, configs)) == {"standard", "finch", "cosine"}
+  config.compare.only = ("cosine",)
+  assert list(sweep._methods_to_train(config, configs)) == ["standard", "cosine"]
+  config.compare.only = ("nope",)
+  with pytest.raises(ValueError, match="compare.only names \\['nope'\\]"):
+    sweep._methods_to_train(config, configs)
