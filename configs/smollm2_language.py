@@ -11,8 +11,10 @@ What it knew is measured as the paper does, before and after:
 - retain_kl: KL(base || fine-tuned) of the next-token distributions on that text, which sees
   any change, also one that leaves the loss as it was;
 - retain facts: element facts the base recalls before fine-tuning (symbols, atomic numbers;
-  the probes it gets wrong are left out), their accuracy drop and the change of the calibration
-  error of the first answer token.
+  the probes it gets wrong are left out), their accuracy drop and the rise of their answers'
+  negative log-likelihood (forgetting shows in confidence before it shows in recall);
+- calibration over all element probes, before and after: the expected calibration error of the
+  first answer token and whether the model is over- or under-confident.
 
 Methods are compared at matched task loss and at matched task token accuracy (next-token
 accuracy on held-out Persian text). Needs `apt-get install debian-handbook sword-text-web
@@ -42,7 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
     "task": {"name": "", "split": "validation"},
     "retain": {"name": "debian/bible_web", "split": "validation"},
   }
-  config.data.fact_sets = {"retain": {"name": "debian/elements", "split": "known"}}
+  config.data.fact_sets = {
+    "retain": {"name": "debian/elements", "split": "known"},  # the probes the base recalls
+    "probes": {"name": "debian/elements", "split": "facts"},  # all of them, for calibration
+  }
   config.data.options = {"debian_elements": {"known": "recalled"}}
   config.data.seq_len = 256
   config.data.batch_size = 16
@@ -52,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.answer_len = 6
   config.data.token_accuracy = True
   config.data.kl_sets = ("retain",)
-  config.data.calibration = True
+  config.data.calibration_sets = ("probes",)
   config.optimizer.grad_clip = 1.0
   config.compare.seeds = (0, 1)
   config.compare.methods = {

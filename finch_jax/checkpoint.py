@@ -17,9 +17,15 @@ What goes wrong, and what happens then:
   marks the step complete last (`commit_success.txt`), and a step without that mark is not
   listed. Either way the previous checkpoint is untouched, and the leftover is removed when the
   directory is next opened.
+- A read that fails for a reason that passes (a bucket that times out, answers 503 or 429, a
+  connection reset) is tried again, a few times with growing waits; if it still fails, the
+  restore stops with `CheckpointError` and nothing is moved, so no progress is rolled back.
 - A checkpoint that cannot be read (a file missing or cut short) is skipped with a warning and
   moved aside to `<step>.damaged`; the newest readable one is restored. When none can be read,
   `CheckpointError` says so rather than starting the run over.
+- A checkpoint written by a run of another fingerprint (another config, other data or another
+  base model: `finch_jax.configure.fingerprint_record`, stored with every step) is not resumed:
+  `ResumeMismatch` names the fields that differ and the fix.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,6 +45,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from finch_jax import files
+from finch_jax import sharding as shd
 from finch_jax.trainer import TrainState
 
 
@@ -45,15 +54,52 @@ class CheckpointError(RuntimeError):
   """A checkpoint could not be written, or none could be read; the message says what to do."""
 
 
-def _is_remote(path: str | os.PathLike) -> bool:
-  """Whether `path` names an object store (`gs://...`) rather than the local file system."""
-  return "://" in os.fspath(path)
+class ResumeMismatch(CheckpointError):
+  """The checkpoint to resume was written by a run of another fingerprint (config, data or base
+  model); the message names what differs and the fix."""
+
+
+# Waits, in seconds, before each new try of a read that failed for a passing reason.
+RETRY_DELAYS = (1.0, 4.0, 16.0)
+# What a passing failure of a store says (gRPC and HTTP statuses, as TensorStore, gcsfs and the
+# Google client libraries word them): another try may succeed. Anything else means the files.
+_TRANSIENT_WORDS = (
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+  "RESOURCE_EXHAUSTED",
+  "Service Unavailable",
+  "Too Many Requests",
+  "Connection reset",
+  "Connection aborted",
+  "timed out",
+)
+_TRANSIENT_TYPES = ("ServiceUnavailable", "TooManyRequests", "GatewayTimeout", "DeadlineExceeded")
+_TRANSIENT_CODES = (408, 429, 500, 502, 503, 504)
+
+
+def is_transient(error: BaseException) -> bool:
+  """Whether `error`, or an error it was raised from, is one that passes (a time-out, a
+  connection reset, a store that answers 5xx or 429), so the same read may succeed when tried
+  again; a missing, short or malformed file is not."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, TimeoutError | ConnectionError):
+      return True
+    if type(error).__name__ in _TRANSIENT_TYPES:
+      return True
+    if getattr(error, "code", None) in _TRANSIENT_CODES:
+      return True
+    if any(word in str(error) for word in _TRANSIENT_WORDS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def _absolute(path: str | os.PathLike) -> epath.Path:
   """`path` as orbax wants it: absolute when local (relative to the working directory), as
   given when it is a bucket's (`os.path.abspath` would make `gs://b/x` a local `gs:/b/x`)."""
-  return epath.Path(path if _is_remote(path) else os.path.abspath(path))
+  return epath.Path(path if files.is_remote(path) else os.path.abspath(path))
 
 
 def _data_state(directory: epath.Path) -> dict[str, Any]:
@@ -92,11 +138,44 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def _everywhere(ok: bool) -> bool:
-  """Whether `ok` holds on every process (a collective: all processes must call it)."""
+def _worst_everywhere(outcome: int) -> int:
+  """The largest of every process's `outcome` (a collective: all processes must call it)."""
+  if jax.process_count() == 1:
+    return outcome
   from jax.experimental import multihost_utils
 
-  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+  return int(np.max(multihost_utils.process_allgather(np.asarray(outcome))))
+
+
+# What a restore attempt came to, worst last: all processes take the worst any of them saw.
+_READ, _DAMAGED, _UNREACHABLE, _MISMATCH = range(4)
+_SHOWN_CHANGES = 8
+
+
+def _outcome(error: BaseException | None) -> int:
+  if error is None:
+    return _READ
+  if isinstance(error, ResumeMismatch):
+    return _MISMATCH
+  return _UNREACHABLE if is_transient(error) else _DAMAGED
+
+
+def _changed_fields(saved: Any, now: Any, prefix: str = "") -> list[str]:
+  """'seed 0 -> 1', 'data.train.name ... -> ...', 'file /d/a.txt (changed)': where two
+  fingerprint inputs (`finch_jax.configure.fingerprint_inputs`) differ."""
+  if isinstance(saved, dict) and isinstance(now, dict):
+    return [
+      change
+      for key in sorted(saved.keys() | now.keys(), key=str)
+      for change in _changed_fields(saved.get(key), now.get(key), f"{prefix}{key}.")
+    ]
+  if saved == now:
+    return []
+  kind, _, name = prefix.rstrip(".").partition(".")
+  if kind == "files":
+    what = "added" if saved is None else "removed" if now is None else "changed"
+    return [f"file {name} ({what})"]
+  return [f"{name or kind} {saved!r} -> {now!r}"]
 
 
 def _brief(error: BaseException, limit: int = 300) -> str:
@@ -118,6 +197,9 @@ class Checkpointer:
     max_to_keep: how many recent checkpoints to keep.
     config: a JSON-able mapping saved with every checkpoint.
     async_save: write in the background.
+    fingerprint: what the run is made from (`finch_jax.configure.fingerprint_record`), saved
+      with every checkpoint; a checkpoint saved with another is not restored (`ResumeMismatch`).
+      None: nothing is saved or checked.
   """
 
   def __init__(
@@ -128,10 +210,12 @@ class Checkpointer:
     max_to_keep: int = 2,
     config: Mapping[str, Any] | None = None,
     async_save: bool = True,
+    fingerprint: Mapping[str, Any] | None = None,
   ):
     self.directory = _absolute(directory)
     self.save_every = save_every
     self.config = dict(config or {})
+    self.fingerprint = None if fingerprint is None else dict(fingerprint)
     self.data_iterator = None
     # What the restored checkpoint's `meta` held for the fit loop (see `fit(resume=...)`).
     self.restored_extra: dict[str, Any] = {}
@@ -193,6 +277,8 @@ class Checkpointer:
         "finite update overflowed: lower optimizer.learning_rate or keep optimizer.grad_clip on."
       )
     meta = {"step": int(step), "num_skipped": int(state.num_skipped)}
+    if self.fingerprint is not None:
+      meta["fingerprint"] = self.fingerprint
     if extra is not None:
       meta["extra"] = dict(extra())
     items = {
@@ -220,7 +306,7 @@ class Checkpointer:
 
   def _write_error(self, step: int | None, error: BaseException) -> CheckpointError:
     which = "a checkpoint" if step is None else f"the checkpoint of step {step}"
-    if _is_remote(self.directory):
+    if files.is_remote(self.directory):
       fix = (
         "Check the network and that these credentials may still write to that bucket (or rerun "
         "with another --workdir)"
@@ -250,17 +336,20 @@ class Checkpointer:
     The data iterator set with `data_iterator` is restored in place as well, and
     `restored_extra` is set to what the checkpoint's `extra` held.
 
-    Without `step`, checkpoints are tried newest first. One that cannot be read (a file missing
-    or cut short) is skipped with a warning naming it and why, and once an older one restores,
-    the skipped ones are moved aside to `<step>.damaged` in the same directory (kept for
-    inspection, and out of the way of the run writing those steps again).
+    A read that fails for a passing reason (`is_transient`) is tried again after each wait of
+    `RETRY_DELAYS`. Without `step`, checkpoints are tried newest first. One that cannot be read
+    (a file missing or cut short) is skipped with a warning naming it and why, and once an older
+    one restores, the skipped ones are moved aside to `<step>.damaged` in the same directory
+    (kept for inspection, and out of the way of the run writing those steps again).
 
     Raises:
       FileNotFoundError: the directory holds no checkpoint.
-      CheckpointError: none of its checkpoints can be read; nothing is moved or changed.
+      ResumeMismatch: the checkpoint was saved by a run of another fingerprint.
+      CheckpointError: none of its checkpoints can be read, or one still fails for a passing
+        reason after the last try; nothing is moved or changed.
     """
     if step is not None:
-      return self._restore_step(abstract_state, step)
+      return self._read(abstract_state, step)
     steps = sorted(self.manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
@@ -268,13 +357,30 @@ class Checkpointer:
     for candidate in steps:
       error: Exception | None = None
       try:
-        state = self._restore_step(abstract_state, candidate)
+        state = self._read(abstract_state, candidate)
       except Exception as e:  # Damage shows up as many error types (TensorStore, JSON, orbax).
         error = e
-      if jax.process_count() > 1 and not _everywhere(error is None):
-        # A file read by one process only may be the damaged one: all must fall back together.
+      # All processes act alike: a file read by one process only may be the one that failed.
+      outcome = _worst_everywhere(_outcome(error))
+      if outcome == _MISMATCH:
+        raise (
+          error
+          if isinstance(error, ResumeMismatch)
+          else ResumeMismatch(
+            f"Another process found checkpoint step {candidate} in {self.directory} saved by a "
+            "run of another fingerprint."
+          )
+        )
+      if outcome == _UNREACHABLE:
+        reason = _brief(error) if error is not None else "on another process"
+        raise CheckpointError(
+          f"Checkpoint step {candidate} in {self.directory} could not be read after "
+          f"{len(RETRY_DELAYS) + 1} tries ({reason}): the store did not answer, which passes. "
+          "Nothing was moved or changed; rerun the same command once it answers (check the "
+          "network and the store's status)."
+        ) from error
+      if outcome == _DAMAGED:
         error = error or CheckpointError("another process could not read it")
-      if error is not None:
         logging.warning(
           "Skipping checkpoint step %d in %s: it cannot be read (%s).",
           candidate,
@@ -301,7 +407,68 @@ class Checkpointer:
       "copy of a checkpoint) to start from step 0."
     ) from failed[0][1]
 
+  def check_resume(self) -> None:
+    """Raises `ResumeMismatch` when the newest checkpoint was saved by a run of another
+    fingerprint; does nothing when there is none, when it cannot be read here (`restore` deals
+    with that) or when this checkpointer has no fingerprint. Cheap (it reads the step's `meta`),
+    so a run calls it before building data or compiling. All processes must call it."""
+    step = self.latest_step()
+    if step is None or self.fingerprint is None:
+      return
+    error: ResumeMismatch | None = None
+    with contextlib.suppress(Exception):  # unreadable: `restore` retries, or skips it as damaged
+      error = _mismatch(self.directory, step, self._saved_meta(step), self.fingerprint)
+    if _worst_everywhere(_outcome(error)) == _MISMATCH:
+      raise error or ResumeMismatch(
+        f"Another process found checkpoint step {step} in {self.directory} saved by a run of "
+        "another fingerprint."
+      )
+
+  def _read(self, abstract_state: TrainState, step: int) -> TrainState:
+    """`_restore_step`, tried again after each wait of `RETRY_DELAYS` while it fails for a
+    passing reason (`is_transient`)."""
+    for delay in (*RETRY_DELAYS, None):
+      try:
+        return self._restore_step(abstract_state, step)
+      except ResumeMismatch:
+        raise
+      except Exception as error:
+        if delay is None or not is_transient(error):
+          raise
+        logging.warning(
+          "Reading checkpoint step %d in %s failed for a passing reason (%s); trying again in "
+          "%g s.",
+          step,
+          self.directory,
+          _brief(error),
+          delay,
+        )
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+  def _saved_meta(self, step: int) -> dict[str, Any]:
+    """The `meta` item of checkpoint `step`."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+  def _check_fingerprint(self, step: int, meta: Mapping[str, Any]) -> None:
+    """Raises `ResumeMismatch` when `meta` was saved with another fingerprint than this one."""
+    if self.fingerprint is None:
+      return
+    if meta.get("fingerprint") is None:
+      logging.warning(
+        "Checkpoint step %d in %s was saved before checkpoints kept their run's fingerprint: "
+        "resuming it without checking that the config and data are the same.",
+        step,
+        self.directory,
+      )
+      return
+    error = _mismatch(self.directory, step, meta, self.fingerprint)
+    if error is not None:
+      raise error
+
   def _restore_step(self, abstract_state: TrainState, step: int) -> TrainState:
+    self._check_fingerprint(step, self._saved_meta(step))
     items = {
       "params": ocp.args.StandardRestore(_abstract(abstract_state.params)),
       "opt_state": ocp.args.StandardRestore(_abstract(abstract_state.opt_state)),
@@ -324,7 +491,9 @@ class Checkpointer:
     )
 
   def _set_aside(self, steps: list[int]) -> list[str]:
-    """Renames the step directories to `<step>.damaged` (orbax ignores such names).
+    """Renames the step directories to `<step>.damaged` (`-2`, ... when taken; orbax ignores
+    such names): process 0 renames, then every process waits for it, so none opens a step that
+    is being moved.
 
     In a bucket a rename is a copy of each object and a delete: slower, and not atomic, but the
     damaged step is unreadable anyway and the copy is for inspection only.
@@ -332,17 +501,11 @@ class Checkpointer:
     moved = []
     for step in steps:
       source = self.directory / str(step)
-      target, n = source.with_name(f"{step}.damaged"), 1
-      while target.exists():
-        n += 1
-        target = source.with_name(f"{step}.damaged{n}")
       if jax.process_index() == 0:
-        source.rename(target)
-      moved.append(str(target))
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      multihost_utils.sync_global_devices("finch_jax.checkpoint.set_aside")
+        moved.append(str(files.set_aside(source, ".damaged")))
+      else:
+        moved.append(f"{source}.damaged")
+    shd.barrier("finch_jax.checkpoint.set_aside")
     self.manager.reload()
     return moved
 
@@ -361,6 +524,43 @@ class Checkpointer:
         self.manager.close()
       raise
     self.manager.close()
+
+
+def _mismatch(
+  directory: epath.Path, step: int, meta: Mapping[str, Any], fingerprint: Mapping[str, Any]
+) -> ResumeMismatch | None:
+  """The refusal to resume step `step`, whose `meta` is given, under `fingerprint`; None when
+  it was saved with the same fingerprint or with none."""
+  saved = meta.get("fingerprint")
+  if saved is None or saved.get("fingerprint") == fingerprint.get("fingerprint"):
+    return None
+  changes = _changed_fields(saved.get("inputs"), fingerprint.get("inputs"))
+  shown = ", ".join(changes[:_SHOWN_CHANGES])
+  if len(changes) > _SHOWN_CHANGES:
+    shown += f" and {len(changes) - _SHOWN_CHANGES} more"
+  workdir = directory.parent if directory.name == "checkpoints" else directory
+  return ResumeMismatch(
+    f"{directory} holds checkpoint step {step} of another run; changed since it was written: "
+    f"{shown or 'what the run is made from'}. Resuming it would continue that run as if it "
+    "were this one. Rerun with the config and data that wrote it, or use a new --workdir; to "
+    f"start this config over in the same workdir, move the old run aside first (mv {workdir} "
+    f"{workdir}.old)."
+  )
+
+
+def resume_mismatch(
+  directory: str | os.PathLike, step: int, fingerprint: Mapping[str, Any]
+) -> ResumeMismatch | None:
+  """Why checkpoint `step` in `directory` may not be resumed by a run of `fingerprint`
+  (`finch_jax.configure.fingerprint_record`), as `Checkpointer.restore` would refuse it; None
+  when it may, when it was saved before checkpoints kept fingerprints, or when its `meta` cannot
+  be read here. Reads one small file, for checks before anything is built (`finch_jax.validate`)."""
+  directory = _absolute(directory)
+  try:
+    meta = json.loads((directory / str(step) / "meta" / "metadata").read_text())
+  except (OSError, ValueError):
+    return None
+  return _mismatch(directory, step, meta, fingerprint) if isinstance(meta, dict) else None
 
 
 def restore_params(

@@ -8,7 +8,7 @@ it, so each of them reads a config the same way.
 from __future__ import annotations
 
 import copy
-import glob
+import functools
 import hashlib
 import json
 import os
@@ -17,11 +17,12 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 from ml_collections import ConfigDict
 
 from finch_jax import data as data_lib
+from finch_jax import files, models
 from finch_jax import lora as lora_lib
-from finch_jax import models
 from finch_jax import sharding as shd
 from finch_jax.models import gguf, hf
 from finch_jax.models.gguf import is_gguf_file
@@ -30,6 +31,7 @@ from finch_jax.optim import make_optimizer
 from finch_jax.trainer import Trainer
 
 BASE_SAMPLES = data_lib.builders.BASE_SAMPLES  # replay.data / eval set: the base's samples
+DEBIAN_PREFIX = "debian/"  # the TFDS builder of Debian package data (`finch_jax.data.debian`)
 
 
 # ----- overrides and the configs of a comparison -----------------------------------------------
@@ -251,48 +253,157 @@ FINGERPRINT_FILE = "fingerprint.json"  # in a run directory: what its checkpoint
 
 # Fields that change where and how often a run writes, not what it computes.
 _NOT_DETERMINING = ("checkpoint_every", "keep_checkpoints")
+# Fields a run may change and still resume its own checkpoints: how long it trains (it goes on
+# to the new last step) and how often it logs and evaluates.
+RESUMABLE_FIELDS = ("num_train_steps", "log_every", "eval_every")
 
 
-def _local_files(config: ml_collections.ConfigDict) -> list[str]:
-  """The local files a config's datasets and base checkpoint read."""
-  patterns = []
+def _dataset_files(name: str, options: Mapping[str, Any]) -> list[str]:
+  """The files dataset `name` reads, found as its reader finds them (recursively for a directory
+  or a `**` glob); [] for data made from code or downloaded by TFDS."""
+  if name.startswith(data_lib.builders.LOCAL_TEXT_PREFIX):
+    path = os.path.abspath(
+      os.path.expanduser(name.removeprefix(data_lib.builders.LOCAL_TEXT_PREFIX))
+    )
+    return [os.fspath(f) for f in data_lib.builders.local_text_files(path)]
+  if name.startswith(data_lib.builders.JSONL_PREFIX):
+    return data_lib.sft.jsonl_files(name.removeprefix(data_lib.builders.JSONL_PREFIX))
+  if name.startswith(DEBIAN_PREFIX):
+    source = name.removeprefix(DEBIAN_PREFIX).split(":")[0]
+    return data_lib.debian.source_files(data_lib.debian.debian_config(source, **options))
+  return []
+
+
+def _base_files(base: str) -> list[str]:
+  """The files of a base checkpoint: a pretrained model's (a Hugging Face directory, a GGUF file),
+  or a finch_jax workdir's checkpoints (not its logs, which a rerun may touch); local or gs://."""
+  if not base:
+    return []
+  checkpoints = epath.Path(base) / "checkpoints"
+  return files.files_under(checkpoints if checkpoints.is_dir() else base)
+
+
+def input_files(config: ml_collections.ConfigDict) -> list[str]:
+  """Every file a run of `config` reads, sorted: the text of `local_text:` specs and the JSONL of
+  `jsonl:` specs (as their readers find them: a directory's files recursively, `**` globs), the
+  package files a `debian/` spec's builder reads, the `data.tokenizer` directory and the base
+  checkpoint; local or in a bucket. A spec whose files cannot be found adds none: the run names
+  what is missing when it reads them."""
+  found: set[str] = set()
   for spec in dataset_specs(config).values():
     name = spec_name(config, spec)
-    for prefix in (data_lib.builders.LOCAL_TEXT_PREFIX, data_lib.builders.JSONL_PREFIX):
-      if name.startswith(prefix):
-        patterns.append(name.removeprefix(prefix))
-  base = config.get("base_checkpoint", "")
-  if base and os.path.isdir(base):
-    patterns.append(os.path.join(base, "*"))
-  elif base:
-    patterns.append(base)
-  return sorted({f for p in patterns for f in glob.glob(p) if os.path.isfile(f)})
+    try:
+      found.update(_dataset_files(name, dataset_options(config, name)))
+    except (OSError, ValueError):
+      continue
+  tokenizer = config.data.get("tokenizer", "")
+  found.update(files.files_under(tokenizer) if tokenizer else ())
+  found.update(_base_files(config.get("base_checkpoint", "")))
+  return sorted(found)
 
 
-def fingerprint(config: ml_collections.ConfigDict, **extra: Any) -> str:
-  """A hash of everything that determines a run: the effective config (without the other methods
-  and sweeps of a comparison, and without checkpoint cadence), `extra` (e.g. the learning rate
-  and seed of a sweep's run), and the size and modification time of every local file its data
-  or base checkpoint reads. A cached run is reused only when this is unchanged."""
+@functools.lru_cache(maxsize=256)
+def _content_digest(path: str, size: int, mtime: float) -> str:
+  """SHA-256 of a local file's content (read once per size and modification time)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      digest.update(chunk)
+  return digest.hexdigest()[:16]
+
+
+def _file_stats(paths: list[str]) -> dict[str, list[Any]]:
+  """{path: [size, content hash]} of each local file, {path: [size, modification time]} of each
+  file in a bucket. The content, not the time, for local files: a package reinstalled in a new
+  session (the SmolLM2 GGUF file) gets a new time, and a study's runs kept from an earlier
+  session must still be recognised."""
+  stats = {}
+  for path in paths:
+    size, mtime = files.stat(path)
+    stats[path] = [size, mtime if files.is_remote(path) else _content_digest(path, size, mtime)]
+  return stats
+
+
+def _digest(inputs: Mapping[str, Any]) -> str:
+  """The 16-hex-digit hash of fingerprint inputs (files as [path, size, hash or time] rows)."""
+  rows = dict(inputs)
+  if "files" in rows:
+    rows["files"] = [[path, *stat] for path, stat in sorted(rows["files"].items())]
+  text = json.dumps(rows, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprint_inputs(config: ml_collections.ConfigDict, **extra: Any) -> dict[str, Any]:
+  """What `fingerprint` hashes, as JSON: `config` (the effective config without the other methods
+  and sweeps of a comparison, where datasets are built and checkpoint cadence), `extra` (e.g. a
+  sweep run's learning rate and seed) and `files` (`_file_stats` of every file in
+  `input_files`). A checkpoint keeps it, so a refused resume can name what changed."""
   values = json.loads(config.to_json_best_effort(sort_keys=True))
   compare = values.pop("compare", None) or {}
   values["compare.pretrain"] = compare.get("pretrain")
   values["data"].pop("data_dir", None)  # where datasets are built, not what they hold
   for key in _NOT_DETERMINING:
     values.pop(key, None)
-  files = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in _local_files(config)]
-  text = json.dumps({"config": values, "extra": extra, "files": files}, sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
+  return {"config": values, "extra": extra, "files": _file_stats(input_files(config))}
+
+
+def fingerprint(config: ml_collections.ConfigDict, **extra: Any) -> str:
+  """A hash of everything that determines a run (`fingerprint_inputs`). A cached run is reused,
+  and a checkpoint resumed, only when this is unchanged."""
+  return _digest(fingerprint_inputs(config, **extra))
+
+
+def fingerprint_record(config: ml_collections.ConfigDict, **extra: Any) -> dict[str, Any]:
+  """`{"fingerprint": key, "inputs": ...}`: what a checkpoint stores to refuse a resume under
+  another config, other data or another base (`finch_jax.checkpoint.Checkpointer`): the
+  `fingerprint_inputs` without `RESUMABLE_FIELDS`, and their hash."""
+  inputs = fingerprint_inputs(config, **extra)
+  for key in RESUMABLE_FIELDS:
+    inputs["config"].pop(key, None)
+  return {"fingerprint": _digest(inputs), "inputs": inputs}
+
+
+def base_fingerprint(config: ml_collections.ConfigDict) -> str:
+  """What identifies the base model `config` starts from: `base_checkpoint` with the size and
+  time of each of its files, or, for a comparison that pretrains its own base, the fingerprint of
+  that pretraining (`pretrain_config`)."""
+  base = config.get("base_checkpoint", "")
+  if base or config.get("compare") is None:
+    return _digest({"base_checkpoint": base, "files": _file_stats(_base_files(base))})
+  return fingerprint(pretrain_config(config))
+
+
+def samples_fingerprint(config: ml_collections.ConfigDict, seed: int) -> str:
+  """The key of the base model's samples a config draws with `seed` (`finch_jax.run`'s sample
+  cache): the base (`base_fingerprint`), the model's settings and tokenizer, and how many
+  sequences of what length at what temperature. One rule for every cache of samples, so none is
+  reused for other samples than it holds."""
+  replay, tokenizer = config.replay, config.data.get("tokenizer", "")
+  inputs = {
+    "base": base_fingerprint(config),
+    "model": _as_dict(config.model),
+    "tokenizer": [tokenizer, _file_stats(files.files_under(tokenizer) if tokenizer else [])],
+    "num_samples": int(replay.num_samples),
+    "length": int(replay.sample_len),
+    "temperature": float(replay.temperature),
+    "seed": int(seed),
+  }
+  return _digest(inputs)
 
 
 __all__ = [
   "BASE_SAMPLES",
   "FINGERPRINT_FILE",
+  "RESUMABLE_FIELDS",
+  "base_fingerprint",
   "data_dir",
   "dataset_options",
   "dataset_specs",
   "fingerprint",
+  "fingerprint_inputs",
+  "fingerprint_record",
   "hf_model_config",
+  "input_files",
   "is_hf_checkpoint",
   "is_pretrained",
   "pretrained_model_config",
@@ -307,5 +418,6 @@ __all__ = [
   "override",
   "pretrain_config",
   "replay_kl_weight",
+  "samples_fingerprint",
   "spec_name",
 ]

@@ -28,6 +28,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter, record_writer
 
+from finch_jax import files
 from finch_jax.trainer import Trainer, TrainState
 
 
@@ -69,7 +70,7 @@ class MetricsWriter:
       self._path = directory / "metrics.jsonl"
       if truncate_after is not None:
         _drop_records_after(self._path, truncate_after)
-      self._remote = _is_remote(workdir)
+      self._remote = files.is_remote(workdir)
       if self._remote:
         self._lines = _read_lines(self._path) if self._path.exists() else []
       else:
@@ -106,11 +107,6 @@ class MetricsWriter:
       if not self._remote:
         self._file.close()
       self._tb.close()
-
-
-def _is_remote(path: str | os.PathLike) -> bool:
-  """Whether `path` names an object store (`gs://...`) rather than the local file system."""
-  return "://" in os.fspath(path)
 
 
 class _BucketEventFile:
@@ -181,14 +177,7 @@ def _drop_records_after(path: epath.Path, step: int) -> None:
   if len(kept) == len(lines):
     return
   logging.info("Dropped %d records past step %d from %s.", len(lines) - len(kept), step, path)
-  if _is_remote(path):
-    # An object is replaced whole or not at all; a rename would be a copy and a delete.
-    path.write_text("".join(kept))
-    return
-  # Written aside and renamed, so that a crash here cannot lose the records that are kept.
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text("".join(kept))
-  tmp.replace(path)
+  files.write_text(path, "".join(kept))  # a crash here cannot lose the records that are kept
 
 
 def _jsonable(value: Any) -> Any:

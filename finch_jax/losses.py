@@ -14,8 +14,8 @@ Every loss returns sums, (sum over tokens of weight * loss, sum of weights), bot
 scalars: the trainer divides by the global batch's weight, so gradient accumulation over
 micro-batches gives exactly the mean over the whole batch.
 
-  cross_entropy_sums          next-token cross-entropy (`trainer.token_cross_entropy`)
-  kl_to_base_sums             KL(base || model) per token (`remedies.token_kl_to_base`)
+  cross_entropy_sums          next-token cross-entropy (`measures.token_cross_entropy`)
+  kl_to_base_sums             KL(base || model) per token (`measures.token_kl`)
   cross_entropy_and_kl_sums   both at once, the model's logits computed once per chunk
 
 Each takes `chunk_size`: None for the plain computation (whole logits), an integer for the
@@ -50,12 +50,12 @@ def logits_from_hidden(hidden: jax.Array, head: jax.Array) -> jax.Array:
   )
 
 
-def _token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def per_token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Per-token cross-entropy [...] of float32 logits [..., vocab] against integer targets."""
   return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
 
 
-def _token_kl(logits: jax.Array, base_logits: jax.Array) -> jax.Array:
+def per_token_kl(logits: jax.Array, base_logits: jax.Array) -> jax.Array:
   """Per-token KL(softmax(base_logits) || softmax(logits)), float32 [...]."""
   log_p = jax.nn.log_softmax(logits, axis=-1)
   log_q = jax.nn.log_softmax(base_logits, axis=-1)
@@ -154,7 +154,7 @@ def cross_entropy_sums(
 ) -> Sums:
   """(sum of weight * next-token cross-entropy, sum of weights), float32 scalars.
 
-  The same as `trainer.token_cross_entropy(logits_from_hidden(hidden, head), targets, weights)`.
+  The same as `measures.token_cross_entropy(logits_from_hidden(hidden, head), targets, weights)`.
 
   Args:
     hidden: final (normalised) hidden states [batch, length, d_model], in the compute dtype.
@@ -169,7 +169,7 @@ def cross_entropy_sums(
   _check(hidden, head, targets=targets, weights=weights)
   constrain = _constrain(logits_sharding)
   (losses,) = _per_token(
-    lambda logits, t: (_token_cross_entropy(constrain(logits), t),),
+    lambda logits, t: (per_token_cross_entropy(constrain(logits), t),),
     (hidden,),
     (head,),
     (targets,),
@@ -190,7 +190,7 @@ def kl_to_base_sums(
 ) -> Sums:
   """(sum over weighted tokens of KL(base || model), sum of weights), float32 scalars.
 
-  The same as `remedies.token_kl_to_base(logits_from_hidden(hidden, head),
+  The same as `measures.token_kl(logits_from_hidden(hidden, head),
   logits_from_hidden(base_hidden, base_head), weights)`: KL(p_base || p_model) = sum_v
   p_base(v) (log p_base(v) - log p_model(v)) at each position, summed over the vocabulary. No
   gradient flows into the base's hidden states or head.
@@ -207,7 +207,7 @@ def kl_to_base_sums(
   constrain = _constrain(logits_sharding)
   base_hidden, base_head = jax.lax.stop_gradient((base_hidden, base_head))
   (kl,) = _per_token(
-    lambda logits, base_logits: (_token_kl(constrain(logits), constrain(base_logits)),),
+    lambda logits, base_logits: (per_token_kl(constrain(logits), constrain(base_logits)),),
     (hidden, base_hidden),
     (head, base_head),
     (),
@@ -243,7 +243,7 @@ def cross_entropy_and_kl_sums(
 
   def per_token(logits, base_logits, t):
     logits = constrain(logits)
-    return _token_cross_entropy(logits, t), _token_kl(logits, constrain(base_logits))
+    return per_token_cross_entropy(logits, t), per_token_kl(logits, constrain(base_logits))
 
   ce, kl = _per_token(per_token, (hidden, base_hidden), (head, base_head), (targets,), chunk_size)
   return (*_weighted_sum(ce, ce_weights), *_weighted_sum(kl, kl_weights))

@@ -6,7 +6,8 @@
 
 The peak learning rate sits in the optimizer state (`optax.inject_hyperparams`), not in the
 compiled step, so one jitted step serves a whole learning-rate sweep; the schedule is a shape with
-peak 1 that multiplies it. FINCH comes last, so it scales whatever the base optimizer proposes.
+peak 1 that multiplies it. FINCH comes last, so it scales whatever the base optimizer proposes;
+`finch_keywords` reads which of its readings the config names.
 """
 
 from __future__ import annotations
@@ -17,7 +18,17 @@ from typing import Any
 import optax
 
 from finch_jax.remedies import anchor_to_init
-from finch_jax.transform import finch
+from finch_jax.transform import DEFAULT_MAX_SCALE, finch
+
+# FINCH's readings (what it compares the loss with; see `finch_jax.scale_by_finch`) by the name a
+# config gives them, each with the one field it reads: the first finite loss, the mean of the
+# first `reference_steps`, a running average of decay `reference_decay`, a target loss.
+READINGS = {
+  "first": None,
+  "first_k": "reference_steps",
+  "running": "reference_decay",
+  "target": "reference_loss",
+}
 
 
 def schedule_shape(
@@ -49,8 +60,9 @@ def make_optimizer(
       moves the weights `learning_rate * anchor_strength` of the way back to where fine-tuning
       started (`finch_jax.remedies.anchor_to_init`, decoupled like AdamW's weight decay; its
       state holds a copy of the starting weights).
-    finch_options: None or a mapping with `enabled` and the keyword arguments of
-      `finch_jax.finch`; when enabled, FINCH scales the base optimizer's updates.
+    finch_options: None or a mapping with `enabled`, `reading` and the keyword arguments of
+      `finch_jax.finch` (read by `finch_keywords`); when enabled, FINCH scales the base
+      optimizer's updates.
     num_train_steps: length of the run, for decaying schedules.
 
   Returns:
@@ -86,9 +98,59 @@ def make_optimizer(
   parts = [optax.clip_by_global_norm(o["grad_clip"])] if o.get("grad_clip", 0) else []
   base = optax.chain(*parts, core, optax.scale_by_schedule(shape))
   if finch_options and finch_options.get("enabled", False):
-    kwargs = {k: v for k, v in finch_options.items() if k != "enabled"}
-    return finch(base, **kwargs), shape
+    return finch(base, **finch_keywords(finch_options)), shape
   return optax.with_extra_args_support(base), shape
+
+
+def finch_keywords(finch_options: Mapping[str, Any]) -> dict[str, Any]:
+  """The keyword arguments of `finch_jax.finch` that a config's `finch` block describes.
+
+  `reading` ('first' when absent) names what FINCH compares the loss with (`READINGS`); the
+  one field that reading reads is passed on, and the other readings' fields must be unset
+  (None), so a config says which reading it means. The remaining fields (`loss_floor`,
+  `min_scale`, `max_scale`, `ema_decay`, ...) pass through; `enabled` is dropped.
+
+  Raises:
+    ValueError: starting with the field to change, for an unknown reading, a reading without
+      its field, another reading's field set, 'running' with no decay, or 'target' with
+      `max_scale` above 1.
+  """
+  options = {k: v for k, v in finch_options.items() if k != "enabled"}
+  reading = options.pop("reading", "first")
+  if reading not in READINGS:
+    raise ValueError(
+      f"reading {reading!r} is not one of FINCH's readings: use one of "
+      f"{', '.join(map(repr, READINGS))}."
+    )
+  given = {field: options.pop(field, None) for field in READINGS.values() if field}
+  field = READINGS[reading]
+  for name, other in READINGS.items():
+    if other and other != field and given[other] is not None:
+      raise ValueError(
+        f"{other} ({given[other]}) is read only by reading {name!r}, not by {reading!r}: "
+        f"set finch.reading={name!r}, or leave finch.{other} unset."
+      )
+  if field is None:
+    return options
+  value = given[field]
+  if value is None:
+    raise ValueError(f"{field} must be set for reading {reading!r}: {_NEEDS[field]}")
+  if reading == "running" and not value:
+    raise ValueError(f"{field} must be in (0, 1) for reading 'running': {_NEEDS[field]}")
+  if reading == "target" and float(options.get("max_scale", DEFAULT_MAX_SCALE)) > 1:
+    raise ValueError(
+      f"max_scale ({options.get('max_scale', DEFAULT_MAX_SCALE)}) above 1 lets reading 'target' "
+      "raise the rate above the base rate once the loss is below the target: set "
+      "finch.max_scale=1."
+    )
+  return {**options, field: value}
+
+
+_NEEDS = {
+  "reference_steps": "set finch.reference_steps to how many first losses to average, e.g. 8.",
+  "reference_decay": "set finch.reference_decay to the running average's decay, e.g. 0.99.",
+  "reference_loss": "set finch.reference_loss to the target task loss.",
+}
 
 
 def _anchored_adamw(
@@ -105,10 +167,11 @@ def _anchored_adamw(
 
 def _anchored_sgd(learning_rate, momentum, anchor_strength) -> optax.GradientTransformation:
   """SGD (with momentum) plus a decoupled pull toward the starting weights."""
-  parts = [optax.trace(decay=momentum)] if momentum else []
+  # None when there is no momentum; a number, or under inject_hyperparams an array, when there is.
+  parts = [optax.trace(decay=momentum)] if momentum is not None else []
   return optax.chain(
     *parts, anchor_to_init(anchor_strength), optax.scale_by_learning_rate(learning_rate)
   )
 
 
-__all__ = ["make_optimizer", "schedule_shape"]
+__all__ = ["READINGS", "finch_keywords", "make_optimizer", "schedule_shape"]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from finch_jax import measures
 from finch_jax.models.generate import sample
 
 
@@ -70,21 +71,16 @@ def anchor_to_init(strength: float | jax.Array) -> optax.GradientTransformation:
 def token_kl_to_base(
   logits: jax.Array, base_logits: jax.Array, weights: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-  """(sum over weighted tokens of KL(base || model), sum of weights), float32 scalars.
-
-  KL(p_base || p_model) = sum_v p_base(v) (log p_base(v) - log p_model(v)) at each position:
-  zero where the fine-tuned model predicts exactly what the base did.
+  """(sum over weighted tokens of KL(base || model), sum of weights), float32 scalars: the KL
+  term of Marek et al.'s replay, `finch_jax.measures.token_kl` with the base as reference (no
+  gradient flows into the base's logits).
 
   Args:
     logits: the fine-tuned model's logits [batch, length, vocab].
-    base_logits: the base model's logits on the same tokens (no gradient flows into them).
+    base_logits: the base model's logits on the same tokens.
     weights: [batch, length], 1 on tokens that count.
   """
-  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  log_q = jax.nn.log_softmax(jax.lax.stop_gradient(base_logits).astype(jnp.float32), axis=-1)
-  kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
-  weights = weights.astype(jnp.float32)
-  return jnp.sum(kl * weights), jnp.sum(weights)
+  return measures.token_kl(logits, base_logits, weights)
 
 
 def sample_replay_set(

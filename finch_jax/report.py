@@ -4,19 +4,39 @@ FINCH changes the effective learning rate, so comparing methods at one nominal r
 that larger steps learn more and forget more. Each method therefore runs a short sweep of
 learning rates over several seeds; along each sweep (ordered by rate, keeping only points where
 a higher rate gives a lower task loss) forgetting is interpolated linearly at a common task
-loss. Where the data has facts to recall, the same is done at matched task fact-recall accuracy.
-Seeds are interpolated one by one, so the spread over seeds is reported beside each mean.
+loss. Where the data has facts to recall, the same is done at matched task accuracy.
+
+Which task loss: every sweep (one method and seed) spans a range of task losses; the methods'
+ranges overlap on an interval, and the headline is read at its arithmetic middle, where every
+sweep is interpolated between two of its own points rather than at the end of one of them. Each
+pair of methods (a method against the baseline, "X+finch" against X) is also read over the
+whole of its overlap, on a grid of `GRID_POINTS` targets: the relative change of every
+forgetting measure as a function of the target (report.json's `relative_change`, the plot
+relative_change.png).
+
+Uncertainty: seeds are interpolated one by one and every seed's value is kept; a figure is the
+mean over seeds with a 95% t-interval (t with n - 1 degrees of freedom), none with one seed. A
+relative change pairs the seeds both methods have. The cost column times the methods' steps in
+alternating rounds; the step-time ratio is the median of the rounds' paired ratios with a
+distribution-free interval from order statistics, and reads "within noise" when that interval
+covers 1.
+
+A study kept across sessions is a directory of run summaries (`runs/METHOD/NAME.json`, one per
+finished run) and `study.json` (the baseline, the methods' order, the step timings); `python -m
+finch_jax.report DIR` rebuilds report.json, report.md and the plots there from those files alone.
 
 Pure: this module reads finished runs (dicts) and writes files; it runs nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
 import os
 import statistics
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,8 +44,94 @@ import matplotlib
 import numpy as np
 from etils import epath
 from matplotlib.figure import Figure
+from scipy import stats
+
+from finch_jax import files
 
 COMBINED_SUFFIX = "+finch"  # a method name "X+finch" is method X with FINCH on top
+CONFIDENCE = 0.95  # of every interval the report gives
+GRID_POINTS = 9  # targets across each pair's overlap (odd: the middle is one of them)
+MIDDLE = "the arithmetic middle of the overlap of every sweep's range"
+SEED_INTERVAL = "t-interval"  # over seeds: mean +- t(n - 1) * sd / sqrt(n)
+STUDY_FILE = "study.json"  # in a results directory: baseline, methods, step timings
+STORE_RUNS = "runs"  # in a results directory: one summary per run, runs/METHOD/NAME.json
+
+# ----- intervals -------------------------------------------------------------------------------
+
+
+def seed_interval(per_seed: Mapping[Any, float]) -> dict[str, Any]:
+  """Mean over seeds and its 95% t-interval (n - 1 degrees of freedom), every seed's value kept.
+
+  Non-finite values (a seed whose sweep does not reach the target) are left out of the mean and
+  counted out of `n`. One value: no interval (`ci` is NaN, NaN).
+
+  Returns:
+    `{"mean", "ci": [lo, hi], "n", "per_seed": {seed: value}}`.
+  """
+  finite = [v for v in per_seed.values() if math.isfinite(v)]
+  n = len(finite)
+  mean = statistics.fmean(finite) if finite else float("nan")
+  lo = hi = float("nan")
+  if n > 1:
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * statistics.stdev(finite) / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+  return {
+    "mean": mean,
+    "ci": [float(lo), float(hi)],
+    "n": n,
+    "per_seed": {str(s): float(v) for s, v in per_seed.items()},
+  }
+
+
+def median_interval(values: Sequence[float]) -> dict[str, Any]:
+  """The median of `values` and a distribution-free interval for it from order statistics.
+
+  The interval is `[x_(k), x_(n+1-k)]` of the sorted values with the largest k whose coverage
+  `1 - 2 P(B < k)`, B ~ Binomial(n, 1/2), is at least 95%. Below 6 values no k reaches 95%:
+  the interval is then the smallest and largest value, and `coverage` says what it covers.
+
+  Returns:
+    `{"median", "ci": [lo, hi], "coverage", "n"}`.
+  """
+  x = sorted(float(v) for v in values)
+  n = len(x)
+  if not n:
+    return {"median": float("nan"), "ci": [float("nan")] * 2, "coverage": 0.0, "n": 0}
+  k = 1
+  while k < n + 1 - k and 1 - 2 * stats.binom.cdf(k, n, 0.5) >= CONFIDENCE:
+    k += 1  # x_(k+1) .. x_(n-k) still covers 95%
+  coverage = 1 - 2 * stats.binom.cdf(k - 1, n, 0.5)
+  return {"median": statistics.median(x), "ci": [x[k - 1], x[n - k]], "coverage": coverage, "n": n}
+
+
+def step_time_ratios(
+  step_times: Mapping[str, Sequence[float]], baseline: str
+) -> dict[str, dict[str, Any]]:
+  """Each method's step time against the baseline's, from rounds timed in turn.
+
+  `step_times[name][i]` is the seconds per step of `name` in round i; the rounds pair the
+  methods, so a load that comes and goes on the machine touches both sides of a ratio alike.
+
+  Returns:
+    `{name: {"step_time": median seconds, "rounds": [...], "ratio", "ci", "coverage",
+    "within_noise"}}`; `ratio` is the median of the paired ratios, `within_noise` whether its
+    interval covers 1.
+  """
+  out = {}
+  base = step_times[baseline]
+  for name, times in step_times.items():
+    ratios = [t / b for t, b in zip(times, base, strict=True)]
+    ratio = median_interval(ratios)
+    out[name] = {
+      "step_time": statistics.median(times),
+      "rounds": [float(t) for t in times],
+      "ratio": ratio["median"],
+      "ci": ratio["ci"],
+      "coverage": ratio["coverage"],
+      "within_noise": bool(ratio["ci"][0] <= 1.0 <= ratio["ci"][1]),
+    }
+  return out
+
 
 # ----- interpolation at matched task loss ------------------------------------------------------
 
@@ -66,31 +172,49 @@ def interpolate(
   return float("nan")
 
 
-def common_target(
+def overlap(
   sweeps: Mapping[str, Sequence[Sequence[Mapping[str, float]]]], key: str, increasing: bool = False
-) -> float:
-  """The best `key` at which the most methods can be read, every seed of them.
+) -> dict[str, Any]:
+  """The range of `key` at which the most methods can be read, every seed of them, and its middle.
 
   A sweep (one method and seed) can be read between the worst and the best `key` of its
-  monotone part. Where one value lies within every sweep, that is the best such value (the best
-  `key` every sweep reaches). Otherwise no value serves all methods, and the target is the best
-  value that the sweeps of the most methods all span; the others read NaN there (their sweeps
-  start beyond it or end before it) and are compared pairwise (`build_report`'s headlines).
+  monotone part. Where one value lies within every sweep, the overlap is the range every sweep
+  reaches. Otherwise no value serves all methods: the overlap is that of the methods served at
+  the best value the sweeps of the most methods all span, and the others read NaN there (their
+  sweeps start beyond it or end before it; `build_report` compares them pairwise).
+
+  Returns:
+    `{"lo", "hi", "middle", "methods"}`: the range, its arithmetic middle (the target every
+    method is read at), and the methods served; NaN and no methods when there is no sweep.
   """
-  spans = {}
+  spans: dict[str, list[tuple[float, float]]] = {}
   for method, method_sweeps in sweeps.items():
     spans[method] = []
     for points in method_sweeps:
       values = [p[key] for p in monotone_sweep(points, key, increasing)]
-      spans[method].append((min(values), max(values)))
+      if values:
+        spans[method].append((min(values), max(values)))
   candidates = sorted({v for ranges in spans.values() for r in ranges for v in r})
+  if not candidates:
+    return {"lo": float("nan"), "hi": float("nan"), "middle": float("nan"), "methods": []}
 
-  def served(target: float) -> int:
-    return sum(all(lo <= target <= hi for lo, hi in ranges) for ranges in spans.values())
+  def served(target: float) -> list[str]:
+    return [m for m, ranges in spans.items() if ranges and all(a <= target <= b for a, b in ranges)]
 
-  best = max(served(t) for t in candidates)
-  reachable = [t for t in candidates if served(t) == best]
-  return max(reachable) if increasing else min(reachable)
+  most = max(len(served(t)) for t in candidates)
+  best = [t for t in candidates if len(served(t)) == most]
+  methods = served(max(best) if increasing else min(best))
+  lo = max(a for m in methods for a, _ in spans[m])
+  hi = min(b for m in methods for _, b in spans[m])
+  return {"lo": lo, "hi": hi, "middle": (lo + hi) / 2, "methods": methods}
+
+
+def _per_seed_sweeps(runs: Sequence[Mapping[str, Any]]) -> dict[str, list[list[Mapping]]]:
+  """`{method: [runs of seed s, for each seed]}`."""
+  out: dict[str, dict[int, list]] = {}
+  for run in runs:
+    out.setdefault(run["method"], {}).setdefault(run["seed"], []).append(run)
+  return {m: [by_seed[s] for s in sorted(by_seed)] for m, by_seed in out.items()}
 
 
 def _seed_means(runs: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, float]]:
@@ -103,129 +227,227 @@ def _seed_means(runs: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[
   ]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-  finite = [v for v in values if math.isfinite(v)]
-  if not finite:
-    return float("nan"), float("nan")
-  return float(np.mean(finite)), float(np.std(finite)) if len(finite) > 1 else 0.0
-
-
 def matched(
-  runs: Sequence[Mapping[str, Any]], key: str, value: str, increasing: bool = False
+  runs: Sequence[Mapping[str, Any]],
+  key: str,
+  value: str,
+  increasing: bool = False,
+  target: float | None = None,
 ) -> dict[str, Any]:
-  """For every method in `runs`, `value` at the common `key`, per seed and on average."""
-  methods = sorted({r["method"] for r in runs})
-  by_method = {m: [r for r in runs if r["method"] == m] for m in methods}
-  per_seed_sweeps = {
-    m: [[r for r in rs if r["seed"] == seed] for seed in sorted({r["seed"] for r in rs})]
-    for m, rs in by_method.items()
-  }
-  target = common_target(per_seed_sweeps, key, increasing)
-  out = {"target": target, "methods": {}}
-  for method, method_runs in by_method.items():
-    seeds = sorted({r["seed"] for r in method_runs})
-    per_seed = {}
-    for seed in seeds:
-      points = [r for r in method_runs if r["seed"] == seed]
-      per_seed[seed] = {
+  """For every method in `runs`, `value` at `key == target`, per seed and over seeds.
+
+  `target` None: the middle of the overlap of the sweeps (`overlap`).
+
+  Returns:
+    `{"target", "overlap", "methods": {name: {value: mean, f"{value}_ci": [lo, hi], "per_seed":
+    {seed: {value, "learning_rate"}}, "learning_rate", "seeds_reaching_target"}}}`.
+  """
+  sweeps = _per_seed_sweeps(runs)
+  span = overlap(sweeps, key, increasing)
+  target = span["middle"] if target is None else target
+  out = {"target": target, "overlap": span, "methods": {}}
+  for method, seed_sweeps in sweeps.items():
+    per_seed = {
+      points[0]["seed"]: {
         value: interpolate(points, key, target, value, increasing),
         "learning_rate": interpolate(points, key, target, "learning_rate", increasing),
       }
-    mean, std = _mean_std([p[value] for p in per_seed.values()])
+      for points in seed_sweeps
+    }
+    summary = seed_interval({s: p[value] for s, p in per_seed.items()})
+    rates = [p["learning_rate"] for p in per_seed.values() if math.isfinite(p["learning_rate"])]
     out["methods"][method] = {
-      value: mean,
-      f"{value}_std": std,
+      value: summary["mean"],
+      f"{value}_ci": summary["ci"],
       "per_seed": per_seed,
-      "learning_rate": _mean_std([p["learning_rate"] for p in per_seed.values()])[0],
-      "seeds_reaching_target": sum(math.isfinite(p[value]) for p in per_seed.values()),
+      # The rates were swept on a log scale: their geometric mean.
+      "learning_rate": math.exp(statistics.fmean(map(math.log, rates))) if rates else math.nan,
+      "seeds_reaching_target": summary["n"],
     }
   return out
 
 
 def relative_change(
-  per_seed: Mapping[int, Mapping[str, float]],
-  baseline: Mapping[int, Mapping[str, float]],
+  per_seed: Mapping[Any, Mapping[str, float]],
+  baseline: Mapping[Any, Mapping[str, float]],
   value: str,
-) -> tuple[float, float]:
-  """Mean and spread over seeds of (method - baseline) / |baseline|, seeds paired."""
-  changes = [
-    (per_seed[s][value] - baseline[s][value]) / abs(baseline[s][value])
+) -> dict[str, Any]:
+  """(method - baseline) / |baseline| over the seeds both have, as `seed_interval` gives it.
+
+  A seed where the baseline's value is 0 has no relative change and is left out.
+  """
+  changes = {
+    s: (per_seed[s][value] - baseline[s][value]) / abs(baseline[s][value])
     for s in per_seed
     if s in baseline and baseline[s][value] != 0
-  ]
-  return _mean_std(changes)
+  }
+  return seed_interval(changes)
+
+
+def change_curve(
+  runs: Sequence[Mapping[str, Any]],
+  method: str,
+  reference: str,
+  key: str,
+  measures: Sequence[str],
+  increasing: bool = False,
+  points: int = GRID_POINTS,
+) -> dict[str, Any]:
+  """`method` against `reference` over the whole overlap of their sweeps: at `points` targets of
+  `key` from one end of the overlap to the other, the relative change of each measure, seeds
+  paired (`relative_change`).
+
+  Returns:
+    `{"lo", "hi", "middle", "targets": [...], "measures": {measure: [seed_interval per
+    target]}}`; no targets when the two methods' sweeps do not overlap.
+  """
+  pair = [r for r in runs if r["method"] in (method, reference)]
+  span = overlap(_per_seed_sweeps(pair), key, increasing)
+  both = {method, reference} <= set(span["methods"])
+  if not both:
+    targets = []
+  elif span["lo"] == span["hi"]:
+    targets = [span["lo"]]
+  else:
+    targets = [span["lo"] + (span["hi"] - span["lo"]) * i / (points - 1) for i in range(points)]
+  curves: dict[str, list] = {m: [] for m in measures}
+  for target in targets:
+    for measure in measures:
+      read = matched(pair, key, measure, increasing, target=target)["methods"]
+      curves[measure].append(
+        relative_change(read[method]["per_seed"], read[reference]["per_seed"], measure)
+      )
+  lo, hi, middle = (span[k] if both else float("nan") for k in ("lo", "hi", "middle"))
+  return {"lo": lo, "hi": hi, "middle": middle, "targets": targets, "measures": curves}
 
 
 # ----- the report ------------------------------------------------------------------------------
-
-
-def build_report(
-  baseline: str,
-  before: Mapping[str, float],
-  runs: Sequence[Mapping],
-  step_times: Mapping[str, float] | None = None,
-) -> dict[str, Any]:
-  """report.json's content: methods at matched task loss, the headlines, every run.
-
-  `baseline` names the method the others are measured against. `step_times` (seconds per step,
-  timed back to back) give the cost column; without them the median step time logged in each
-  method's runs stands in.
-  """
-  by_loss = matched(runs, "task_loss", "forgetting")
-  report = {
-    "matched_on": "task_loss",
-    "target_task_loss": by_loss["target"],
-    "baseline": baseline,
-    "methods": _methods_at(by_loss, before, runs, baseline, step_times or {}),
-    "headline": _headlines(by_loss["methods"], runs, baseline),
-    "before": dict(before),
-    "runs": [dict(r) for r in runs],
-  }
-  if all("task_fact_accuracy" in r and "retain_accuracy_drop" in r for r in runs):
-    by_acc = matched(runs, "task_fact_accuracy", "retain_accuracy_drop", increasing=True)
-    keys = ("retain_accuracy_drop", "retain_accuracy_drop_std", "learning_rate")
-    report["at_matched_accuracy"] = {
-      "target_task_fact_accuracy": by_acc["target"],
-      "methods": {
-        name: {**{k: e[k] for k in keys}, "seeds_reaching_target": e["seeds_reaching_target"]}
-        for name, e in by_acc["methods"].items()
-      },
-    }
-  report["measures"] = every_measure(runs)
-  return report
-
 
 # What each forgetting measure of a run is (lower is better for all of them).
 FORGETTING_MEASURES = {
   "forgetting": "rise of the retain loss (nats per token)",
   "retain_accuracy_drop": "drop of the retain fact-recall accuracy",
   "retain_kl": "KL(base || fine-tuned) of next-token distributions on the retain text",
-  "retain_ece_change": "rise of the expected calibration error on the retain facts",
+  "retain_nll_rise": "rise of the retain facts' answer NLL per token (forgetting in confidence)",
 }
-# Task scores a comparison can be matched at, higher is better: fact recall, else token accuracy.
-TASK_ACCURACIES = ("task_fact_accuracy", "task_accuracy")
+# Task scores a comparison can be matched at, higher is better: fact recall, else exact answers,
+# else token accuracy.
+TASK_ACCURACIES = ("task_fact_accuracy", "task_exact", "task_accuracy")
+
+
+def _ordered(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """The runs as plain dicts, methods in order of first appearance, each by rate then seed."""
+  order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in runs))}
+  key = lambda r: (order[r["method"]], r["learning_rate"], r["seed"])  # noqa: E731
+  return [dict(r) for r in sorted(runs, key=key)]
+
+
+def _pairs(methods: Sequence[str], baseline: str) -> list[tuple[str, str]]:
+  """(method, reference): each method against the baseline, and "X+finch" against X."""
+  pairs = []
+  for name in methods:
+    references = [baseline] + [name.removesuffix(COMBINED_SUFFIX)] * name.endswith(COMBINED_SUFFIX)
+    for reference in dict.fromkeys(references):
+      if reference != name and reference in methods:
+        pairs.append((name, reference))
+  return pairs
+
+
+def _matchings(runs: Sequence[Mapping]) -> list[tuple[str, bool]]:
+  """(key, increasing) of what the runs can be matched at: task loss, and a task accuracy the
+  runs all have."""
+  accuracy = next((a for a in TASK_ACCURACIES if all(a in r for r in runs)), None)
+  return [("task_loss", False)] + [(accuracy, True)] * bool(accuracy)
+
+
+def _measures(runs: Sequence[Mapping]) -> list[str]:
+  return [m for m in FORGETTING_MEASURES if all(m in r for r in runs)]
+
+
+def build_report(
+  baseline: str,
+  before: Mapping[str, float],
+  runs: Sequence[Mapping],
+  step_times: Mapping[str, Sequence[float]] | None = None,
+) -> dict[str, Any]:
+  """report.json's content: methods at matched task loss, the headlines, the relative changes
+  over the whole overlap, every run.
+
+  `baseline` names the method the others are measured against. `step_times[name][i]` (seconds
+  per step of each method in round i of an alternating timing, `sweep.measure_step_times`)
+  give the cost column; a method without them has the ratio of the median step times logged in
+  the runs, marked as such.
+  """
+  runs = _ordered(runs)
+  by_loss = matched(runs, "task_loss", "forgetting")
+  span = by_loss["overlap"]
+  report = {
+    "matched_on": "task_loss",
+    "target_task_loss": by_loss["target"],
+    "overlap_task_loss": [span["lo"], span["hi"]],
+    "target_rule": MIDDLE,
+    "interval": f"mean over seeds with its {CONFIDENCE:.0%} {SEED_INTERVAL} "
+    "(t with n - 1 degrees of freedom); none with one seed",
+    "baseline": baseline,
+    "methods": _methods_at(by_loss, before, runs, baseline, step_times or {}),
+    "headline": _headlines(runs, baseline),
+    "relative_change": change_curves(runs, baseline),
+    "before": dict(before),
+    "runs": runs,
+  }
+  if all("task_fact_accuracy" in r and "retain_accuracy_drop" in r for r in runs):
+    by_acc = matched(runs, "task_fact_accuracy", "retain_accuracy_drop", increasing=True)
+    keys = ("retain_accuracy_drop", "retain_accuracy_drop_ci", "learning_rate")
+    report["at_matched_accuracy"] = {
+      "target_task_fact_accuracy": by_acc["target"],
+      "methods": {
+        name: {
+          **{k: e[k] for k in keys},
+          "retain_accuracy_drop_per_seed": {
+            str(s): v["retain_accuracy_drop"] for s, v in e["per_seed"].items()
+          },
+          "seeds_reaching_target": e["seeds_reaching_target"],
+        }
+        for name, e in by_acc["methods"].items()
+      },
+    }
+  report["measures"] = every_measure(runs)
+  report["code_versions"] = sorted({r["code_version"] for r in runs if "code_version" in r})
+  return report
+
+
+def change_curves(runs: Sequence[Mapping], baseline: str) -> dict[str, dict[str, Any]]:
+  """`change_curve` of every pair (`_pairs`) and every forgetting measure the runs hold, against
+  the target task loss and, where the runs have one, the target task accuracy:
+  `{key: {"METHOD_vs_REFERENCE": curve}}`."""
+  methods = list(dict.fromkeys(r["method"] for r in runs))
+  measures = _measures(runs)
+  return {
+    key: {
+      f"{name}_vs_{reference}": change_curve(runs, name, reference, key, measures, increasing)
+      for name, reference in _pairs(methods, baseline)
+    }
+    for key, increasing in _matchings(runs)
+  }
 
 
 def every_measure(runs: Sequence[Mapping]) -> dict[str, Any]:
-  """Every forgetting measure the runs hold, read at matched task loss and, where the runs have a
-  task accuracy, at matched task accuracy: `{"task_loss": {...}, "task_accuracy": {...}}`, each
-  `{"target": ..., "measures": {measure: {method: {"mean", "std", "seeds"}}}}`."""
-  measures = [m for m in FORGETTING_MEASURES if all(m in r for r in runs)]
-  matchings = [("task_loss", False)]
-  accuracy = next((a for a in TASK_ACCURACIES if all(a in r for r in runs)), None)
-  if accuracy:
-    matchings.append((accuracy, True))
+  """Every forgetting measure the runs hold, read at the middle of the overlap of task loss and,
+  where the runs have a task accuracy, of task accuracy: `{"task_loss": {...}, ACCURACY:
+  {...}}`, each `{"target": ..., "measures": {measure: {method: {"mean", "ci", "seeds",
+  "per_seed", "learning_rate"}}}}`."""
   out = {}
-  for key, increasing in matchings:
+  for key, increasing in _matchings(runs):
     target, by_measure = float("nan"), {}
-    for measure in measures:
+    for measure in _measures(runs):
       result = matched(runs, key, measure, increasing=increasing)
       target = result["target"]
       by_measure[measure] = {
         name: {
           "mean": e[measure],
-          "std": e[f"{measure}_std"],
+          "ci": e[f"{measure}_ci"],
           "seeds": e["seeds_reaching_target"],
+          "per_seed": {str(s): v[measure] for s, v in e["per_seed"].items()},
           "learning_rate": e["learning_rate"],
         }
         for name, e in result["methods"].items()
@@ -234,94 +456,81 @@ def every_measure(runs: Sequence[Mapping]) -> dict[str, Any]:
   return out
 
 
-def measures_table(report: Mapping[str, Any]) -> str:
-  """Every forgetting measure at each matching, as Markdown tables (methods in rows)."""
-  lines = []
-  for key, matching in report.get("measures", {}).items():
-    measures = matching["measures"]
-    if not measures:
-      continue
-    methods = list(next(iter(measures.values())))
-    lines.append(
-      f"\nAt matched {key.replace('_', ' ')} {_value(matching['target'], '.4f')} "
-      "(mean ± std over the seeds that reach it):\n"
-    )
-    lines.append("| method | " + " | ".join(measures) + " |")
-    lines.append("| --- " * (len(measures) + 1) + "|")
-    for name in methods:
-      entries = [measures[m][name] for m in measures]
-      cells = [_value(e["mean"], ".4f", e["std"], e["seeds"]) for e in entries]
-      lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.extend(f"- {m}: {FORGETTING_MEASURES[m]}" for m in measures)
-  return "\n".join(lines)
-
-
 def _methods_at(
   by_loss: Mapping[str, Any],
   before: Mapping[str, float],
   runs: Sequence[Mapping],
   baseline: str,
-  step_times: Mapping[str, float],
+  step_times: Mapping[str, Sequence[float]],
 ) -> dict[str, dict[str, Any]]:
   """Each method's entry of report.json at the matched task loss, with its cost column."""
+  timed = step_time_ratios(step_times, baseline) if baseline in step_times else {}
+  logged = {
+    name: statistics.median(r["step_time"] for r in runs if r["method"] == name)
+    for name in by_loss["methods"]
+  }
   methods = {}
   for name, entry in by_loss["methods"].items():
     method_runs = [r for r in runs if r["method"] == name]
-    logged_time = statistics.median(r["step_time"] for r in method_runs)
     methods[name] = {
       "task_loss": by_loss["target"],
       "retain_loss_before": before["retain_loss"],
       "retain_loss_after": before["retain_loss"] + entry["forgetting"],
       "forgetting": entry["forgetting"],
-      "forgetting_std": entry["forgetting_std"],
+      "forgetting_ci": entry["forgetting_ci"],
       "forgetting_per_seed": {str(s): v["forgetting"] for s, v in entry["per_seed"].items()},
       "learning_rate": entry["learning_rate"],
       "seeds_reaching_target": entry["seeds_reaching_target"],
-      "step_time": step_times.get(name) or logged_time,
-      "step_time_in_runs": logged_time,
+      "step_time_in_runs": logged[name],
       "optimizer_state_bytes": method_runs[0]["optimizer_state_bytes"],
       "held_bytes": method_runs[0]["held_bytes"],
     }
+    if name in timed:
+      cost = timed[name]
+      methods[name].update(
+        step_time=cost["step_time"],
+        step_time_rounds=cost["rounds"],
+        step_time_ratio=cost["ratio"],
+        step_time_ratio_ci=cost["ci"],
+        step_time_ratio_coverage=cost["coverage"],
+        step_time_within_noise=cost["within_noise"],
+        step_time_source="alternating rounds",
+      )
+    else:
+      methods[name].update(step_time=logged[name], step_time_source="the runs' logs")
+      if baseline in logged:
+        methods[name]["step_time_ratio"] = logged[name] / logged[baseline]
   if baseline in methods:
-    base_time, base_bytes = methods[baseline]["step_time"], methods[baseline]["held_bytes"]
+    base_bytes = methods[baseline]["held_bytes"]
     for entry in methods.values():
-      entry["step_time_ratio"] = entry["step_time"] / base_time
       entry["extra_bytes"] = entry["held_bytes"] - base_bytes
   return methods
 
 
-def _headlines(
-  methods: Mapping[str, Any], runs: Sequence[Mapping], baseline: str
-) -> dict[str, dict[str, float]]:
-  """Each method against the baseline, and "X+finch" against X, at the task loss both reach.
+def _headlines(runs: Sequence[Mapping], baseline: str) -> dict[str, dict[str, Any]]:
+  """Each method against the baseline, and "X+finch" against X, at the middle of the overlap of
+  the two methods' sweeps.
 
   Pairwise, so that a method that cannot reach low losses does not move every other comparison
   up to its level.
   """
   headline = {}
-  for name in methods:
-    references = [baseline] + [name.removesuffix(COMBINED_SUFFIX)] * name.endswith(COMBINED_SUFFIX)
-    for reference in dict.fromkeys(references):
-      if reference == name or reference not in methods:
-        continue
-      pair = matched(
-        [r for r in runs if r["method"] in (name, reference)], "task_loss", "forgetting"
-      )
-      ours, theirs = pair["methods"][name]["per_seed"], pair["methods"][reference]["per_seed"]
-      mean, std = relative_change(ours, theirs, "forgetting")
-      headline[f"{name}_vs_{reference}_forgetting_change"] = {
-        "mean": mean,
-        "std": std,
-        "seeds": sum(
-          math.isfinite(ours[s]["forgetting"]) and math.isfinite(theirs[s]["forgetting"])
-          for s in ours
-          if s in theirs
-        ),
-        "task_loss": pair["target"],
-        "forgetting": pair["methods"][name]["forgetting"],
-        "reference_forgetting": pair["methods"][reference]["forgetting"],
-      }
+  methods = list(dict.fromkeys(r["method"] for r in runs))
+  for name, reference in _pairs(methods, baseline):
+    pair = matched([r for r in runs if r["method"] in (name, reference)], "task_loss", "forgetting")
+    both = {name, reference} <= set(pair["overlap"]["methods"])
+    ours, theirs = pair["methods"][name]["per_seed"], pair["methods"][reference]["per_seed"]
+    change = relative_change(ours, theirs, "forgetting")
+    headline[f"{name}_vs_{reference}_forgetting_change"] = {
+      "mean": change["mean"],
+      "ci": change["ci"],
+      "seeds": change["n"],
+      "per_seed": change["per_seed"],
+      "task_loss": pair["target"] if both else float("nan"),
+      "overlap_task_loss": [pair["overlap"][k] if both else float("nan") for k in ("lo", "hi")],
+      "forgetting": pair["methods"][name]["forgetting"],
+      "reference_forgetting": pair["methods"][reference]["forgetting"],
+    }
   return headline
 
 
@@ -345,44 +554,96 @@ def single_run_report(
 # ----- output ----------------------------------------------------------------------------------
 
 
-def _value(x: float | None, fmt: str, std: float | None = None, seeds: int = 1) -> str:
-  """`x` formatted, "not reached" where it could not be measured; "± std" only over seeds."""
+def _value(
+  x: float | None, fmt: str, ci: Sequence[float] | None = None, n: int | None = None
+) -> str:
+  """`x` formatted, "not reached" where it could not be measured; with `n`, the interval `ci`
+  (where there is one) and the number of seeds: "0.5073 [0.4816, 0.5330], n=2"."""
   if x is None or not math.isfinite(x):
     return "not reached"
   text = format(x, fmt)
-  if std is not None and math.isfinite(std) and seeds > 1:
-    text += f" ± {std:{fmt.lstrip('+')}}"  # a spread has no sign
+  if ci is not None and all(math.isfinite(c) for c in ci):
+    text += f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
+  if n is not None:
+    text += f", n={n}"
   return text
 
 
+def _change(entry: Mapping[str, Any]) -> str:
+  """A relative change as "-16.4% [-19.0%, -13.8%], n=2"."""
+  mean, (lo, hi), n = entry["mean"], entry["ci"], entry.get("n", entry.get("seeds"))
+  if not math.isfinite(mean):
+    return "not reached"
+  text = f"{100 * mean:+.1f}%"
+  if math.isfinite(lo) and math.isfinite(hi):
+    text += f" [{100 * lo:+.1f}%, {100 * hi:+.1f}%]"
+  return f"{text}, n={n}"
+
+
+def _cost(entry: Mapping[str, Any], baseline: bool) -> str:
+  """The step-time ratio cell: "1.012 [0.981, 1.046] within noise", or "(logs)" for a ratio of
+  the step times the runs logged."""
+  ratio = entry.get("step_time_ratio")
+  if ratio is None:
+    return "-"
+  if baseline:
+    return "1 (baseline)"
+  if entry.get("step_time_source") != "alternating rounds":
+    return f"{ratio:.3f} (logs)"
+  lo, hi = entry["step_time_ratio_ci"]
+  text = f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]"
+  if entry["step_time_ratio_coverage"] < CONFIDENCE:
+    text += f" ({entry['step_time_ratio_coverage']:.0%} interval)"
+  return text + (" within noise" if entry["step_time_within_noise"] else "")
+
+
+INTERVAL_NOTE = (
+  "mean [95% CI lo, hi], n seeds, t-interval (t with n - 1 degrees of freedom; one seed: no "
+  "interval)"
+)
+
+
 def markdown_table(report: Mapping[str, Any]) -> str:
-  """The comparison as a Markdown table plus the headline sentences."""
+  """The comparison as a Markdown table plus the headline sentences and the relative changes
+  over the overlap."""
   lines = []
   if report.get("matched_on"):
+    lo, hi = report["overlap_task_loss"]
     lines.append(
-      f"Methods at matched task loss {report['target_task_loss']:.4f} "
-      "(interpolated along each learning-rate sweep; mean ± std over seeds).\n"
+      f"Methods at matched task loss {_value(report['target_task_loss'], '.4f')}, the arithmetic "
+      "middle of "
+      f"the range every sweep reaches ({_value(lo, '.4f')} to {_value(hi, '.4f')}), interpolated "
+      f"along each learning-rate sweep; {INTERVAL_NOTE}.\n"
     )
+    timed = [m for m in report["methods"].values() if "step_time_rounds" in m]
+    if timed:
+      lines.append(
+        f"Step time ratio: median over {len(timed[0]['step_time_rounds'])} alternating rounds "
+        "of the paired ratio to the baseline's step, [95% interval from order statistics]; "
+        '"within noise" where the interval covers 1.\n'
+      )
   lines.append(
     "| method | task loss | retain loss before | retain loss after | forgetting "
-    "| seeds | learning rate | step time ratio | extra bytes |"
+    "| learning rate | step time ratio | extra bytes |"
   )
-  lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
   for name, m in report["methods"].items():
-    seeds = m.get("seeds_reaching_target", 1)
+    seeds = m.get("seeds_reaching_target") if report.get("matched_on") else None
     lines.append(
       f"| {name} | {_value(m['task_loss'], '.4f')} | {_value(m['retain_loss_before'], '.4f')} "
       f"| {_value(m['retain_loss_after'], '.4f')} "
-      f"| {_value(m['forgetting'], '.4f', m.get('forgetting_std'), seeds)} "
-      f"| {seeds} | {_value(m.get('learning_rate'), '.3g')} "
-      f"| {m.get('step_time_ratio', 1.0):.3f} | {m.get('extra_bytes', 0)} |"
+      f"| {_value(m['forgetting'], '.4f', m.get('forgetting_ci'), seeds)} "
+      f"| {_value(m.get('learning_rate'), '.3g')} | {_cost(m, name == report.get('baseline'))} "
+      f"| {m.get('extra_bytes', 0)} |"
     )
   for key, h in report.get("headline", {}).items():
-    target = h.get("task_loss", float("nan"))
-    at = f" at matched task loss {target:.4f}" if math.isfinite(target) else ""
-    change = _value(100 * h["mean"], "+.1f", 100 * h["std"], h.get("seeds", 2))
-    change += "%" if math.isfinite(h["mean"]) else ""
-    lines.append(f"\n{key}: {change} (relative change in forgetting{at}, seeds paired)")
+    target = h["task_loss"]
+    at = ""
+    if math.isfinite(target):
+      lo, hi = h["overlap_task_loss"]
+      at = f" at matched task loss {target:.4f}, the middle of the pair's overlap {lo:.4f}-{hi:.4f}"
+    lines.append(f"\n{key}: {_change(h)} (relative change in forgetting{at}; seeds paired)")
+  lines.append(relative_change_table(report))
   acc = report.get("at_matched_accuracy")
   if acc:
     target = _value(acc["target_task_fact_accuracy"], ".3f")
@@ -391,28 +652,85 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     lines.append("| --- | --- | --- |")
     for name, m in acc["methods"].items():
       drop = _value(
-        m["retain_accuracy_drop"], ".4f", m["retain_accuracy_drop_std"], m["seeds_reaching_target"]
+        m["retain_accuracy_drop"], ".4f", m["retain_accuracy_drop_ci"], m["seeds_reaching_target"]
       )
       lines.append(f"| {name} | {drop} | {_value(m['learning_rate'], '.3g')} |")
   if len(report.get("measures", {}).get("task_loss", {}).get("measures", {})) > 1 or (
-    "task_accuracy" in report.get("measures", {})
+    len(report.get("measures", {})) > 1
   ):
     lines.append(measures_table(report))
   return "\n".join(lines)
 
 
+def relative_change_table(report: Mapping[str, Any]) -> str:
+  """The relative change in forgetting of each pair across its overlap (five of the grid's
+  targets: its ends, quarters and middle), as Markdown tables; the full grid of every measure is
+  in report.json's `relative_change` and relative_change.png."""
+  lines = []
+  for key, pairs in report.get("relative_change", {}).items():
+    rows = [
+      (name, c) for name, c in pairs.items() if c["targets"] and "forgetting" in c["measures"]
+    ]
+    if not rows:
+      continue
+    lines.append(
+      f"\nRelative change in forgetting across each pair's overlap of {key.replace('_', ' ')} "
+      "(mean over paired seeds, at the target shown; relative_change.png):\n"
+    )
+    lines.append("| pair | low end | 1/4 | middle | 3/4 | high end |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for name, curve in rows:
+      n = len(curve["targets"])
+      cells = []
+      for i in sorted({round(q * (n - 1)) for q in (0, 0.25, 0.5, 0.75, 1)}):
+        change = curve["measures"]["forgetting"][i]
+        mean = change["mean"]
+        text = f"{100 * mean:+.1f}%" if math.isfinite(mean) else "-"
+        cells.append(f"{text} at {curve['targets'][i]:.4f}")
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def measures_table(report: Mapping[str, Any]) -> str:
+  """Every forgetting measure at each matching, as Markdown tables (methods in rows)."""
+  lines = []
+  for key, matching in report.get("measures", {}).items():
+    measures = matching["measures"]
+    if not measures:
+      continue
+    methods = list(next(iter(measures.values())))
+    lines.append(
+      f"\nAt matched {key.replace('_', ' ')} {_value(matching['target'], '.4f')} "
+      f"(the middle of the overlap; {INTERVAL_NOTE}):\n"
+    )
+    lines.append("| method | " + " | ".join(measures) + " |")
+    lines.append("| --- " * (len(measures) + 1) + "|")
+    for name in methods:
+      entries = [measures[m][name] for m in measures]
+      cells = [_value(e["mean"], ".4f", e["ci"], e["seeds"]) for e in entries]
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.extend(f"- {m}: {FORGETTING_MEASURES[m]}" for m in measures)
+  return "\n".join(lines)
+
+
 def write_report(workdir: str | os.PathLike, report: Mapping[str, Any]) -> None:
-  """Writes report.json, report.md and the plots into `workdir` (local or `gs://...`)."""
+  """Writes report.json, report.md and the plots into `workdir` (local or `gs://...`), each
+  whole or not at all (`finch_jax.files`)."""
   directory = epath.Path(workdir)
-  (directory / "report.json").write_text(json.dumps(report, indent=2))
-  (directory / "report.md").write_text("# Forgetting report\n\n" + markdown_table(report) + "\n")
+  files.write_json(directory / "report.json", report, indent=2)
+  files.write_text(
+    directory / "report.md", "# Forgetting report\n\n" + markdown_table(report) + "\n"
+  )
   if report.get("runs"):
     plots = {"frontier.png": plot_frontier(report), "curves.png": plot_curves(report)}
+    if any(c["targets"] for pairs in report["relative_change"].values() for c in pairs.values()):
+      plots["relative_change.png"] = plot_relative_change(report)
     for name, figure in plots.items():
       # Rendered in memory: matplotlib writes to local paths or to a file object, not to a bucket.
       png = io.BytesIO()
       figure.savefig(png, format="png", dpi=120)
-      (directory / name).write_bytes(png.getvalue())
+      files.write_bytes(directory / name, png.getvalue())
 
 
 def _line_styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -443,32 +761,52 @@ def plot_frontier(report: Mapping[str, Any]) -> Figure:
     frontier = monotone_sweep(means, "task_loss", increasing=False)
     past = [p for p in means if p not in frontier]
     ax.plot(
-      [p["task_loss"] for p in frontier], [p["forgetting"] for p in frontier], marker="o",
-      label=f"{name} (mean of seeds)", **styles[name],
+      [p["task_loss"] for p in frontier],
+      [p["forgetting"] for p in frontier],
+      marker="o",
+      label=f"{name} (mean of seeds)",
+      **styles[name],
     )
     if past:
       ax.scatter(
-        [p["task_loss"] for p in past], [p["forgetting"] for p in past], s=40,
-        facecolors="none", edgecolors=styles[name]["color"],
+        [p["task_loss"] for p in past],
+        [p["forgetting"] for p in past],
+        s=40,
+        facecolors="none",
+        edgecolors=styles[name]["color"],
       )
     for p in means:
       ax.annotate(
-        f"lr {p['learning_rate']:.2g}", (p["task_loss"], p["forgetting"]), fontsize=7,
-        xytext=(3, 3), textcoords="offset points",
+        f"lr {p['learning_rate']:.2g}",
+        (p["task_loss"], p["forgetting"]),
+        fontsize=7,
+        xytext=(3, 3),
+        textcoords="offset points",
       )
     ax.scatter(
-      [r["task_loss"] for r in method_runs], [r["forgetting"] for r in method_runs], s=10,
-      alpha=0.5, color=styles[name]["color"],
+      [r["task_loss"] for r in method_runs],
+      [r["forgetting"] for r in method_runs],
+      s=10,
+      alpha=0.5,
+      color=styles[name]["color"],
     )
   ax.scatter([], [], s=10, alpha=0.5, color="grey", label="one seed's run")
   past_label = "rate past the lowest task loss"
   ax.scatter([], [], s=40, facecolors="none", edgecolors="grey", label=past_label)
   target = report.get("target_task_loss")
   if target is not None and math.isfinite(target):
-    ax.axvline(target, color="grey", ls=":", lw=1, label=f"matched task loss {target:.3f}")
+    lo, hi = report["overlap_task_loss"]
+    ax.axvspan(lo, hi, color="grey", alpha=0.1, lw=0, label="task loss every sweep reaches")
+    label = f"matched task loss {target:.3f} (its middle)"
+    ax.axvline(target, color="grey", ls=":", lw=1, label=label)
   ax.text(
-    0.02, 0.97, "better: lower left (learns more, forgets less)", transform=ax.transAxes,
-    va="top", color="grey", fontsize=8,
+    0.02,
+    0.97,
+    "better: lower left (learns more, forgets less)",
+    transform=ax.transAxes,
+    va="top",
+    color="grey",
+    fontsize=8,
   )
   ax.set_xlabel("task loss after fine-tuning (lower is better)")
   ax.set_ylabel("forgetting: rise of the retain loss (lower is better)")
@@ -476,10 +814,6 @@ def plot_frontier(report: Mapping[str, Any]) -> Figure:
   ax.legend(fontsize=7)
   fig.tight_layout()
   return fig
-
-
-def _task_loss(point: Mapping[str, float]) -> float:
-  return point["task_loss"]
 
 
 def nearest_run(report: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -517,3 +851,152 @@ def plot_curves(report: Mapping[str, Any]) -> Figure:
   fig.suptitle(f"Each method's run nearest the matched task loss{at}")
   fig.tight_layout()
   return fig
+
+
+def plot_relative_change(report: Mapping[str, Any]) -> Figure:
+  """Each pair's relative change of every forgetting measure against the target it is read at,
+  across the whole overlap of the pair's sweeps: one panel per measure (columns) and per
+  matching (rows: task loss, task accuracy), the mean over paired seeds with its 95% interval
+  shaded and the middle of the overlap (where the headline is read) marked."""
+  matchings = {k: p for k, p in report["relative_change"].items() if p}
+  measures = list(
+    dict.fromkeys(m for pairs in matchings.values() for c in pairs.values() for m in c["measures"])
+  )
+  pairs = list(dict.fromkeys(name for p in matchings.values() for name in p))
+  colors = matplotlib.colormaps["tab10" if len(pairs) <= 10 else "tab20"]
+  fig = Figure(figsize=(4.2 * len(measures), 3.4 * len(matchings)))
+  axes = np.asarray(fig.subplots(len(matchings), len(measures), squeeze=False))
+  for row, (key, curves) in enumerate(matchings.items()):
+    for col, measure in enumerate(measures):
+      ax = axes[row, col]
+      ax.axhline(0.0, color="grey", lw=1)
+      for name, curve in curves.items():
+        if not curve["targets"]:
+          continue
+        points = curve["measures"][measure]
+        mean = [100 * p["mean"] for p in points]
+        lo = [100 * p["ci"][0] for p in points]
+        hi = [100 * p["ci"][1] for p in points]
+        color = colors(pairs.index(name))
+        ax.plot(curve["targets"], mean, marker=".", color=color, label=name.replace("_", " "))
+        ax.fill_between(curve["targets"], lo, hi, color=color, alpha=0.2, lw=0)
+        ax.axvline(curve["middle"], color=color, ls=":", lw=1)
+      better = "lower" if key == "task_loss" else "higher"
+      ax.set_xlabel(f"target {key.replace('_', ' ')} ({better} is better)")
+      ax.set_ylabel(f"relative change in {measure} (%)")
+      if key == "task_loss":
+        ax.invert_xaxis()  # left to right: more learned
+  axes[0, 0].legend(fontsize=7)
+  fig.suptitle(
+    "Change against the reference across the range both sweeps reach (below 0: forgets less);\n"
+    "band: 95% t-interval over paired seeds; dotted: the middle, where the headline is read",
+    fontsize=9,
+  )
+  fig.tight_layout()
+  return fig
+
+
+# ----- a study kept as run summaries -----------------------------------------------------------
+
+
+class StoreError(ValueError):
+  """A results directory that cannot be read as a study; the message names the file and fix."""
+
+
+def _read_stored(path: str | os.PathLike) -> Any:
+  """The JSON content of a store's file; StoreError naming the file when it is not JSON (a
+  committed summary is never treated as absent, unlike a workdir's files)."""
+  path = epath.Path(path)
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise StoreError(
+      f"{path}: not JSON ({error}); restore it (e.g. `git checkout -- {path}`) or delete it so "
+      "the sweep reruns that run."
+    ) from error
+
+
+RUN_SUMMARY_KEYS = ("method", "learning_rate", "seed", "fingerprint", "before", "task_loss")
+
+
+def read_store(directory: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """`study.json` and every run summary (`runs/*/*.json`) of a results directory, the runs in
+  the order of the study's methods (then any other method, by name), each by rate and seed.
+
+  Raises:
+    StoreError: a file missing, not JSON, not a run summary, or runs measured from different base
+      models (their `before` differs).
+  """
+  directory = epath.Path(directory)
+  study_path = directory / STUDY_FILE
+  if not study_path.exists():
+    raise StoreError(
+      f"{study_path} is missing: a results directory is written by a sweep with "
+      f"--config.compare.results_dir={directory}."
+    )
+  study = _read_stored(study_path)
+  paths = sorted((directory / STORE_RUNS).glob("*/*.json"))
+  if not paths:
+    raise StoreError(f"{directory / STORE_RUNS} holds no run summary (runs/METHOD/NAME.json).")
+  runs = []
+  for path in paths:
+    run = _read_stored(path)
+    missing = [k for k in RUN_SUMMARY_KEYS if not isinstance(run, dict) or k not in run]
+    if missing:
+      raise StoreError(f"{path}: not a run summary (no {', '.join(missing)}); move it out.")
+    runs.append((path, run))
+  first_path, before = runs[0][0], runs[0][1]["before"]
+  for path, run in runs[1:]:
+    differs = [
+      k
+      for k in sorted(set(before) | set(run["before"]))
+      if not math.isclose(before.get(k, math.nan), run["before"].get(k, math.nan), rel_tol=1e-4)
+    ]
+    if differs:
+      raise StoreError(
+        f"{path} and {first_path} were measured from different base models ({differs[0]}: "
+        f"{run['before'].get(differs[0])} against {before.get(differs[0])}): keep one base "
+        "model's runs in one results directory."
+      )
+  order = {m: i for i, m in enumerate(study.get("methods", []))}
+  methods = sorted({r["method"] for _, r in runs}, key=lambda m: (order.get(m, len(order)), m))
+  rank = {m: i for i, m in enumerate(methods)}
+  ordered = sorted(
+    (r for _, r in runs), key=lambda r: (rank[r["method"]], r["learning_rate"], r["seed"])
+  )
+  return study, ordered
+
+
+def report_from_store(directory: str | os.PathLike) -> dict[str, Any]:
+  """The report of a results directory, from its files alone (`read_store`): the runs, the base
+  model's measures they hold, the study's baseline and step timings."""
+  study, runs = read_store(directory)
+  if study["baseline"] not in {r["method"] for r in runs}:
+    raise StoreError(
+      f"{epath.Path(directory) / STUDY_FILE}: its baseline {study['baseline']!r} has no run "
+      f"under {STORE_RUNS}/; rerun the sweep of that method with this results_dir."
+    )
+  return build_report(study["baseline"], runs[0]["before"], runs, study.get("step_times"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m finch_jax.report DIR`: rebuilds DIR's report.json, report.md and plots from the
+  run summaries and study.json there, and prints the table. Trains nothing."""
+  parser = argparse.ArgumentParser(
+    prog="python -m finch_jax.report",
+    description="Rebuild a study's report from its results directory (runs/*/*.json, study.json).",
+  )
+  parser.add_argument("directory", help="the results directory, e.g. docs/results/STUDY")
+  args = parser.parse_args(argv)
+  try:
+    report = report_from_store(args.directory)
+  except StoreError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  write_report(args.directory, report)
+  print(markdown_table(report))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

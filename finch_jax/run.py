@@ -14,7 +14,6 @@ through `etils.epath.Path`.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from finch_jax import configure
+from finch_jax import configure, files, measures
 from finch_jax import data as data_lib
 from finch_jax.checkpoint import Checkpointer, restore_params
 from finch_jax.loop import FitResult, MetricsWriter, StopRequests, fit
@@ -122,13 +121,23 @@ def replay_samples(
   config: ml_collections.ConfigDict,
   trainer: Trainer,
   base: Any,
-  cache: str | os.PathLike | None = None,
+  cache_dir: str | os.PathLike | None = None,
 ) -> list[np.ndarray] | None:
   """The base model's samples for replay when the config asks for them, else None."""
   replay = config.get("replay")
   if not replay or not replay.share or replay.data.get("name") != configure.BASE_SAMPLES:
     return None
-  return base_model_samples(config, trainer, base, seed=config.seed, cache=cache)
+  return base_model_samples(config, trainer, base, seed=config.seed, cache_dir=cache_dir)
+
+
+def sample_cache(
+  directory: str | os.PathLike, config: ml_collections.ConfigDict, seed: int
+) -> epath.Path:
+  """The file in `directory` that keeps the base model's samples `config` draws with `seed`,
+  named by everything that made them (`configure.samples_fingerprint`: the base, the model,
+  the tokenizer, count, length, temperature, seed), so no other samples are ever read from it."""
+  key = configure.samples_fingerprint(config, seed)
+  return epath.Path(directory) / f"base_samples-{key}.npz"
 
 
 def base_model_samples(
@@ -137,18 +146,19 @@ def base_model_samples(
   base: Any,
   *,
   seed: int,
-  cache: str | os.PathLike | None = None,
+  cache_dir: str | os.PathLike | None = None,
 ) -> list[np.ndarray]:
   """`config.replay.num_samples` sequences sampled from the base model with `seed`.
 
-  Drawn once (`finch_jax.remedies.sample_replay_set`, jitted on the mesh) and kept in `cache`
-  (an .npz file, local or `gs://...`) when given, so a resumed run or a sweep sees the same ones.
+  Drawn once (`finch_jax.remedies.sample_replay_set`, jitted on the mesh) and kept in
+  `cache_dir` (local or `gs://...`; `sample_cache` names the file) when given, so a resumed run
+  or a sweep sees the same ones.
   """
   replay = config.replay
-  cache = None if cache is None else epath.Path(cache)
-  if cache is not None and cache.exists():
-    with cache.open("rb") as f, np.load(f) as stored:
-      return [stored[f"s{i}"] for i in range(len(stored.files))]
+  cache = None if cache_dir is None else sample_cache(cache_dir, config, seed)
+  stored = None if cache is None else files.read_arrays(cache)
+  if stored is not None:
+    return stored
   tokenizer = configure.make_tokenizer(config)
   samples = sample_replay_set(
     nnx.merge(trainer.graphdef, base),
@@ -160,31 +170,8 @@ def base_model_samples(
     temperature=replay.temperature,
   )
   if cache is not None and jax.process_index() == 0:
-    npz = io.BytesIO()  # numpy writes local paths or file objects; epath takes the bytes
-    np.savez(npz, **{f"s{i}": s for i, s in enumerate(samples)})
-    _write_whole(cache, npz.getvalue())
+    files.write_arrays(cache, samples)
   return samples
-
-
-def _is_remote(path: str | os.PathLike) -> bool:
-  """Whether `path` names an object store (`gs://...`) rather than the local file system."""
-  return "://" in os.fspath(path)
-
-
-def _write_whole(path: epath.Path, data: bytes) -> None:
-  """Writes `path` so that no reader sees it half written.
-
-  A local file is written aside and renamed over the old one. A bucket's object is replaced
-  whole by its upload, or not at all, so it is written in place: there a rename would be a copy
-  and a delete, no more atomic than the upload itself.
-  """
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if _is_remote(path):
-    path.write_bytes(data)
-    return
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_bytes(data)
-  tmp.replace(path)
 
 
 class Evaluator:
@@ -192,7 +179,7 @@ class Evaluator:
 
   An eval set is a dataset spec, a `jsonl:` file of instruction data (loss on responses), or
   `{"name": "base_samples"}`: sequences the base model `base` samples itself (drawn once, with
-  another seed than replay's, and kept in `workdir/retain_samples.npz`), a retain set for when
+  another seed than replay's, and kept in `workdir`: `sample_cache`), a retain set for when
   the base's own training data is not at hand: the rise of the loss on them is forgetting of
   what the base model generates.
   """
@@ -206,13 +193,17 @@ class Evaluator:
   ):
     # On the trainer's devices (a sweep's runs may each have their own), as the KL reads it.
     self.base = None if base is None else jax.device_put(base, trainer.param_shardings)
-    self.token_accuracy = bool(config.data.get("token_accuracy", False))
-    self.kl_sets = set(config.data.get("kl_sets", ()) or ())
-    self.calibration = bool(config.data.get("calibration", False))
+    self.token_accuracy = bool(config.data.token_accuracy)
+    self.kl_sets = set(config.data.kl_sets or ())
+    self.calibration_sets = set(config.data.calibration_sets or ())
     if self.kl_sets and base is None:
       raise ValueError("data.kl_sets measures KL to the base model: pass base= to Evaluator.")
     self.trainer = trainer
     tokenizer = configure.make_tokenizer(config)
+    # Token accuracy counts an answer's own tokens, not the control tokens that close it.
+    self.end_ids = sorted({tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id})
+    self.continues = data_lib.word_continuations(tokenizer, trainer.model_config.vocab_size)
+    self.instruction_sets = set()
     shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
     local_batch = configure.local_batch_size(config)
     self.loss_sets = {
@@ -244,7 +235,7 @@ class Evaluator:
         self.trainer,
         self.base,
         seed=config.seed + EVAL_SAMPLE_SEED_OFFSET,
-        cache=epath.Path(workdir) / "retain_samples.npz",
+        cache_dir=workdir,
       )
       return data_lib.lm_batches(
         grain.MapDataset.source(samples),
@@ -263,31 +254,58 @@ class Evaluator:
     )
     records = instructions(config, workdir, spec)
     if records is not None:
+      self.instruction_sets.add(name)
       return data_lib.sft_eval_batches(records, **sizes)
     return data_lib.eval_batches(source(config, workdir, spec), **sizes)
 
   def __call__(self, params: Any, *, facts: bool = True) -> dict[str, float]:
-    """`{NAME_loss: ..., NAME_fact_accuracy: ...}` for every configured set, plus
-    `NAME_accuracy` (`data.token_accuracy`), `NAME_kl` for the sets of `data.kl_sets` and
-    `NAME_ece` (`data.calibration`)."""
+    """Every configured measure of the model's `params` (`finch_jax.measures`):
+
+    - per eval set: `NAME_loss`; with `data.token_accuracy`, `NAME_accuracy` (arg-max accuracy
+      over the text's or answers' own tokens, end markers left out) and, for instruction data,
+      `NAME_exact` (answers greedy decoding reproduces whole and ends where it should); for the
+      sets of `data.kl_sets`, `NAME_kl` (KL(base || model) per token);
+    - per fact set (with `facts`): `NAME_fact_accuracy` (exact recall), `NAME_answer_nll` (the
+      answers' mean NLL per token); for the sets of `data.calibration_sets`, `NAME_ece` and
+      `NAME_overconfidence` (mean confidence minus accuracy of the first answer token: above 0
+      over-confident, below 0 under-confident).
+    """
     out = {}
     for name, batches in self.loss_sets.items():
-      if not (self.token_accuracy or name in self.kl_sets):
-        out[f"{name}_loss"] = self.trainer.evaluate(params, batches)
-        continue
       reference = self.base if name in self.kl_sets else None
-      measured = self.trainer.measure(params, batches, reference)
-      out[f"{name}_loss"] = measured["loss"]
-      if self.token_accuracy:
-        out[f"{name}_accuracy"] = measured["accuracy"]
+      sums = self.trainer.eval_sums(params, batches, reference, self.end_ids)
+      out[f"{name}_loss"] = sums["loss"] / max(sums["tokens"], 1.0)
+      if self.token_accuracy and "right" in sums:
+        out[f"{name}_accuracy"] = sums["right"] / max(sums["scored"], 1.0)
+        if name in self.instruction_sets:
+          out[f"{name}_exact"] = sums["answers_right"] / max(sums["answers"], 1.0)
       if reference is not None:
-        out[f"{name}_kl"] = measured["kl"]
+        out[f"{name}_kl"] = sums["kl"] / max(sums["tokens"], 1.0)
     if facts:
       for name, batches in self.fact_sets.items():
-        out[f"{name}_fact_accuracy"] = self.trainer.fact_accuracy(params, batches)
-        if self.calibration:
-          out[f"{name}_ece"] = self.trainer.calibration_error(params, batches)
+        out.update(self._fact_measures(name, params, batches))
     return out
+
+  def _fact_measures(self, name: str, params: Any, batches: Any) -> dict[str, float]:
+    sums = self.trainer.fact_sums(params, batches, self.continues)
+    out = {
+      f"{name}_fact_accuracy": float(sums["recalled"]) / max(float(sums["facts"]), 1.0),
+      f"{name}_answer_nll": float(sums["answer_nll"]) / max(float(sums["answer_tokens"]), 1.0),
+    }
+    if name in self.calibration_sets:
+      count, confidence, right = np.asarray(sums["calibration"], np.float64)
+      out[f"{name}_ece"] = measures.expected_calibration_error(sums["calibration"])
+      out[f"{name}_overconfidence"] = float((confidence.sum() - right.sum()) / max(count.sum(), 1))
+    return out
+
+  def reliability(self, params: Any) -> dict[str, dict[str, list[float]]]:
+    """The reliability diagram (`finch_jax.measures.reliability`) of each calibration set."""
+    return {
+      name: measures.reliability(
+        self.trainer.fact_sums(params, self.fact_sets[name], self.continues)["calibration"]
+      )
+      for name in sorted(self.calibration_sets)
+    }
 
 
 def run_training(
@@ -307,7 +325,11 @@ def run_training(
   """One training run in `workdir`, resumed from its newest readable checkpoint when it has one.
 
   With `replay.data` "base_samples", `samples` are the base model's samples to replay; None
-  draws them from `init_params` (kept in `workdir/replay_samples.npz`).
+  draws them from `init_params` (kept in `workdir`, `sample_cache`).
+
+  The checkpoints keep the run's fingerprint (`configure.fingerprint_record` of `config`, with
+  `learning_rate` and `seed` when given); a workdir whose checkpoints were saved with another is
+  refused before anything is built (`ResumeMismatch`, naming what changed).
 
   Returns the `FitResult`. Parameters start from `init_params` (e.g. a base model), else from a
   fresh initialisation with `config.seed`. A resumed run continues the data stream, the logging
@@ -318,8 +340,14 @@ def run_training(
   Raises:
     Preempted: SIGTERM or SIGINT arrived (see `finch_jax.loop.fit`); the checkpoint of the
       step reached is written before this returns control, and rerunning resumes from it.
+    ResumeMismatch: `workdir` holds the checkpoints of another config, other data or another
+      base model.
     CheckpointError: a checkpoint could not be written, or none in `workdir` can be read.
   """
+  given = {"learning_rate": learning_rate, "seed": seed}  # the run's key beyond its config
+  fingerprint = configure.fingerprint_record(
+    config, **{k: v for k, v in given.items() if v is not None}
+  )
   seed = config.seed if seed is None else seed
   trainer = trainer or configure.make_trainer(config)
   if trainer.needs_reference and init_params is None:
@@ -332,12 +360,13 @@ def run_training(
     save_every=config.checkpoint_every,
     max_to_keep=config.keep_checkpoints,
     config=json.loads(config.to_json()),
+    fingerprint=fingerprint,
   )
   writer = None
   try:
+    checkpointer.check_resume()  # before the samples, the data and the compiled step
     if samples is None and init_params is not None:
-      cache = epath.Path(workdir) / "replay_samples.npz"
-      samples = replay_samples(config, trainer, init_params, cache=cache)
+      samples = replay_samples(config, trainer, init_params, cache_dir=workdir)
     iterator = iter(train_batches(config, workdir, seed, samples))
     checkpointer.data_iterator = iterator
     state = _start_state(trainer, checkpointer, init_params, learning_rate, seed, workdir)
@@ -444,7 +473,7 @@ def _export_hf(model: Any, path: epath.Path, *, tokenizer: Any) -> None:
   safetensors and tokenizers write local files only, so a bucket's export is written to a
   temporary local directory first, its files uploaded, and the directory deleted.
   """
-  if not _is_remote(path):
+  if not files.is_remote(path):
     hf.save_hf(model, path, tokenizer=tokenizer)
     return
   with tempfile.TemporaryDirectory(prefix="finch_jax_hf_") as local:
@@ -471,6 +500,7 @@ __all__ = [
   "pretrain",
   "replay_samples",
   "run_training",
+  "sample_cache",
   "source",
   "train_batches",
 ]

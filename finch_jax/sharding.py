@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 M = TypeVar("M", bound=nnx.Module)
@@ -243,3 +244,13 @@ def initialize_distributed(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
   return True
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached the barrier `name`; nothing with one process.
+
+  For what one process does on behalf of all (renaming a directory aside, say) before the others
+  may look there: process 0 acts, then all call `barrier` with the same name.
+  """
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -8,9 +8,21 @@ report.json, report.md and the plots.
 
 A finished run leaves `result.json` beside its checkpoints, stamped with the fingerprint of
 everything that determines it (`finch_jax.configure.fingerprint`: the effective config, the
-rate and seed, the local data files). A rerun reuses a run only when that fingerprint is
-unchanged; otherwise the old directory is set aside (renamed with its fingerprint, nothing
-deleted) and the run is redone. The base model is kept the same way.
+rate and seed, the files its data and base read). A rerun reuses a run only when that
+fingerprint is unchanged; otherwise the old directory is set aside (renamed with its
+fingerprint, nothing deleted) and the run is redone. The base model is kept the same way. Every
+file a rerun reads to decide this is written whole or not at all (`finch_jax.files`).
+
+When runs train several at once, a run that fails, or SIGTERM/SIGINT, stops the others at their
+next step (each saves its checkpoint) and starts no queued run; the first error is raised then.
+
+With `compare.results_dir` set, the comparison is also a study that can grow across sessions:
+each finished run's summary (its fingerprint, the code version, every measure before and after,
+its curves thinned to at most `MAX_CURVE_POINTS` points) is written there as
+`runs/METHOD/lrRATE_seedSEED.json`, with `study.json` (baseline, methods, step timings) and the
+report of every run the directory holds. A run whose summary there has the same fingerprint is
+not trained again, whatever the workdir holds; `python -m finch_jax.report DIR` rebuilds the
+report from those files alone.
 
 The workdir is local or in a bucket (`gs://BUCKET/...`): every path is an `etils.epath.Path`.
 """
@@ -18,14 +30,17 @@ The workdir is local or in a bucket (`gs://BUCKET/...`): every path is an `etils
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import queue
+import signal
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 import jax
@@ -33,11 +48,19 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from finch_jax import configure, run
+import finch_jax
+from finch_jax import configure, files, run
 from finch_jax import sharding as shd
 from finch_jax.data import debian, probes
-from finch_jax.loop import StopRequests, format_duration
-from finch_jax.report import build_report, markdown_table, write_report
+from finch_jax.loop import Preempted, StopRequests, format_duration
+from finch_jax.report import (
+  STORE_RUNS,
+  STUDY_FILE,
+  build_report,
+  markdown_table,
+  report_from_store,
+  write_report,
+)
 from finch_jax.trainer import Trainer
 
 FINGERPRINT_FILE = configure.FINGERPRINT_FILE
@@ -57,6 +80,28 @@ def _tree_bytes(tree: Any) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
+MAX_CURVE_POINTS = 50  # per curve in a run's summary
+
+
+def thinned(points: list[dict[str, Any]], max_points: int = MAX_CURVE_POINTS) -> list:
+  """At most `max_points` of `points`, evenly spaced, the first and the last kept."""
+  if len(points) <= max_points:
+    return list(points)
+  keep = sorted({round(i * (len(points) - 1) / (max_points - 1)) for i in range(max_points)})
+  return [points[i] for i in keep]
+
+
+# Keys of a metrics record that time the machine rather than describe the training.
+_TIMING_KEYS = ("step_time", "input_wait_share", "tokens_per_second")
+
+
+def _training_records(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """The training records of metrics.jsonl (loss, FINCH's scale, ...), without the timings."""
+  with (epath.Path(workdir) / "metrics.jsonl").open() as f:
+    records = [r for r in map(json.loads, f) if "loss" in r]
+  return [{k: v for k, v in r.items() if k not in _TIMING_KEYS} for r in records]
+
+
 def _median_step_time(workdir: str | os.PathLike) -> float:
   with (epath.Path(workdir) / "metrics.jsonl").open() as f:
     times = [r["step_time"] for r in map(json.loads, f) if "step_time" in r]
@@ -68,34 +113,31 @@ def _run_name(learning_rate: float, seed: int) -> str:
   return f"lr{learning_rate:.3g}_seed{seed}"
 
 
-def _samples_file(config: ml_collections.ConfigDict) -> str:
-  r = config.replay
-  return f"replay_samples_n{r.num_samples}_len{r.sample_len}_t{r.temperature:g}.npz"
-
-
 def claim(directory: str | os.PathLike, key: str) -> None:
   """Makes `directory` hold the run of fingerprint `key`: a directory made for another
-  fingerprint is renamed aside (`DIR.stale-OLDKEY`), never deleted, and the key is recorded.
+  fingerprint is renamed aside (`DIR.stale-OLDKEY`, or `DIR.stale-OLDKEY-2`, ... when that name
+  is taken: a config flipped back and forth, a rename cut short), never deleted, and the key is
+  recorded (written whole or not at all).
 
-  In a bucket a rename copies each object and deletes the original, so it is not atomic: a run
-  stopped during it leaves the old run split between the two names, with nothing lost.
+  Process 0 does this while the others wait (every process calls `claim`), so no process opens
+  the old run's checkpoints while they move. In a bucket a rename copies each object and deletes
+  the original, so it is not atomic: a run stopped during it leaves the old run split between
+  the two names, with nothing lost, and the rerun sets the rest aside under a free name.
   """
-  directory = epath.Path(directory)
-  path = directory / FINGERPRINT_FILE
-  if path.exists():
-    old = json.loads(path.read_text())["fingerprint"]
-    if old == key:
-      return
-    if jax.process_index() == 0:
-      directory.replace(directory.with_name(f"{directory.name}.stale-{old}"))
-      _print(f"{directory}: its config or data changed; the old run is kept in .stale-{old}.")
-  elif directory.is_dir() and any(directory.iterdir()):
-    # Made before runs were fingerprinted: which config made it is unknown, so it is redone.
-    if jax.process_index() == 0:
-      directory.replace(directory.with_name(f"{directory.name}.stale-unknown"))
   if jax.process_index() == 0:
-    directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"fingerprint": key}))
+    directory = epath.Path(directory)
+    path = directory / FINGERPRINT_FILE
+    stamp = files.read_json(path)  # None: absent, or cut short by an older version's crash
+    old = stamp.get("fingerprint") if isinstance(stamp, dict) else None
+    if old != key:
+      if old is not None:
+        moved = files.set_aside(directory, f".stale-{old}")
+        _print(f"{directory}: its config or data changed; the old run is kept in {moved.name}.")
+      elif directory.is_dir() and any(directory.iterdir()):
+        # Made before runs were fingerprinted: which config made it is unknown, so it is redone.
+        files.set_aside(directory, ".stale-unknown")
+      files.write_json(path, {"fingerprint": key})
+  shd.barrier("finch_jax.sweep.claim")
 
 
 def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -106,17 +148,18 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
   base_dir = epath.Path(workdir) / "base"
   base = _base_model(config, base_dir)
   config = _with_known_probes(config, base, base_dir)
-  configs = configure.method_configs(config)
+  configs = _methods_to_train(config, configure.method_configs(config))
   trainers = {name: configure.make_trainer(cfg) for name, cfg in configs.items()}
   evaluator = run.Evaluator(config, workdir, next(iter(trainers.values())), base=base)
   before = _evaluate_base(evaluator, base, base_dir)
   _print("base model: " + _fmt(before))
+  store = ResultsStore(config.compare.results_dir) if config.compare.results_dir else None
   sweep_runs = []
   for name, cfg in configs.items():
-    samples = run.replay_samples(cfg, trainers[name], base, cache=base_dir / _samples_file(cfg))
+    samples = run.replay_samples(cfg, trainers[name], base, cache_dir=base_dir)
     for learning_rate in config.compare.methods[name].learning_rates:
       for seed in config.compare.seeds:
-        sweep_runs.append(SweepRun(name, cfg, float(learning_rate), int(seed), samples))
+        sweep_runs.append(SweepRun(name, cfg, float(learning_rate), int(seed), samples, store))
   if len(groups) == 1:
     clock = _SweepClock([r.to_train(workdir) for r in sweep_runs])
     runs = []
@@ -129,21 +172,107 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
         )
   else:
     runs = _concurrent_results(sweep_runs, groups, config, configs, workdir, base, before)
-  _print("Timing each method's train step back to back (the cost column)...")
-  timing = config.compare.get("timing", {}) or {}
+  timing = config.compare.timing
+  _print(
+    f"Timing each method's train step in {timing.rounds} alternating rounds of {timing.steps} "
+    "step(s) each (the cost column)..."
+  )
   step_times = measure_step_times(
     trainers,
     {name: _first_batch(cfg, workdir, trainers[name], base) for name, cfg in configs.items()},
     base,
-    rounds=timing.get("rounds", 5),
-    steps=timing.get("steps", 10),
+    rounds=timing.rounds,
+    steps=timing.steps,
   )
   _print("Reading the sweeps at matched task loss and writing the report...")
   report = build_report(config.compare.baseline, before, runs, step_times)
   if jax.process_index() == 0:
     write_report(workdir, report)
+    if store is not None:
+      store.write_study(config.compare.baseline, list(configs), step_times)
     _print("\n" + markdown_table(report))
   return report
+
+
+def _methods_to_train(
+  config: ml_collections.ConfigDict, configs: dict[str, ml_collections.ConfigDict]
+) -> dict[str, ml_collections.ConfigDict]:
+  """The methods this invocation sweeps: `compare.only` (the baseline always among them), in
+  that order, or all. A study that grows over sessions trains a few methods at a time; its
+  results directory holds the others, and its report reads them all."""
+  only = list(config.compare.get("only", ()) or ())
+  if not only:
+    return configs
+  if unknown := [name for name in only if name not in configs]:
+    raise ValueError(
+      f"compare.only names {unknown}, which compare.methods lacks; choose among {list(configs)}."
+    )
+  baseline = config.compare.baseline
+  return {name: configs[name] for name in dict.fromkeys([baseline, *only])}
+
+
+class ResultsStore:
+  """A study's results directory (`compare.results_dir`): one summary per finished run,
+  `runs/METHOD/lrRATE_seedSEED.json`, plus `study.json` and the report of all of them.
+
+  Every file is written atomically (a temporary file, then a rename), so a rerun that reads one
+  to decide what to skip never reads half of it. A summary stands for its run only while its
+  fingerprint is the run's (`configure.fingerprint`, the same key as a workdir's `result.json`).
+  """
+
+  def __init__(self, directory: str | os.PathLike):
+    self.directory = epath.Path(directory)
+
+  def path(self, method: str, learning_rate: float, seed: int) -> epath.Path:
+    """Where the summary of a run is kept."""
+    return self.directory / STORE_RUNS / method / f"{_run_name(learning_rate, seed)}.json"
+
+  def find(self, sweep_run: SweepRun) -> dict[str, Any] | None:
+    """The summary kept for `sweep_run`, or None when there is none of its fingerprint."""
+    path = self.path(sweep_run.method, sweep_run.learning_rate, sweep_run.seed)
+    if not path.exists():
+      return None
+    summary = files.read_json(path)
+    return summary if summary and summary.get("fingerprint") == sweep_run.fingerprint else None
+
+  def write(self, summary: Mapping[str, Any]) -> None:
+    """Keeps a finished run's summary (replacing one of another fingerprint)."""
+    path = self.path(summary["method"], summary["learning_rate"], summary["seed"])
+    files.write_json(path, summary, indent=1)
+
+  def write_study(
+    self, baseline: str, methods: list[str], step_times: Mapping[str, list[float]]
+  ) -> None:
+    """Writes study.json (the baseline, the order of the methods, the latest step timings),
+    then the report of every run the directory holds."""
+    # Methods swept in earlier sessions keep their place and their timings.
+    earlier = files.read_json(self.directory / STUDY_FILE) or {}
+    methods = list(dict.fromkeys([*earlier.get("methods", []), *methods]))
+    step_times = {**earlier.get("step_times", {}), **step_times}
+    files.write_json(
+      self.directory / STUDY_FILE,
+      {"baseline": baseline, "methods": methods, "step_times": step_times},
+      indent=1,
+    )
+    write_report(self.directory, report_from_store(self.directory))
+
+
+@functools.cache
+def code_version() -> str:
+  """The code that ran: `git describe --always --dirty` of the package's checkout, else the
+  installed package's version."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    described = subprocess.run(
+      ["git", "-C", here, "describe", "--always", "--dirty", "--tags"],
+      capture_output=True,
+      text=True,
+      timeout=30,
+      check=True,
+    )
+    return f"git {described.stdout.strip()}"
+  except (OSError, subprocess.SubprocessError):
+    return f"finch_jax {finch_jax.__version__}"
 
 
 def _base_model(config: ml_collections.ConfigDict, base_dir: epath.Path) -> Any:
@@ -185,12 +314,13 @@ def _with_known_probes(
 def _evaluate_base(evaluator: run.Evaluator, base: Any, base_dir: epath.Path) -> dict[str, float]:
   """The eval sets on the base model, kept in `base_dir/eval_before.json`."""
   path = base_dir / "eval_before.json"
-  if path.exists():
-    return json.loads(path.read_text())
+  before = files.read_json(path)
+  if before is not None:
+    return before
   _print("Evaluating the base model on the task and retain sets...")
   before = evaluator(base)
   if jax.process_index() == 0:
-    path.write_text(json.dumps(before))
+    files.write_json(path, before)
   return before
 
 
@@ -260,14 +390,17 @@ def _concurrent_results(
 ) -> list[dict[str, Any]]:
   """Every run's result, `len(groups)` runs training at once in threads, each on its group of
   devices; in the order of `sweep_runs`. A run's numbers are those it gives alone on a mesh of
-  the same shape (`tests/test_sweep.py`). SIGTERM or SIGINT stops every run at its next step,
-  with its checkpoint saved (`loop.StopRequests`)."""
+  the same shape (`tests/test_sweep.py`). SIGTERM or SIGINT, or a run that fails, stops every
+  run at its next step, with its checkpoint saved (`loop.StopRequests`), and starts no queued
+  run; the first error is raised as soon as the runs in flight have stopped."""
   workers: queue.Queue[_Worker] = queue.Queue()
   for devices in groups:
     workers.put(_Worker(devices, config, configs, workdir, base))
   clock = _ConcurrentClock([r.to_train(workdir) for r in sweep_runs], len(groups))
 
-  def result(sweep_run: SweepRun, stop: StopRequests) -> dict[str, Any]:
+  def result(sweep_run: SweepRun, stop: _SweepStop) -> dict[str, Any]:
+    if stop.stopping():
+      raise stop.not_started(sweep_run)
     worker = workers.get()
     try:
       with clock.run(sweep_run):
@@ -280,12 +413,55 @@ def _concurrent_results(
           progress=False,
           stop=stop,
         )
+    except BaseException:
+      stop.failed.set()  # before this thread takes a queued run
+      raise
     finally:
       workers.put(worker)
 
-  with StopRequests() as stop, ThreadPoolExecutor(len(groups)) as pool:
+  with _SweepStop() as stop, ThreadPoolExecutor(len(groups)) as pool:
     futures = [pool.submit(result, sweep_run, stop) for sweep_run in sweep_runs]
+    done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+    failed = [f for f in futures if f in done and f.exception() is not None]
+    if failed:
+      stop.failed.set()  # the runs in flight save and stop at their next step
+      for future in futures:
+        future.cancel()  # the queued ones never start
+      raise failed[0].exception()  # once the pool has waited for the runs in flight
     return [future.result() for future in futures]
+
+
+class _SweepStop(StopRequests):
+  """The `StopRequests` of runs training at once, which a failed run sets as well: every run in
+  flight then stops at its next step, saving its checkpoint, and no queued run starts."""
+
+  def __init__(self):
+    super().__init__()
+    self.failed = threading.Event()
+
+  def stopping(self) -> bool:
+    """Whether the sweep is stopping (a signal came, or a run failed)."""
+    return self.failed.is_set() or self.signum is not None
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step`."""
+    return self.failed.is_set() or super().reached(step)
+
+  def preempted(self, step: int, state: Any, checkpointer: Any) -> Preempted:
+    """The exception a run stopped by a signal, or by another run's failure, raises."""
+    if self.signum is not None:
+      return super().preempted(step, state, checkpointer)
+    where = getattr(checkpointer, "directory", None)
+    message = f"Stopped after step {step} because another run of the sweep failed" + (
+      f": the checkpoint of step {step} is in {where}." if where else "."
+    )
+    return Preempted(signal.SIGTERM, step, state, message)
+
+  def not_started(self, sweep_run: SweepRun) -> Preempted:
+    """The exception of a queued run that is not started because the sweep is stopping."""
+    signum = self.signum or signal.SIGTERM
+    message = f"{sweep_run.name} was not started: the sweep is stopping. Rerun to resume it."
+    return Preempted(signum, 0, None, message)
 
 
 class _SweepClock:
@@ -356,8 +532,9 @@ class SweepRun:
     learning_rate: float,
     seed: int,
     samples: Any,
+    store: ResultsStore | None = None,
   ):
-    self.method, self.config, self.samples = method, config, samples
+    self.method, self.config, self.samples, self.store = method, config, samples, store
     self.learning_rate, self.seed = learning_rate, seed
     self.fingerprint = configure.fingerprint(config, learning_rate=learning_rate, seed=seed)
 
@@ -371,12 +548,13 @@ class SweepRun:
 
   def to_train(self, workdir: str | os.PathLike) -> bool:
     """Whether `result` will train this run (False: a finished run of the same fingerprint)."""
+    if self.store is not None and self.store.find(self) is not None:
+      return False
     run_dir = self._dir(workdir)
-    done = run_dir / "result.json"
-    stamp = run_dir / FINGERPRINT_FILE
-    if not (done.exists() and stamp.exists()):
+    stamp = files.read_json(run_dir / FINGERPRINT_FILE)
+    if not isinstance(stamp, dict) or stamp.get("fingerprint") != self.fingerprint:
       return True
-    return json.loads(stamp.read_text())["fingerprint"] != self.fingerprint
+    return files.read_json(run_dir / "result.json") is None
 
   def result(
     self,
@@ -392,12 +570,17 @@ class SweepRun:
   ) -> dict[str, Any]:
     """The run's result: read from its `result.json` when its fingerprint is unchanged, else
     trained with `trainer` (resuming its own checkpoints) and written there; `description`
-    names it on the progress bar (shown with `progress`); `stop` as for `loop.fit`."""
+    names it on the progress bar (shown with `progress`); `stop` as for `loop.fit`. With a
+    results store, a summary of the same fingerprint there is the result, and a new result is
+    kept there."""
+    if self.store is not None and (kept := self.store.find(self)) is not None:
+      return kept
     run_dir = self._dir(workdir)
     claim(run_dir, self.fingerprint)
     result_path = run_dir / "result.json"
-    if result_path.exists():
-      return json.loads(result_path.read_text())
+    result = files.read_json(result_path)  # None: not finished (or cut short): redone
+    if result is not None:
+      return self._kept(result, before)
     fit = run.run_training(
       self.config,
       run_dir,
@@ -413,9 +596,18 @@ class SweepRun:
     )
     result = self._summary(fit, run_dir, trainer, evaluator, before)
     if jax.process_index() == 0:
-      result_path.write_text(json.dumps(result))
+      files.write_json(result_path, result)
     _print(f"{self.method:>10s} lr={self.learning_rate:<8.3g} seed={self.seed}: " + _fmt(result))
-    return result
+    return self._kept(result, before)
+
+  def _kept(self, result: dict[str, Any], before: Mapping[str, float]) -> dict[str, Any]:
+    """`result` as the results store keeps it, written there when there is a store. A result
+    written before runs recorded these gets the base's measures and an unknown code version."""
+    summary = {"before": dict(before), "code_version": "unknown", **result}
+    summary["curve"] = thinned(summary["curve"])
+    if self.store is not None and jax.process_index() == 0:
+      self.store.write(summary)
+    return summary
 
   def _summary(
     self,
@@ -431,10 +623,15 @@ class SweepRun:
       "learning_rate": self.learning_rate,
       "seed": self.seed,
       "fingerprint": self.fingerprint,
+      "code_version": code_version(),
       "task_loss": final["task_loss"],
       "retain_loss": final["retain_loss"],
       "forgetting": final["retain_loss"] - before["retain_loss"],
-      "curve": fit.evals,
+      # Every measure of the eval sets on the base model and after fine-tuning.
+      "before": dict(before),
+      "after": {k: v for k, v in final.items() if k != "step"},
+      "curve": thinned(fit.evals),
+      "train_curve": thinned(_training_records(run_dir)),
       "step_time": _median_step_time(run_dir),
       "optimizer_state_bytes": _tree_bytes(fit.state.opt_state),
       # What the method holds on top of the model it trains: trained weights (or adapters),
@@ -448,13 +645,18 @@ class SweepRun:
         before["retain_fact_accuracy"] - result["retain_fact_accuracy"]
       )
     # The further measures, when the config asks for them (`data.token_accuracy`, `kl_sets`,
-    # `calibration`): the task's token accuracy, KL to the base on the retain text, and the
-    # change of calibration on the retain facts.
-    for key in ("task_accuracy", "retain_kl"):
+    # `calibration_sets`): the task's token accuracy and exact answers, KL to the base on the
+    # retain text, the rise of the retain facts' answer NLL (forgetting in confidence), and
+    # calibration before and after (not a forgetting measure: a model that forgets may grow
+    # better or worse calibrated).
+    for key in ("task_accuracy", "task_exact", "retain_kl"):
       if key in final:
         result[key] = final[key]
-    if "retain_ece" in final and "retain_ece" in before:
-      result["retain_ece_change"] = final["retain_ece"] - before["retain_ece"]
+    if "retain_answer_nll" in final:
+      result["retain_nll_rise"] = final["retain_answer_nll"] - before["retain_answer_nll"]
+    for key in final:
+      if key.endswith(("_ece", "_overconfidence")):
+        result[f"{key}_before"], result[f"{key}_after"] = before[key], final[key]
     return result
 
 
@@ -462,9 +664,7 @@ def _first_batch(
   config: ml_collections.ConfigDict, workdir: str | os.PathLike, trainer: Trainer, base: Any
 ) -> dict[str, Any]:
   """A training batch of a method (its replay marker included), on the mesh."""
-  samples = run.replay_samples(
-    config, trainer, base, cache=epath.Path(workdir) / "base" / _samples_file(config)
-  )
+  samples = run.replay_samples(config, trainer, base, cache_dir=epath.Path(workdir) / "base")
   iterator = iter(run.train_batches(config, workdir, config.seed, samples))
   batch = trainer.global_batch(next(iterator))
   iterator.close()
@@ -476,20 +676,35 @@ def measure_step_times(
   batches: Mapping[str, Any],
   base: Any,
   *,
-  rounds: int = 5,
-  steps: int = 10,
-) -> dict[str, float]:
-  """Seconds per train step of each method, timed back to back in the same process.
+  rounds: int,
+  steps: int,
+) -> dict[str, list[float]]:
+  """Seconds per train step of each method in each of `rounds` rounds, timed in turn in the same
+  process (`compare.timing` of configs/default.py sets both counts).
 
-  The methods take turns (`rounds` rounds of `steps` steps each, the order rotating every
-  round) on a fixed batch each, starting from the base, so a load that comes and goes on the
-  machine touches them all alike; each method's figure is the median of its rounds. The step
-  times logged during the sweeps (`metrics.jsonl`) ran minutes apart and vary with the load.
+  In every round each method runs `steps` steps on a fixed batch of its own, starting from the
+  base, the order rotating every round; so a load that comes and goes on the machine touches
+  the methods of one round alike, and `report.step_time_ratios` reads the rounds as pairs (the
+  median of the paired ratios, with an interval). The step times logged during the sweeps
+  (`metrics.jsonl`) ran minutes apart and vary with the load.
+
+  Returns:
+    `{name: [seconds per step in round 0, round 1, ...]}`.
   """
+  if rounds < 1 or steps < 1:
+    raise ValueError(
+      f"compare.timing rounds={rounds}, steps={steps}: give at least 1 of each (about 16 rounds "
+      "give the cost column a 95% interval)."
+    )
   names = list(trainers)
   states = {}
   for name in names:  # compiled before timing; a step's output feeds the next
-    states[name], _ = trainers[name].train_step(trainers[name].create_state(base), batches[name])
+    state = trainers[name].create_state(base)
+    # Two steps: the second takes the first's output, whose placement can differ from a new
+    # state's, and so may compile again.
+    for _ in range(2):
+      state, _ = trainers[name].train_step(state, batches[name])
+    states[name] = state
   jax.block_until_ready(states)
   times: dict[str, list[float]] = {name: [] for name in names}
   for round_index in range(rounds):
@@ -502,7 +717,17 @@ def measure_step_times(
       jax.block_until_ready(state)
       times[name].append((time.perf_counter() - start) / steps)
       states[name] = state
-  return {name: statistics.median(values) for name, values in times.items()}
+  return times
 
 
-__all__ = ["FINGERPRINT_FILE", "SweepRun", "claim", "compare", "measure_step_times"]
+__all__ = [
+  "FINGERPRINT_FILE",
+  "MAX_CURVE_POINTS",
+  "ResultsStore",
+  "SweepRun",
+  "claim",
+  "code_version",
+  "compare",
+  "measure_step_times",
+  "thinned",
+]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -29,8 +29,9 @@ import optax
 from flax import nnx
 
 from finch_jax import lora as lora_lib
-from finch_jax import losses, models
+from finch_jax import losses, measures, models
 from finch_jax import sharding as shd
+from finch_jax.measures import token_cross_entropy
 from finch_jax.remedies import token_kl_to_base
 from finch_jax.transform import finch_stats, find_finch_states, zero_unless
 
@@ -45,13 +46,6 @@ class TrainState:
   params: Any  # nnx.State of the model's parameters (plain arrays).
   opt_state: Any  # optax state of `Trainer.tx`.
   num_skipped: jax.Array  # [] int32: steps whose loss or gradients were not finite (no update).
-
-
-def token_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-  """(sum of weighted token cross-entropies, sum of weights), both float32 scalars."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-  weights = weights.astype(jnp.float32)
-  return jnp.sum(losses * weights), jnp.sum(weights)
 
 
 def _micro_batch_shape(batch: Batch, num: int) -> Batch:
@@ -225,11 +219,18 @@ def train_step(
   return new_state, metrics
 
 
-def eval_step(spec: StepSpec, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """(sum of weighted token cross-entropies, sum of weights) of the model's `params`."""
+def eval_step(
+  spec: StepSpec, params: Any, batch: Batch, reference: Any, end_ids: jax.Array
+) -> dict[str, jax.Array]:
+  """The sums of `finch_jax.measures.token_sums` for a text or instruction batch: loss, token
+  accuracy without end markers (`end_ids`), exact answers and, with `reference` parameters,
+  KL(reference || model).
+
+  With `loss_chunk_size` only `loss` and `tokens`: the logits are made a chunk at a time and
+  never held whole, as on a pod, where the other measures are not taken."""
   if spec.loss_chunk_size:
     hidden, head = hidden_and_head(spec, params, batch)
-    return losses.cross_entropy_sums(
+    loss, tokens = losses.cross_entropy_sums(
       hidden,
       head,
       batch["targets"],
@@ -237,72 +238,20 @@ def eval_step(spec: StepSpec, params: Any, batch: Batch) -> tuple[jax.Array, jax
       chunk_size=spec.loss_chunk_size,
       logits_sharding=spec.logits_sharding,
     )
-  return token_cross_entropy(logits(spec, params, batch), batch["targets"], batch["weights"])
+    return {"loss": loss, "tokens": tokens}
+  reference_logits = None if reference is None else logits(spec, reference, batch)
+  return measures.token_sums(logits(spec, params, batch), batch, end_ids, reference_logits)
 
 
-def fact_step(spec: StepSpec, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """(facts whose answer greedy decoding reproduces exactly, facts counted) in `batch`."""
-  prompts, lengths, answers = batch["prompts"], batch["prompt_lengths"], batch["answers"]
-  batch_size, answer_len = answers.shape
-  rows = jnp.arange(batch_size)[:, None]
-  answer_pos = lengths[:, None] + jnp.arange(answer_len)  # where each answer token goes
-  tokens = jnp.pad(prompts, ((0, 0), (0, answer_len))).at[rows, answer_pos].set(answers)
+def fact_step(
+  spec: StepSpec, params: Any, batch: Batch, continues: jax.Array
+) -> dict[str, jax.Array]:
+  """The sums of `finch_jax.measures.fact_sums` for a batch of fact probes: exact recall that
+  ends where it should, the answers' NLL, calibration bins of the first answer token."""
+  tokens, _ = measures.fact_inputs(batch)
   with _on_mesh(spec):
     model_logits = nnx.merge(spec.graphdef, params)(tokens)
-  predicted = jnp.argmax(model_logits[rows, answer_pos - 1], axis=-1)
-  recalled = jnp.all((predicted == answers) | (batch["answer_mask"] == 0), axis=1)
-  counted = batch["example_mask"] > 0
-  return jnp.sum(recalled & counted), jnp.sum(counted)
-
-
-def measure_step(
-  spec: StepSpec, params: Any, reference: Any, batch: Batch
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """(weighted sums of the token cross-entropy, of the weights, of the tokens predicted right by
-  the arg-max, and of KL(reference || model) per token; the KL is 0 without a reference).
-
-  Computes the whole logits: meant for evaluation sets, not for a pod's training batch."""
-  model_logits = logits(spec, params, batch)
-  weights = batch["weights"].astype(jnp.float32)
-  loss_sum, weight_sum = token_cross_entropy(model_logits, batch["targets"], weights)
-  right = (jnp.argmax(model_logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-  kl_sum = jnp.zeros([], jnp.float32)
-  if reference is not None:
-    kl_sum, _ = token_kl_to_base(model_logits, logits(spec, reference, batch), weights)
-  return loss_sum, weight_sum, jnp.sum(right * weights), kl_sum
-
-
-CALIBRATION_BINS = 10  # equal-width confidence bins of the expected calibration error
-
-
-def calibration_step(spec: StepSpec, params: Any, batch: Batch) -> jax.Array:
-  """Per confidence bin, over the facts of `batch`: [facts, summed confidence, facts right].
-
-  A fact's confidence is the probability the model gives its most likely first answer token; it
-  is right when that token is the answer's. Summed on device, so each process may hold only its
-  own rows."""
-  prompts, lengths, answers = batch["prompts"], batch["prompt_lengths"], batch["answers"]
-  rows = jnp.arange(answers.shape[0])
-  with _on_mesh(spec):
-    model_logits = nnx.merge(spec.graphdef, params)(prompts)
-  next_token = jax.nn.softmax(model_logits[rows, lengths - 1].astype(jnp.float32), axis=-1)
-  confidence = jnp.max(next_token, axis=-1)
-  right = (jnp.argmax(next_token, axis=-1) == answers[:, 0]).astype(jnp.float32)
-  counted = (batch["example_mask"] > 0).astype(jnp.float32)
-  bins = jnp.minimum((confidence * CALIBRATION_BINS).astype(jnp.int32), CALIBRATION_BINS - 1)
-  one_hot = jax.nn.one_hot(bins, CALIBRATION_BINS) * counted[:, None]
-  return jnp.stack([one_hot.sum(0), confidence @ one_hot, right @ one_hot])
-
-
-def expected_calibration_error(bin_sums: np.ndarray) -> float:
-  """Expected calibration error from `calibration_step`'s sums: the mean over bins of |accuracy -
-  confidence| in the bin, weighted by the share of facts in it (NaN without facts)."""
-  count, confidence, right = np.asarray(bin_sums, np.float64)
-  if count.sum() == 0:
-    return float("nan")
-  filled = count > 0
-  gap = np.abs(right[filled] - confidence[filled]) / count[filled]
-  return float(np.sum(count[filled] / count.sum() * gap))
+  return measures.fact_sums(model_logits, batch, continues)
 
 
 def _check_options(kl_weight: float, loss_chunk_size: int) -> None:
@@ -416,8 +365,6 @@ class Trainer:
     )
     self._eval_step = jax.jit(functools.partial(eval_step, self.spec))
     self._fact_step = jax.jit(functools.partial(fact_step, self.spec))
-    self._measure_step = jax.jit(functools.partial(measure_step, self.spec))
-    self._calibration_step = jax.jit(functools.partial(calibration_step, self.spec))
     self._merge = jax.jit(functools.partial(full_params, self.spec))
 
   @property
@@ -482,12 +429,13 @@ class Trainer:
 
   def _make_state(self, trained: Any) -> TrainState:
     opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings())(trained)
-    return TrainState(
-      step=jnp.zeros([], jnp.int32),
-      params=trained,
-      opt_state=opt_state,
-      num_skipped=jnp.zeros([], jnp.int32),
+    # The counters laid out as the step returns them (replicated over the mesh): an array left
+    # on one device would make the second step compile the program again.
+    # Two arrays: the step donates its state, and one buffer cannot be donated twice.
+    step, num_skipped = jax.device_put(
+      (jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)), self._state_shardings().step
     )
+    return TrainState(step=step, params=trained, opt_state=opt_state, num_skipped=num_skipped)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of a state, for restoring a checkpoint without allocating."""
@@ -559,70 +507,50 @@ class Trainer:
       )
     return self._train_step(state, batch, self.reference)
 
-  def evaluate(self, params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> float:
-    """Token-weighted mean loss over every batch of a finite iterable."""
-    loss_sum, weight_sum = jnp.zeros([]), jnp.zeros([])
-    for batch in batches:
-      s, w = self._eval_step(params, self.global_batch(batch))
-      loss_sum, weight_sum = loss_sum + s, weight_sum + w
-    return float(loss_sum / jnp.maximum(weight_sum, 1.0))
+  def _summed(
+    self, step, params: Any, batches: Iterable[Mapping[str, np.ndarray]], *extra
+  ) -> dict[str, Any]:
+    """The sums `step(params, batch, *extra)` returns, added on device over every batch of a
+    finite iterable (the one host loop of every measure), fetched once."""
+    total = None
+    for local in batches:
+      sums = step(params, self.global_batch(local), *extra)
+      total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    return {} if total is None else jax.device_get(total)
 
-  def measure(
+  def eval_sums(
     self,
     params: Any,
     batches: Iterable[Mapping[str, np.ndarray]],
     reference: Any = None,
+    end_ids: Sequence[int] = (),
   ) -> dict[str, float]:
-    """`loss` (token-weighted mean), `accuracy` (share of tokens the arg-max predicts) and, with
-    `reference` parameters, `kl`: the mean KL(reference || model) of the next-token
-    distributions, which sees any change of the model, also one that leaves the loss as it was."""
-    sums = [jnp.zeros([]) for _ in range(4)]
-    for batch in batches:
-      step = self._measure_step(params, reference, self.global_batch(batch))
-      sums = [a + b for a, b in zip(sums, step, strict=True)]
-    loss_sum, weight_sum, right_sum, kl_sum = (float(x) for x in sums)
-    weight_sum = max(weight_sum, 1.0)
-    out = {"loss": loss_sum / weight_sum, "accuracy": right_sum / weight_sum}
-    if reference is not None:
-      out["kl"] = kl_sum / weight_sum
-    return out
+    """`eval_step`'s sums over every batch (`finch_jax.measures.token_sums`)."""
+    ends = jnp.asarray(list(end_ids) or [-1], jnp.int32)
+    sums = self._summed(self._eval_step, params, batches, reference, ends)
+    return {key: float(value) for key, value in sums.items()}
 
-  def calibration_error(self, params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> float:
-    """Expected calibration error of the first answer token of each fact
-    (`calibration_step`, `expected_calibration_error`)."""
-    sums = jnp.zeros((3, CALIBRATION_BINS))
-    for local in batches:
-      sums = sums + self._calibration_step(params, self.global_batch(local))
-    return expected_calibration_error(jax.device_get(sums))
+  def fact_sums(
+    self, params: Any, batches: Iterable[Mapping[str, np.ndarray]], continues: np.ndarray
+  ) -> dict[str, Any]:
+    """`fact_step`'s sums over every batch of fact probes (`finch_jax.measures.fact_sums`);
+    `continues` from `finch_jax.data.tokenizer.word_continuations`."""
+    return self._summed(self._fact_step, params, batches, jnp.asarray(continues))
 
-  def fact_accuracy(self, params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> float:
-    """Share of facts whose answer greedy decoding would produce exactly.
-
-    Greedy decoding reproduces the answer exactly if and only if, with the correct answer so far
-    as context, the arg-max next token is the correct one at every answer position; so one
-    teacher-forced forward pass per batch gives the same verdict as decoding token by token.
-    Batches come from `finch_jax.data.fact_batches`; counting happens on device, so each process
-    may hold only its own rows.
-    """
-    correct, total = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
-    for local in batches:
-      c, t = self._fact_step(params, self.global_batch(local))
-      correct, total = correct + c, total + t
-    return float(correct) / max(int(total), 1)
+  def evaluate(self, params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> float:
+    """Token-weighted mean loss over every batch of a finite iterable."""
+    sums = self.eval_sums(params, batches)
+    return sums.get("loss", 0.0) / max(sums.get("tokens", 0.0), 1.0)
 
 
 __all__ = [
   "StepSpec",
   "TrainState",
   "Trainer",
-  "CALIBRATION_BINS",
-  "calibration_step",
   "eval_step",
-  "expected_calibration_error",
   "fact_step",
   "full_params",
   "logits",
-  "measure_step",
   "loss_sums",
   "token_cross_entropy",
   "train_step",

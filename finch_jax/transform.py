@@ -19,6 +19,10 @@ from optax._src import numerics
 DEFAULT_MIN_SCALE = 0.1
 DEFAULT_MAX_SCALE = 4.0
 DEFAULT_EMA_DECAY = 0.0
+# The reading of the reference: the first finite loss (neither averaged over more steps nor
+# running), as the rule was first written; `scale_by_finch` lists the others.
+DEFAULT_REFERENCE_STEPS = 1
+DEFAULT_REFERENCE_DECAY = 0.0
 
 _MISSING_VALUE_MSG = (
   "scale_by_finch needs the batch loss: call `update(grads, state, params, value=loss)` "
@@ -30,7 +34,7 @@ class FinchState(NamedTuple):
   """State of `scale_by_finch`: five scalars, whatever the size of the model."""
 
   count: jax.Array  # shape=(), int32: steps taken with a finite loss.
-  reference_loss: jax.Array  # shape=(), float32: L_ref (0 until the first finite loss).
+  reference_loss: jax.Array  # shape=(), float32: L_ref of the last finite step (0 before one).
   smoothed_loss: jax.Array  # shape=(), float32: Lhat, the (bias-corrected) loss FINCH used.
   scale: jax.Array  # shape=(), float32: the multiplier applied at the last finite step.
   num_skipped: jax.Array  # shape=(), int32: steps whose loss was not finite.
@@ -46,10 +50,20 @@ def _concrete_float(x: Any) -> float | None:
     return None
 
 
-def _check_hyperparameters(reference_loss, loss_floor, min_scale, max_scale, ema_decay) -> None:
-  """Raises ValueError for hyper-parameters that are concrete and invalid."""
+def _check_hyperparameters(
+  reference_loss,
+  loss_floor,
+  min_scale,
+  max_scale,
+  ema_decay,
+  reference_steps=DEFAULT_REFERENCE_STEPS,
+  reference_decay=DEFAULT_REFERENCE_DECAY,
+) -> None:
+  """Raises ValueError for hyper-parameters that are concrete and invalid; each message starts
+  with the name of the option to change."""
   ref, floor = _concrete_float(reference_loss), _concrete_float(loss_floor)
   lo, hi, decay = map(_concrete_float, (min_scale, max_scale, ema_decay))
+  steps, ref_decay = _concrete_float(reference_steps), _concrete_float(reference_decay)
   if floor is not None and not math.isfinite(floor):
     raise ValueError(f"loss_floor must be a finite number, got {loss_floor}.")
   if hi is not None and not hi > 0:
@@ -64,6 +78,34 @@ def _check_hyperparameters(reference_loss, loss_floor, min_scale, max_scale, ema
     raise ValueError(
       f"reference_loss ({reference_loss}) must be finite and above loss_floor ({loss_floor}); "
       "pass reference_loss=None to use the first batch loss."
+    )
+  if steps is not None and not (math.isfinite(steps) and steps >= 1 and steps == int(steps)):
+    raise ValueError(
+      f"reference_steps must be a whole number >= 1, got {reference_steps}; 1 takes the first "
+      "finite loss as the reference."
+    )
+  if ref_decay is not None and not 0.0 <= ref_decay < 1.0:
+    raise ValueError(
+      f"reference_decay must be in [0, 1), got {reference_decay}; 0 keeps the reference fixed."
+    )
+  averaged = steps is not None and steps > 1
+  running = ref_decay is not None and ref_decay > 0
+  if reference_loss is not None and (averaged or running):
+    name, value = ("reference_steps", steps) if averaged else ("reference_decay", ref_decay)
+    raise ValueError(
+      f"{name} ({value}) reads the reference from the losses, but reference_loss "
+      f"({reference_loss}) gives it: pass one of them."
+    )
+  if averaged and running:
+    raise ValueError(
+      f"reference_decay ({reference_decay}) and reference_steps ({reference_steps}) are two "
+      "readings of the reference: pass one of them."
+    )
+  if running and decay is not None and not ref_decay > decay:
+    raise ValueError(
+      f"reference_decay ({reference_decay}) must exceed ema_decay ({ema_decay}): a reference "
+      "at least as quick as the loss it is compared with leaves the scale at 1 or turns it the "
+      "wrong way."
     )
 
 
@@ -100,6 +142,8 @@ def scale_by_finch(
   max_scale: float | jax.Array = DEFAULT_MAX_SCALE,
   ema_decay: float | jax.Array = DEFAULT_EMA_DECAY,
   axis_name: str | None = None,
+  reference_steps: int | jax.Array = DEFAULT_REFERENCE_STEPS,
+  reference_decay: float | jax.Array = DEFAULT_REFERENCE_DECAY,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scales updates by FINCH's loss-adaptive factor.
 
@@ -111,14 +155,55 @@ def scale_by_finch(
   product near a constant by multiplying the incoming updates by
 
   .. math::
-    s_t = \mathrm{clip}\left(\sqrt{\frac{L_{ref} - L^*}{\hat L_t - L^*}},
+    s_t = \mathrm{clip}\left(\sqrt{\frac{L_{ref,t} - L^*}{\hat L_t - L^*}},
           s_{min}, s_{max}\right)
 
   where :math:`\hat L_t` is the batch loss (or its bias-corrected moving average
-  when ``ema_decay > 0``), :math:`L^*` is ``loss_floor`` and :math:`L_{ref}` is
-  ``reference_loss``, or the first finite loss seen when it is ``None`` (so the
-  first scale is 1). High-loss batches get a smaller step; the step grows as the
-  model converges. A loss at or below the floor gives ``max_scale``.
+  when ``ema_decay > 0``), :math:`L^*` is ``loss_floor`` and :math:`L_{ref,t}` is
+  the reference, read in one of the ways below. High-loss batches get a smaller
+  step; the step grows as the model converges. A loss at or below the floor gives
+  ``max_scale``.
+
+  The bound is about a step proportional to the gradient, as in SGD (with momentum
+  the step is a running sum of gradients, which shrinks with them too): there
+  :math:`|\nabla L|` falls with :math:`L`, and holding :math:`\eta\sqrt{L - L^*}`
+  level holds the bound level. Adam divides the gradient by its own running
+  magnitude, so its step does not shrink as the gradient does; over Adam, with the
+  first batch as reference, FINCH is a rate that climbs as the loss falls (up to
+  ``max_scale``), not a bound on forgetting.
+
+  Readings. The rule is stated in words ("lowers the learning rate on high-loss
+  batches and raises it as the model converges"); what the loss is compared with
+  is a choice, and each choice is a keyword here:
+
+  1. The first batch (the default): :math:`L_{ref}` is the first finite loss, so
+     the first scale is 1 and the scale rises as :math:`\sqrt{L_1 / L_t}` while
+     the loss falls, up to ``max_scale``.
+  2. The mean of the first k (``reference_steps=k``): :math:`L_{ref}` is the mean
+     of the first k finite losses, so one unusual first batch does not set the
+     rate of the whole run. During those k steps it is the mean of the losses seen
+     so far, this one included: the first scale is 1, and ``k=1`` is reading 1.
+  3. A running average (``reference_decay=d``): :math:`L_{ref,t}` is the
+     bias-corrected exponential average of the finite losses, this one included
+     (a horizon of about :math:`1/(1-d)` steps). The scale reacts to batches harder
+     or easier than the recent ones and ignores the global trend: on a loss that
+     falls by a factor :math:`r` each step it settles at
+     :math:`\sqrt{(1-d)/(1-d/r)}` (for :math:`d < r`) instead of rising to
+     ``max_scale``. ``d`` must exceed ``ema_decay``: a reference at least as quick
+     as the loss it is compared with leaves the scale at 1 or turns it the wrong
+     way.
+  4. A target loss (``reference_loss=target, max_scale=1``): the scale is below 1
+     while the loss is above the target, lowest on the hardest batches, and 1 once
+     the loss reaches it, so the run starts slow and returns to the base rate as it
+     converges, never above it: a loss-driven warm-up.
+  5. Over SGD with momentum (``finch(optax.sgd(lr, momentum=0.9))``, with any
+     reading above), the base whose step shrinks with the gradient, where the
+     bound's premise holds. FINCH scales the momentum's step, as a learning rate
+     does.
+
+  In every reading ``reference_loss`` in the state (and in :func:`finch_stats`) is
+  the reference of the last finite step, so ``forgetting_bound`` is
+  :math:`\sqrt{L_{ref,t} - L^*}` whenever the scale is not clipped.
 
   Pass the batch loss with the keyword ``value``:
   ``updates, state = tx.update(grads, state, params, value=loss)``. It must be the
@@ -145,8 +230,8 @@ def scale_by_finch(
 
   Args:
     reference_loss: :math:`L_{ref}`, the loss at which the scale is 1. ``None``
-      takes the first finite batch loss. Setting it to a target task loss with
-      ``max_scale=1`` makes FINCH a loss-driven warm-up.
+      reads it from the losses (readings 1-3). Setting it to a target task loss
+      with ``max_scale=1`` makes FINCH a loss-driven warm-up (reading 4).
     loss_floor: :math:`L^*`, a lower bound of the fine-tuning loss (0 for
       cross-entropy; the data entropy when known).
     min_scale: lower bound of the multiplier (>= 0).
@@ -154,6 +239,11 @@ def scale_by_finch(
     ema_decay: decay of the moving average of the loss in ``[0, 1)``; 0 uses the
       loss of each batch as it comes.
     axis_name: a mapped axis (``pmap``, ``shard_map``) to average the loss over.
+    reference_steps: with ``reference_loss=None``, the number of first finite
+      losses whose mean is the reference (a whole number >= 1; 1 takes the first).
+    reference_decay: with ``reference_loss=None``, the decay in ``[0, 1)`` of the
+      running average of the loss that is the reference; 0 keeps the reference of
+      ``reference_steps``. Not together with ``reference_steps > 1``.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -176,7 +266,9 @@ def scale_by_finch(
     Prashant et al., `Fine-Tuning Without Forgetting via Loss-Adaptive Learning
     Rates <https://arxiv.org/abs/2605.20005>`_, 2026
   """
-  _check_hyperparameters(reference_loss, loss_floor, min_scale, max_scale, ema_decay)
+  _check_hyperparameters(
+    reference_loss, loss_floor, min_scale, max_scale, ema_decay, reference_steps, reference_decay
+  )
 
   def init_fn(params: optax.Params) -> FinchState:
     dtype = _stats_dtype(params)
@@ -211,7 +303,16 @@ def scale_by_finch(
     smoothed = keep * state.smoothed_loss + (1 - keep) * loss
 
     if reference_loss is None:
-      ref = jnp.where(state.count == 0, loss, state.reference_loss)
+      # The reference as the same kind of weighted mean: while fewer than reference_steps
+      # losses are in, the mean so far (weight (t - 1) / t), then fixed (weight 1); with
+      # reference_decay > 0, the bias-corrected running average. On the first step either
+      # weight is 0, so the reference is the first loss.
+      ref_decay = jnp.asarray(reference_decay, dtype)
+      filling = state.count < jnp.asarray(reference_steps)
+      mean_keep = jnp.where(filling, (t - 1) / t, 1.0)
+      running_keep = ref_decay * (1 - ref_decay ** (t - 1)) / (1 - ref_decay**t)
+      ref_keep = jnp.where(ref_decay > 0, running_keep, mean_keep)
+      ref = ref_keep * state.reference_loss + (1 - ref_keep) * loss
     else:
       ref = jnp.asarray(reference_loss, dtype)
 
@@ -246,6 +347,8 @@ def finch(
   max_scale: float | jax.Array = DEFAULT_MAX_SCALE,
   ema_decay: float | jax.Array = DEFAULT_EMA_DECAY,
   axis_name: str | None = None,
+  reference_steps: int | jax.Array = DEFAULT_REFERENCE_STEPS,
+  reference_decay: float | jax.Array = DEFAULT_REFERENCE_DECAY,
 ) -> optax.GradientTransformationExtraArgs:
   """`base` followed by :func:`scale_by_finch`, with non-finite batches kept out of `base`.
 
@@ -266,6 +369,8 @@ def finch(
     max_scale: as in :func:`scale_by_finch`.
     ema_decay: as in :func:`scale_by_finch`.
     axis_name: as in :func:`scale_by_finch`.
+    reference_steps: as in :func:`scale_by_finch`.
+    reference_decay: as in :func:`scale_by_finch`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; pass the batch loss to its
@@ -290,6 +395,8 @@ def finch(
       max_scale=max_scale,
       ema_decay=ema_decay,
       axis_name=axis_name,
+      reference_steps=reference_steps,
+      reference_decay=reference_decay,
     ),
   )
 
@@ -337,7 +444,8 @@ def finch_stats(opt_state: Any, loss_floor: float = 0.0) -> dict[str, jax.Array]
   """FINCH's telemetry read out of any optimizer state that holds one `scale_by_finch`.
 
   Returns a dict of scalars: ``scale`` (the multiplier of the last finite step),
-  ``reference_loss``, ``smoothed_loss``, ``forgetting_bound``
+  ``reference_loss`` (the reference that step was measured against, in whichever
+  reading), ``smoothed_loss``, ``forgetting_bound``
   (``scale * sqrt(smoothed_loss - loss_floor)``, the quantity FINCH holds near
   ``sqrt(reference_loss - loss_floor)``; multiply by the learning rate for the
   per-step bound up to a constant) and ``num_skipped``. Nothing is synchronised

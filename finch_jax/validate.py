@@ -51,12 +51,12 @@ from etils import epath
 from flax import nnx
 from tensorflow_datasets.core import naming
 
-from finch_jax import configure, models
+from finch_jax import checkpoint, configure, files, models
 from finch_jax import sharding as shd
 from finch_jax.data import builders, sft, synthetic
 from finch_jax.lora import LoraConfig
 from finch_jax.models import ModelConfig, hf
-from finch_jax.optim import make_optimizer, schedule_shape
+from finch_jax.optim import READINGS, finch_keywords, make_optimizer, schedule_shape
 from finch_jax.transform import scale_by_finch
 
 # The modes `experiment.train_and_evaluate` runs. Defined here rather than imported from
@@ -309,6 +309,13 @@ def _check_compare_settings(config: ml_collections.ConfigDict, p: _Problems) -> 
       baseline,
       f"the baseline must be one of compare.methods: {sorted(methods)}.",
     )
+  only = _get(config, "compare.only", ()) or ()
+  if isinstance(only, str) or not all(name in methods for name in only):
+    p.fail(
+      "compare.only",
+      only,
+      f"name methods of compare.methods to sweep now, e.g. ('finch',): {sorted(methods)}.",
+    )
   seeds = _get(config, "compare.seeds")
   if not isinstance(seeds, Sequence) or not seeds or not all(map(_is_seed, seeds)):
     p.fail("compare.seeds", seeds, "give a non-empty list of seeds in [0, 2**32), e.g. (0, 1).")
@@ -452,32 +459,41 @@ def _check_optimizer(run: _Run, p: _Problems) -> None:
 
 
 def _check_finch(run: _Run, p: _Problems) -> None:
-  """With FINCH on, its options are those of `scale_by_finch`, in its ranges."""
+  """With FINCH on, its options are its reading (`optim.finch_keywords`) and those of
+  `scale_by_finch`, in their ranges and consistent with the reading."""
   finch = _as_dict(_get(run.config, "finch"))
   if not finch.get("enabled", False):
     return
   options = {k: v for k, v in finch.items() if k != "enabled"}
   parameters = inspect.signature(scale_by_finch).parameters
-  accepted = sorted(parameters)
+  accepted = sorted({*parameters, "reading"})
   for key in sorted(set(options) - set(accepted)):
     p.fail(
       run.name(f"finch.{key}"),
       options[key],
-      f"not an option of scale_by_finch{_did_you_mean(key, accepted)}; "
-      f"options: {', '.join(accepted)}.",
+      f"not a FINCH option{_did_you_mean(key, accepted)}; options: {', '.join(accepted)}.",
     )
   try:
-    scale_by_finch(**{k: v for k, v in options.items() if k in parameters})
+    keywords = finch_keywords({k: v for k, v in options.items() if k in accepted})
+  except ValueError as error:  # messages start with the field to change
+    field = str(error).split()[0]
+    if options.get(field) is None:  # a reading's field left unset: name the reading
+      field = "reading"
+    p.fail(run.name(f"finch.{field}"), options.get(field, "first"), str(error))
+    return
+  try:
+    scale_by_finch(**keywords)
   except (TypeError, ValueError) as error:  # scale_by_finch's own range checks
     first = str(error).split()[0]  # they start with the option's name
     if first not in options:
       p.fail(run.name("finch"), finch, str(error))
       return
-    default = parameters[first].default
+    # A reading's own field has no default: its reading needs it set.
+    default = "" if first in READINGS.values() else f" (default: {parameters[first].default!r})"
     p.fail(
       run.name(f"finch.{first}"),
       options[first],
-      f"{error} Set {run.flag(f'finch.{first}')} accordingly (default: {default!r}).",
+      f"{error} Set {run.flag(f'finch.{first}')} accordingly{default}.",
     )
 
 
@@ -1051,7 +1067,7 @@ def _check_workdir(workdir: str, p: _Problems) -> bool:
   can; the resume checks read the workdir only then."""
   if workdir.startswith("gs://"):
     return _check_bucket(workdir, p)
-  if "://" in workdir:
+  if files.is_remote(workdir):
     return True  # another store of epath's (s3://, ...): the run itself says what is wrong
   return _check_local_dir(workdir, p)
 
@@ -1194,6 +1210,10 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: str, p: _Problems)
   if not found or not found[1]:
     return
   directory, step = found[0], max(found[1])
+  mismatch = _fingerprint_mismatch(config, directory, step)
+  if mismatch:
+    p.fail("--workdir", workdir, mismatch)
+    return
   saved = _saved_arrays(directory, step)
   built = _built_arrays(config)
   if saved is None or built is None:
@@ -1216,6 +1236,17 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: str, p: _Problems)
     f"{_shown_arrays(paths, saved, built)}{changed}. The run would resume from it and {outcome}"
     ": rerun with the config that wrote it, or use a new --workdir.",
   )
+
+
+def _fingerprint_mismatch(config: ml_collections.ConfigDict, directory: str, step: int) -> str:
+  """Why the run `config` makes may not resume checkpoint `step` (saved by a run of another
+  config, other data or another base: `checkpoint.resume_mismatch`), or ''."""
+  try:
+    record = configure.fingerprint_record(config)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return ""  # a config rejected above, or files the run itself will name
+  error = checkpoint.resume_mismatch(directory, step, record)
+  return "" if error is None else str(error)
 
 
 def _saved_arrays(directory: str, step: int) -> dict[str, tuple[Any, ...]] | None:

@@ -10,7 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-from finch_jax.models.gguf import smollm2_path  # noqa: E402
+from finch_jax.models.gguf import gguf_tokenizer, smollm2_path  # noqa: E402
 
 # Under CI (CI=true) a skip is a failure: a test whose dependency did not import must not let the
 # suite go green without it (the Hugging Face parity tests, say). Locally a skip stays a skip.
@@ -44,3 +44,9 @@ def smollm2() -> str:
     return smollm2_path()
   except FileNotFoundError as error:
     pytest.skip(str(error))  # a failure under CI, where it is installed
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2):
+  """SmolLM2-135M-Instruct's tokenizer, read from its GGUF file."""
+  return gguf_tokenizer(smollm2)

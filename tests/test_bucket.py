@@ -274,7 +274,7 @@ def test_reports_metrics_and_sweep_records_are_kept_in_the_bucket(gcs):
   workdir = f"gs://{bucket}/wd"
   report.write_report(workdir, report.build_report("standard", BEFORE, RUNS))
   files = gcs.files(f"{bucket}/wd")
-  assert files == ["curves.png", "frontier.png", "report.json", "report.md"]
+  assert files == ["curves.png", "frontier.png", "relative_change.png", "report.json", "report.md"]
   assert gcs.fs.cat(f"{bucket}/wd/frontier.png").startswith(b"\x89PNG")
   assert json.loads(gcs.fs.cat(f"{bucket}/wd/report.json"))["baseline"] == "standard"
 
@@ -301,6 +301,37 @@ def test_reports_metrics_and_sweep_records_are_kept_in_the_bucket(gcs):
   assert gcs.files(run_dir.removeprefix("gs://")) == [sweep.FINGERPRINT_FILE]
   stale = f"{run_dir}.stale-first".removeprefix("gs://")
   assert gcs.files(stale) == [sweep.FINGERPRINT_FILE, "result.json"]
+
+
+def test_a_bucket_base_is_fingerprinted_and_runs_set_aside_never_collide(gcs):
+  """The files of a base checkpoint in a bucket key the runs made from it; a config flipped
+  A -> B -> A -> B keeps every old run under its own name (a rename onto a taken name would
+  merge two runs' objects)."""
+  bucket = gcs.bucket("finch-flips")
+  weights = f"{bucket}/base/checkpoints/10/params/data"
+  gcs.fs.pipe(weights, b"weights")
+  config = configure.override(
+    pretrain_tiny.get_config(), {"base_checkpoint": f"gs://{bucket}/base"}
+  )
+  key = configure.fingerprint(config)
+  assert configure.fingerprint(config) == key
+  gcs.fs.pipe(weights, b"weights trained further")
+  assert configure.fingerprint(config) != key
+
+  run_dir = f"gs://{bucket}/runs/lr0.001_seed0"
+  for n, fingerprint in enumerate(["aaaa", "bbbb", "aaaa", "bbbb"]):
+    sweep.claim(run_dir, fingerprint)
+    gcs.fs.pipe(f"{run_dir}/result.json".removeprefix("gs://"), str(n).encode())
+  kept = {
+    name: gcs.fs.cat(f"{bucket}/runs/{name}/result.json").decode()
+    for name in {path.split("/")[0] for path in gcs.files(f"{bucket}/runs")}
+  }
+  assert kept == {
+    "lr0.001_seed0": "3",
+    "lr0.001_seed0.stale-aaaa": "0",
+    "lr0.001_seed0.stale-aaaa-2": "2",
+    "lr0.001_seed0.stale-bbbb": "1",
+  }
 
 
 # ----- a failed write --------------------------------------------------------------------------

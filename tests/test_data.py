@@ -355,7 +355,7 @@ def _segments(batch):
       yield row, np.append(batch["inputs"][row, where], batch["targets"][row, where[-1]])
 
 
-def _check_lm_batch(batch, batch_size, seq_len, example_bytes):
+def _check_lm_batch(batch, batch_size, seq_len, example_bytes, evaluation=False):
   shapes = {key: (value.shape, value.dtype.name) for key, value in batch.items()}
   assert shapes == {
     "inputs": ((batch_size, seq_len), "int32"),
@@ -365,7 +365,9 @@ def _check_lm_batch(batch, batch_size, seq_len, example_bytes):
     "positions": ((batch_size, seq_len), "int32"),
   }
   padding = batch["segment_ids"] == 0
-  np.testing.assert_array_equal(batch["weights"], (~padding).astype(np.float32))
+  # Evaluation weighs the text's own tokens only: not the eos added after it.
+  weighted = ~padding & (batch["targets"] != TOK.eos_id) if evaluation else ~padding
+  np.testing.assert_array_equal(batch["weights"], weighted.astype(np.float32))
   assert np.all(batch["inputs"][padding] == TOK.pad_id)
   assert np.all(batch["targets"][padding] == TOK.pad_id)
   for row in range(batch_size):
@@ -560,12 +562,12 @@ def test_eval_batches_cover_each_example_once(bios, packing):
   batches = list(ds)
   assert batches and all(b["inputs"].shape == (4, 40) for b in batches)
   for batch in batches:
-    _check_lm_batch(batch, 4, 40, _token_bytes(texts))
-  # Every target token of every example is weighted exactly once.
-  assert sum(b["weights"].sum() for b in batches) == sum(len(t.encode()) + 1 for t in texts)
+    _check_lm_batch(batch, 4, 40, _token_bytes(texts), evaluation=True)
+  # Every text token of every example is weighted exactly once (the added eos is not).
+  assert sum(b["weights"].sum() for b in batches) == sum(len(t.encode()) for t in texts)
   if not packing:
     # In order: windows concatenated give back each example.
-    inputs = np.concatenate([b["inputs"][b["weights"] > 0] for b in batches])
+    inputs = np.concatenate([b["inputs"][b["segment_ids"] > 0] for b in batches])
     decoded = TOK.decode(np.where(inputs == TOK.bos_id, ord("|") + 3, inputs))
     assert decoded.split("|")[1:] == texts
     assert batches[-1]["weights"][-1].sum() == 0  # The last batch is padded with weight 0.
@@ -575,7 +577,8 @@ def test_eval_batches_cover_each_example_once(bios, packing):
       texts, tokenizer=TOK, seq_len=40, batch_size=4, num_examples=2, packing=packing
     )
   )
-  assert sum(b["weights"].sum() for b in limited) == sum(len(t.encode()) + 1 for t in texts[:2])
+  picked = [texts[i] for i in data.evaluation_rows(len(texts), 2)]
+  assert sum(b["weights"].sum() for b in limited) == sum(len(t.encode()) for t in picked)
 
 
 def test_sharded_eval_batches_split_each_global_batch(bios):

@@ -417,7 +417,8 @@ class _Successor(nnx.Module):
 def test_recalled_and_known_probes(dictionaries, tmp_path):
   tokenizer = data.ByteTokenizer()
   records = [
-    {"prompt": "ab", "answer": "cd"},  # each answer byte follows the one before: recalled
+    {"prompt": "ab", "answer": "cd"},  # written, but then "e" continues the word: not recalled
+    {"prompt": "+,", "answer": "-."},  # each byte follows the one before, then "/": recalled
     {"prompt": "ab", "answer": "d"},
     {"prompt": "xyz", "answer": "{"},
     {"prompt": "x", "answer": "yz{"},
@@ -425,6 +426,7 @@ def test_recalled_and_known_probes(dictionaries, tmp_path):
   ]
   model = _Successor()
   assert probes.recalled(records, model, tokenizer, batch_size=2).tolist() == [
+    False,
     True,
     False,
     True,
@@ -432,9 +434,9 @@ def test_recalled_and_known_probes(dictionaries, tmp_path):
     False,
   ]
   path = probes.known_probes(records, model, tokenizer, tmp_path / "probes" / "set.jsonl")
-  assert probes.read_probes(path) == [records[0], records[2], records[3]]
+  assert probes.read_probes(path) == [records[1], records[3], records[4]]
   header = json.loads(open(path).readline())
-  assert header["num_probes"] == 5 and header["num_known"] == 3
+  assert header["num_probes"] == 6 and header["num_known"] == 3
   before = os.stat(path).st_mtime_ns
   assert probes.known_probes(records, model, tokenizer, path) == path
   assert os.stat(path).st_mtime_ns == before  # same probes and model: reused

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,16 +33,18 @@ def test_monotone_sweep_stops_where_a_higher_rate_no_longer_helps():
   assert [p["learning_rate"] for p in kept] == [1e-4, 1e-3, 3e-3]
 
 
-def test_common_target_serves_the_most_methods_when_no_loss_serves_all():
+def test_overlap_serves_the_most_methods_when_no_loss_serves_all():
   def sweep(*losses):
     # Rising rates, falling losses.
     return [[run("m", 10.0 ** (i - 5), 0, loss, 0.0) for i, loss in enumerate(losses)]]
 
   # Spans: a [0.5, 2.0], b [0.6, 1.5], c [0.3, 0.4] (already low at its lowest rate).
   sweeps = {"a": sweep(2.0, 0.5), "b": sweep(1.5, 0.6), "c": sweep(0.4, 0.3)}
-  assert report.common_target(sweeps, "task_loss") == pytest.approx(0.6)  # a and b
+  span = report.overlap(sweeps, "task_loss")
+  assert (span["lo"], span["hi"], span["middle"]) == pytest.approx((0.6, 1.5, 1.05))
+  assert span["methods"] == ["a", "b"]  # c's sweep lies below both
   del sweeps["c"]
-  assert report.common_target(sweeps, "task_loss") == pytest.approx(0.6)  # all, lowest
+  assert report.overlap(sweeps, "task_loss")["middle"] == pytest.approx(1.05)  # all of them
 
 
 def test_interpolation_is_linear_in_task_loss_and_log_linear_in_rate():
@@ -52,10 +55,10 @@ def test_interpolation_is_linear_in_task_loss_and_log_linear_in_rate():
   assert math.isnan(report.interpolate(points, "task_loss", 0.5, "forgetting"))
 
 
-def test_matched_reads_every_method_at_the_best_loss_all_reach():
+def test_matched_reads_every_method_at_the_middle_of_the_losses_all_reach():
   runs = []
   for seed, shift in [(0, 0.0), (1, 0.02)]:
-    # "standard" reaches 0.9, "finch" only 1.0: the common target is 1.0.
+    # "standard" reaches 0.9, "finch" only 1.0: both span 1.0 to 2.0, read at 1.5.
     runs += [
       run("standard", 1e-4, seed, 2.0, 0.10 + shift),
       run("standard", 1e-3, seed, 0.9, 0.32 + shift),
@@ -65,29 +68,32 @@ def test_matched_reads_every_method_at_the_best_loss_all_reach():
       run("finch", 3e-4, seed, 1.0, 0.15 + shift),
     ]
   out = report.matched(runs, "task_loss", "forgetting")
-  assert out["target"] == pytest.approx(1.0)
-  # standard at 1.0: 10% of the way from 2.0 to 0.9 ... 1.0 is 1.0/1.1 of the way.
-  frac = (2.0 - 1.0) / (2.0 - 0.9)
+  assert out["target"] == pytest.approx(1.5)
+  # standard at 1.5: 0.5/1.1 of the way from 2.0 to 0.9.
+  frac = (2.0 - 1.5) / (2.0 - 0.9)
   want_standard = 0.10 + frac * 0.22 + 0.01
   assert out["methods"]["standard"]["forgetting"] == pytest.approx(want_standard)
-  assert out["methods"]["finch"]["forgetting"] == pytest.approx(0.16)
-  assert out["methods"]["finch"]["forgetting_std"] == pytest.approx(0.01)
+  assert out["methods"]["finch"]["forgetting"] == pytest.approx(0.11)  # 0.10 and 0.12
+  half = 12.706204736174707 * 0.02 / math.sqrt(2) / math.sqrt(2)  # t(0.975, 1) * sd / sqrt(n)
+  assert out["methods"]["finch"]["forgetting_ci"] == pytest.approx([0.11 - half, 0.11 + half])
   change = report.relative_change(
     out["methods"]["finch"]["per_seed"], out["methods"]["standard"]["per_seed"], "forgetting"
   )
-  assert change[0] == pytest.approx(
+  assert change["mean"] == pytest.approx(
     (
-      (0.15 - (0.10 + frac * 0.22)) / (0.10 + frac * 0.22)
-      + (0.17 - (0.12 + frac * 0.22)) / (0.12 + frac * 0.22)
+      (0.10 - (0.10 + frac * 0.22)) / (0.10 + frac * 0.22)
+      + (0.12 - (0.12 + frac * 0.22)) / (0.12 + frac * 0.22)
     )
     / 2
   )
+  assert change["n"] == 2
 
 
 @pytest.mark.slow
 def test_default_run_end_to_end_through_train_py(tmp_path):
-  """The default command on shrunken sizes: base, sweeps, matched report, plots, cache reuse."""
-  workdir = tmp_path / "wd"
+  """The default command on shrunken sizes: base, sweeps, matched report, plots, cache reuse,
+  and a results store that rebuilds the report alone and spares a rerun what it holds."""
+  workdir, study = tmp_path / "wd", tmp_path / "study"
   args = [
     sys.executable,
     os.path.join(ROOT, "train.py"),
@@ -109,6 +115,7 @@ def test_default_run_end_to_end_through_train_py(tmp_path):
     "--config.compare.methods.finch.learning_rates=(1e-3,1e-2)",
     "--config.compare.pretrain.num_train_steps=10",
     "--config.compare.pretrain.data.batch_size=8",
+    f"--config.compare.results_dir={study}",
   ]
   env = {**os.environ, "XLA_FLAGS": ""}
   first = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
@@ -127,18 +134,38 @@ def test_default_run_end_to_end_through_train_py(tmp_path):
     record = json.loads(f.readline())
   assert {"step", "loss", "finch_scale"} <= set(record)
 
-  # A second run reuses the base and every finished sweep point; only the step timing of the
-  # cost column is measured again.
+  # The results store holds every run's summary; its files alone rebuild the same report.
+  assert len(list(study.glob("runs/*/*.json"))) == 4
+  (study / "report.json").unlink()
+  rebuilt = subprocess.run(
+    [sys.executable, "-m", "finch_jax.report", str(study)],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=ROOT,
+  )
+  assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+  assert (study / "report.json").read_text() == (workdir / "report.json").read_text()
+
+  # A second run reuses the base and every finished sweep point, from the workdir or from the
+  # store: standard's runs are gone from the workdir and one of them from the store, so that one
+  # alone trains again. The step timing of the cost column is measured again.
+  shutil.rmtree(workdir / "runs" / "standard")
+  (study / "runs" / "standard" / "lr0.01_seed0.json").unlink()
   second = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
   assert second.returncode == 0, second.stderr[-3000:]
+  assert [p.name for p in (workdir / "runs" / "standard").iterdir()] == ["lr0.01_seed0"]
   with open(workdir / "report.json") as f:
     again = json.load(f)
-  timing = {"step_time", "step_time_ratio"}
+
+  def untimed(content):  # step times, logged or timed, vary; the JSON text reads NaN as NaN
+    if isinstance(content, dict):
+      return {k: untimed(v) for k, v in content.items() if "step_time" not in k}
+    return [untimed(v) for v in content] if isinstance(content, list) else content
+
   for name, entry in report["methods"].items():
-    assert {k: v for k, v in again["methods"][name].items() if k not in timing} == {
-      k: v for k, v in entry.items() if k not in timing
-    }
-  assert again["runs"] == report["runs"]
+    assert json.dumps(untimed(again["methods"][name])) == json.dumps(untimed(entry))
+  assert untimed(again["runs"]) == untimed(report["runs"])
 
   # A changed field that determines the runs redoes them (the base, which the field does not
   # touch, is reused); the old runs are set aside, not deleted.
@@ -158,3 +185,6 @@ def test_default_run_end_to_end_through_train_py(tmp_path):
   old = next(r for r in report["runs"] if r["method"] == "finch" and r["learning_rate"] == 1e-3)
   assert f"lr0.001_seed0.stale-{old['fingerprint']}" in finch_runs
   assert redone["before"] == report["before"]
+  # The store's summaries of the old fingerprint were not reused, and now hold the new runs.
+  kept = {json.loads(p.read_text())["fingerprint"] for p in study.glob("runs/*/*.json")}
+  assert kept == {run["fingerprint"] for run in redone["runs"]}

@@ -527,3 +527,22 @@ def test_smollm2_matches_transformers_and_knows_paris(smollm2, record_property):
   completion = tokenizer.decode(np.asarray(new)[0])
   print(f"The capital of France is|{completion}")
   assert tokenizer.decode(np.asarray(new)[0, :1]) == " Paris"
+
+
+def test_a_files_config_is_parsed_once_per_version(files, monkeypatch, tmp_path):
+  """Checking a config asks for its GGUF's config several times; each asking parsed the whole
+  metadata again (seconds for a real vocabulary: 7 parses, 61 of validate's 67 s for
+  configs/smollm2_knowledge.py on a busy 2-core machine)."""
+  import shutil
+
+  from finch_jax.models import gguf as gguf_lib
+
+  opened = []
+  real_open = gguf_lib._open
+  monkeypatch.setattr(gguf_lib, "_open", lambda path: opened.append(path) or real_open(path))
+  path = str(tmp_path / "model.gguf")
+  shutil.copy(files["llama"], path)
+  first = gguf_lib.gguf_config(path)
+  assert gguf_lib.gguf_config(path) == first and len(opened) == 1
+  shutil.copy(files["qwen3"], path)  # a rewritten file is read again
+  assert gguf_lib.gguf_config(path).model_type == "qwen3" and len(opened) == 2

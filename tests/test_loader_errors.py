@@ -466,7 +466,7 @@ def test_known_probes_in_a_bucket_go_through_epath(tmp_path, monkeypatch):
 
   mocks = dict.fromkeys(("open", "exists", "isdir", "makedirs", "mkdir", "remove", "stat"), on_path)
   mocks |= dict.fromkeys(("rename", "replace"), on_two_paths)
-  records = [{"prompt": "ab", "answer": "c"}, {"prompt": "ab", "answer": "d"}]
+  records = [{"prompt": "xyz", "answer": "{"}, {"prompt": "ab", "answer": "d"}]  # recalled: 1st
   with epath_testing.mock_epath(**mocks):
     path = probes.known_probes(
       records, _Successor(), data.ByteTokenizer(), "gs://runs/probes/elements.jsonl", model_key="m"

@@ -76,7 +76,7 @@ def test_kl_on_base_samples_finetune_runs_and_logs_the_kl(tmp_path, base):
     records = [json.loads(line) for line in f]
   kls = [r["kl"] for r in records if "kl" in r]
   assert kls and all(np.isfinite(kls)) and max(kls) > 0
-  samples = np.load(tmp_path / "replay_samples.npz")
+  samples = np.load(run.sample_cache(tmp_path, config, config.seed))
   assert len(samples.files) == 8
   assert np.isfinite(report["methods"]["finch"]["forgetting"])
 
@@ -130,13 +130,9 @@ def test_compare_runs_every_method_and_reports_costs(tmp_path):
   # Anchoring keeps one copy of the weights more; KL keeps the base model; LoRA trains adapters
   # of a frozen base, so its optimizer state is small.
   assert held["anchor"] - held["standard"] == params
-  assert (
-    held["kl_base+finch"] - held["finch"]
-    == params
-    + 4
-    * sum(x.nbytes for x in np.load(tmp_path / "base" / "replay_samples_n4_len16_t1.npz").values())
-    // 4
-  )
+  kl_config = configure.method_configs(config)["kl_base+finch"]
+  samples = np.load(run.sample_cache(tmp_path / "base", kl_config, kl_config.seed))
+  assert held["kl_base+finch"] - held["finch"] == params + sum(x.nbytes for x in samples.values())
   assert held["lora"] < held["standard"]
   # Step times come from an interleaved timing of every method in the same process.
   ratios = {name: m["step_time_ratio"] for name, m in report["methods"].items()}

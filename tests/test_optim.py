@@ -1,15 +1,20 @@
 """The optimizer a config describes: schedule values, the logged learning rate, SGD, and FINCH's
 logged bound with a loss floor."""
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from finch_jax import finch_stats
+from configs import default
+from finch_jax import finch_stats, scale_by_finch
 from finch_jax import sharding as shd
 from finch_jax.models import LlamaConfig
-from finch_jax.optim import make_optimizer, schedule_shape
+from finch_jax.optim import finch_keywords, make_optimizer, schedule_shape
+from finch_jax.remedies import anchor_to_init
 from finch_jax.trainer import Trainer, eval_step
 
 MODEL = LlamaConfig.tiny(num_layers=1, d_model=32, num_heads=2, num_kv_heads=1, d_ff=64)
@@ -100,3 +105,96 @@ def test_logged_forgetting_bound_honours_the_loss_floor():
     float(stats["scale"]) * np.sqrt(smoothed - floor), rel=1e-6
   )
   assert float(metrics["forgetting_bound"]) < float(stats["scale"]) * np.sqrt(smoothed) * 0.9
+
+
+def _grad_sequence(steps, seed=0):
+  rng = np.random.default_rng(seed)
+  return [
+    {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.asarray(rng.normal(size=4))}
+    for _ in range(steps)
+  ]
+
+
+def _run(tx, grads, losses=None):
+  """The parameters after one update per gradient, jitted (`losses` as FINCH's `value`)."""
+  params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+  state = tx.init(params)
+  extra = (lambda i: {"value": jnp.float32(losses[i])}) if losses else (lambda i: {})
+
+  @jax.jit
+  def step(params, state, g, extra):
+    updates, state = tx.update(g, state, params, **extra)
+    return optax.apply_updates(params, updates), state
+
+  for i, g in enumerate(grads):
+    params, state = step(params, state, g, extra(i))
+  return params
+
+
+def test_plain_sgd_momentum_path_is_optax_sgd_bit_for_bit():
+  grads = _grad_sequence(8)
+  tx, _ = make_optimizer({"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}, None, 8)
+  want = _run(optax.sgd(0.05, momentum=0.9), grads)
+  jax.tree.map(np.testing.assert_array_equal, _run(tx, grads), want)
+  # FINCH over it scales the momentum's step, as a learning rate does.
+  losses = [4.0, 3.0, 5.0, 1.0, 0.5, 2.0, 1.0, 0.25]
+  tx, _ = make_optimizer(
+    {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}, {"enabled": True}, 8
+  )
+  want = _run(optax.chain(optax.sgd(0.05, momentum=0.9), scale_by_finch()), grads, losses)
+  # Equal to float32 rounding (one ulp at most): the two chains compile to different programs.
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+  jax.tree.map(close, _run(tx, grads, losses), want)
+
+
+@pytest.mark.parametrize("finch_options", [None, {"enabled": True, "max_scale": 2.0}])
+def test_anchored_sgd_with_momentum_is_momentum_then_pull_to_the_start(finch_options):
+  grads = _grad_sequence(5)
+  losses = [4.0, 2.0, 1.0, 3.0, 0.5]
+  optimizer = {"name": "sgd", "learning_rate": 0.1, "momentum": 0.9, "anchor_strength": 0.5}
+  tx, _ = make_optimizer(optimizer, finch_options, 5)
+  want = optax.chain(optax.trace(decay=0.9), anchor_to_init(0.5), optax.scale_by_learning_rate(0.1))
+  if finch_options:
+    want = optax.chain(want, scale_by_finch(max_scale=2.0))
+  got = _run(tx, grads, losses if finch_options else None)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+  jax.tree.map(close, got, _run(want, grads, losses if finch_options else None))
+
+
+def test_config_readings_become_the_transform_keywords():
+  config = default.get_config().finch.to_dict()
+  bounds = {"loss_floor": 0.0, "min_scale": 0.1, "max_scale": 4.0, "ema_decay": 0.0}
+  # The default reading passes nothing of its own: scale_by_finch's first-loss reference.
+  assert finch_keywords(config) == bounds
+  assert finch_keywords({"enabled": True}) == {}
+  assert finch_keywords({**config, "reading": "first_k", "reference_steps": 8}) == {
+    **bounds,
+    "reference_steps": 8,
+  }
+  assert finch_keywords({**config, "reading": "running", "reference_decay": 0.99}) == {
+    **bounds,
+    "reference_decay": 0.99,
+  }
+  target = {**config, "reading": "target", "reference_loss": 1.5, "max_scale": 1.0}
+  assert finch_keywords(target) == {**bounds, "max_scale": 1.0, "reference_loss": 1.5}
+  for wrong, match in [
+    ({"reading": "last"}, "^reading 'last' is not one of"),
+    ({"reading": "running"}, "^reference_decay must be set"),
+    ({"reading": "target", "reference_loss": 1.5}, "^max_scale .* set finch.max_scale=1"),
+    ({"reading": "first_k", "reference_steps": 4, "reference_loss": 1.5}, "^reference_loss"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      finch_keywords({**config, **wrong})
+
+
+def test_a_configured_reading_is_the_transform_with_its_keyword():
+  grads, losses = _grad_sequence(6), [4.0, 3.0, 6.0, 1.0, 2.0, 0.5]
+  sgd = {"name": "sgd", "learning_rate": 0.05, "momentum": 0.9}
+  options = {"enabled": True, "reading": "running", "reference_decay": 0.8, "reference_steps": None}
+  tx, _ = make_optimizer(sgd, options, 6)
+  want = optax.chain(optax.sgd(0.05, momentum=0.9), scale_by_finch(reference_decay=0.8))
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+  jax.tree.map(close, _run(tx, grads, losses), _run(want, grads, losses))
+  # ... and not the default reading, on these losses.
+  first = _run(optax.chain(optax.sgd(0.05, momentum=0.9), scale_by_finch()), grads, losses)
+  assert not np.allclose(_run(tx, grads, losses)["w"], first["w"], rtol=1e-3)

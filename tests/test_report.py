@@ -1,6 +1,9 @@
-"""The report: headlines of each method and of "X+finch" against X, and values it cannot give."""
+"""The report: headlines of each method and of "X+finch" against X at the middle of their overlap,
+relative changes over the whole overlap, intervals over seeds, the cost column, and values it
+cannot give."""
 
 import math
+import statistics
 
 import pytest
 
@@ -43,16 +46,23 @@ def test_headlines_put_each_method_against_the_baseline_and_x_finch_against_x():
     "anchor+finch_vs_standard_forgetting_change",
     "anchor+finch_vs_anchor_forgetting_change",
   }
-  # At task loss 1.0 (both sweeps end there): anchor+finch 0.15(+0.01) against anchor 0.3(+0.01).
+  # Both sweeps span task loss 1.0 to 2.0: read at 1.5, halfway along each, where anchor+finch
+  # forgets 0.10 (+0.01 a seed) and anchor 0.20 (+0.01 a seed).
   pair = headline["anchor+finch_vs_anchor_forgetting_change"]
-  assert pair["task_loss"] == pytest.approx(1.0)
-  want = ((0.15 - 0.3) / 0.3 + (0.16 - 0.31) / 0.31) / 2
-  assert pair["mean"] == pytest.approx(want)
+  assert pair["task_loss"] == pytest.approx(1.5)
+  assert pair["overlap_task_loss"] == pytest.approx([1.0, 2.0])
+  changes = [(0.10 - 0.20) / 0.20, (0.11 - 0.21) / 0.21]
+  assert pair["mean"] == pytest.approx(statistics.fmean(changes))
+  assert pair["per_seed"] == pytest.approx({"0": changes[0], "1": changes[1]})
+  half = 12.706204736174707 * statistics.stdev(changes) / math.sqrt(2)  # t(0.975, 1 dof)
+  assert pair["ci"] == pytest.approx([pair["mean"] - half, pair["mean"] + half])
   assert pair["seeds"] == 2
   assert out["methods"]["anchor+finch"]["extra_bytes"] == 0
   text = report.markdown_table(out)
-  assert "anchor+finch_vs_anchor_forgetting_change: -" in text
-  assert "± +" not in text  # a spread has no sign
+  lo, hi = (100 * c for c in pair["ci"])
+  assert f"anchor+finch_vs_anchor_forgetting_change: {100 * pair['mean']:+.1f}% " in text
+  assert f"[{lo:+.1f}%, {hi:+.1f}%], n=2" in text
+  assert "mean [95% CI lo, hi], n seeds, t-interval" in text
   assert "nan" not in text
 
 
@@ -65,7 +75,9 @@ def test_a_method_that_never_reaches_the_target_says_so_and_one_seed_shows_no_sp
   text = report.markdown_table(out)
   assert "not reached" in text
   assert "nan" not in text
-  assert "±" not in text.split("\n", 2)[2]  # one seed: no spread in the table or headlines
+  assert "| standard | 1.5000 | 1.0000 | 1.3000 | 0.3000, n=1 |" in text  # one seed: no interval
+  assert "[" not in text.split("| --- |", 1)[1].split("\n\n")[0]
+  assert math.isnan(out["headline"]["lora_vs_standard_forgetting_change"]["task_loss"])
 
 
 def test_plots_show_the_base_model_at_step_zero_and_label_their_axes(tmp_path):
@@ -91,16 +103,136 @@ def test_every_measure_is_read_at_matched_loss_and_at_matched_accuracy():
   for r in runs:  # accuracy rises as the task loss falls; KL and ECE grow with the rate
     r["task_accuracy"] = 1.0 - r["task_loss"] / 4
     r["retain_kl"] = 2 * r["forgetting"]
-    r["retain_ece_change"] = r["forgetting"] / 10
+    r["retain_nll_rise"] = r["forgetting"] / 10
   out = report.build_report("standard", BEFORE, runs)
   at_loss, at_accuracy = out["measures"]["task_loss"], out["measures"]["task_accuracy"]
-  assert at_loss["target"] == pytest.approx(1.0)
-  assert at_accuracy["target"] == pytest.approx(0.75)  # the same point, read on the accuracy
-  assert set(at_loss["measures"]) == {"forgetting", "retain_kl", "retain_ece_change"}
+  assert at_loss["target"] == pytest.approx(1.5)  # the middle of 1.0 to 2.0
+  assert at_accuracy["target"] == pytest.approx(0.625)  # the same point, read on the accuracy
+  assert set(at_loss["measures"]) == {"forgetting", "retain_kl", "retain_nll_rise"}
   kl = at_accuracy["measures"]["retain_kl"]["anchor"]
-  assert kl["mean"] == pytest.approx(2 * (0.3 + 0.31) / 2)
+  assert kl["mean"] == pytest.approx(2 * (0.2 + 0.21) / 2)
+  assert kl["per_seed"] == pytest.approx({"0": 0.4, "1": 0.42})
   assert kl["seeds"] == 2
   text = report.markdown_table(out)
-  assert "At matched task accuracy 0.7500" in text
-  assert "| method | forgetting | retain_kl | retain_ece_change |" in text
+  assert "At matched task accuracy 0.6250" in text
+  assert "| method | forgetting | retain_kl | retain_nll_rise |" in text
   assert "KL(base || fine-tuned)" in text
+
+
+def test_seed_interval_is_the_t_interval_with_n_minus_1_degrees_of_freedom():
+  out = report.seed_interval({0: 1.0, 1: 2.0, 2: 3.0})
+  half = 4.302652729749464 / math.sqrt(3)  # t(0.975, 2) * sd 1 / sqrt(3)
+  assert out["mean"] == pytest.approx(2.0)
+  assert out["ci"] == pytest.approx([2.0 - half, 2.0 + half])
+  assert half == pytest.approx(2.4841, abs=1e-4)
+  assert out["n"] == 3 and out["per_seed"] == {"0": 1.0, "1": 2.0, "2": 3.0}
+  one = report.seed_interval({0: 1.0, 1: float("nan")})  # a seed that did not reach the target
+  assert one["mean"] == 1.0 and one["n"] == 1 and all(math.isnan(c) for c in one["ci"])
+
+
+def test_methods_keep_every_seed_and_give_a_95_percent_interval():
+  out = report.build_report("standard", BEFORE, RUNS)
+  entry = out["methods"]["anchor"]  # 0.20 and 0.21 at task loss 1.5
+  assert entry["forgetting_per_seed"] == pytest.approx({"0": 0.2, "1": 0.21})
+  half = 12.706204736174707 * statistics.stdev([0.2, 0.21]) / math.sqrt(2)
+  assert entry["forgetting_ci"] == pytest.approx([0.205 - half, 0.205 + half])
+  assert "0.2050 [0.1415, 0.2685], n=2" in report.markdown_table(out)
+
+
+def _line(method, seed, lr, task_loss, forgetting, **extra):
+  return _run(method, lr, seed, task_loss, forgetting) | extra
+
+
+def test_relative_change_over_the_overlap_and_the_headline_at_its_middle():
+  """Standard forgets 3 - L at task loss L across 1.0 to 3.0; FINCH forgets 1 + 0.1 * seed
+  across 1.4 to 2.6. Their overlap is 1.4 to 2.6, the headline is read at 2.0 (where the change
+  is +5%, while the old reading at the overlap's edge, 1.4, says -34%), and the change at target
+  L is (1 + 0.1 s) / (3 - L) - 1, averaged over the two seeds."""
+  runs = []
+  for seed in (0, 1):
+    for lr, loss in [(1e-4, 3.0), (1e-3, 2.0), (1e-2, 1.0)]:
+      runs.append(_line("standard", seed, lr, loss, 3.0 - loss, task_fact_accuracy=1 - loss / 4))
+    for lr, loss in [(1e-4, 2.6), (1e-3, 2.0), (1e-2, 1.4)]:
+      runs.append(_line("finch", seed, lr, loss, 1.0 + 0.1 * seed, task_fact_accuracy=1 - loss / 4))
+  out = report.build_report("standard", BEFORE, runs)
+  assert out["target_task_loss"] == pytest.approx(2.0)
+  assert out["overlap_task_loss"] == pytest.approx([1.4, 2.6])
+  losses = {name: m["task_loss"] for name, m in out["methods"].items()}
+  assert max(losses.values()) <= 1.05 * min(losses.values())
+  headline = out["headline"]["finch_vs_standard_forgetting_change"]
+  assert headline["task_loss"] == pytest.approx(2.0)
+  assert headline["mean"] == pytest.approx(0.05)
+  curve = out["relative_change"]["task_loss"]["finch_vs_standard"]
+  targets = [1.4 + 0.15 * i for i in range(9)]
+  assert curve["targets"] == pytest.approx(targets)
+  assert curve["middle"] == pytest.approx(2.0)
+  want = [1.05 / (3 - t) - 1 for t in targets]
+  assert [p["mean"] for p in curve["measures"]["forgetting"]] == pytest.approx(want)
+  assert curve["measures"]["forgetting"][0]["per_seed"] == pytest.approx(
+    {"0": 1 / 1.6 - 1, "1": 1.1 / 1.6 - 1}
+  )
+  # The same against matched task accuracy 1 - L / 4: 0.35 to 0.65, middle 0.5 (L = 2.0).
+  by_accuracy = out["relative_change"]["task_fact_accuracy"]["finch_vs_standard"]
+  assert [by_accuracy["lo"], by_accuracy["middle"], by_accuracy["hi"]] == pytest.approx(
+    [0.35, 0.5, 0.65]
+  )
+  assert [p["mean"] for p in by_accuracy["measures"]["forgetting"]] == pytest.approx(
+    [1.05 / (3 - 4 * (1 - a)) - 1 for a in by_accuracy["targets"]]
+  )
+  assert out["measures"]["task_fact_accuracy"]["target"] == pytest.approx(0.5)
+  text = report.markdown_table(out)
+  assert "| finch_vs_standard | -34.4% at 1.4000 |" in text
+  assert "+5.0% at 2.0000" in text
+
+
+def test_the_cost_column_says_within_noise_when_the_interval_covers_one():
+  # 16 rounds in which the machine's load moves both methods alike.
+  load = [1.0, 1.3, 0.9, 1.1, 1.6, 1.0, 0.95, 1.2, 1.05, 1.4, 1.0, 0.9, 1.1, 1.25, 1.0, 1.15]
+  noise = [
+    1.02,
+    0.97,
+    1.01,
+    0.99,
+    1.03,
+    0.98,
+    1.0,
+    1.01,
+    0.99,
+    1.02,
+    0.97,
+    1.0,
+    1.03,
+    0.98,
+    1.01,
+    0.99,
+  ]
+  times = {
+    "standard": [0.1 * x for x in load],
+    "finch": [0.1 * x * n for x, n in zip(load, noise, strict=True)],
+    "slow": [0.1 * x * 1.1 * n for x, n in zip(load, noise, strict=True)],
+  }
+  cost = report.step_time_ratios(times, "standard")
+  ratios = sorted(noise)
+  assert cost["finch"]["ratio"] == pytest.approx(statistics.median(noise))
+  assert cost["finch"]["ci"] == pytest.approx([ratios[3], ratios[12]])  # 4th and 13th of 16
+  assert cost["finch"]["coverage"] == pytest.approx(1 - 2 * 697 / 2**16)  # P(B(16, 1/2) <= 3)
+  assert cost["finch"]["within_noise"] and not cost["slow"]["within_noise"]
+  assert cost["slow"]["ratio"] == pytest.approx(1.1 * statistics.median(noise))
+  assert cost["standard"]["ratio"] == 1.0
+  out = report.build_report(
+    "standard",
+    BEFORE,
+    [r for r in RUNS if r["method"] != "anchor+finch"]
+    + [dict(r, method="finch") for r in RUNS if r["method"] == "anchor"]
+    + [dict(r, method="slow") for r in RUNS if r["method"] == "anchor"],
+    times,
+  )
+  assert out["methods"]["finch"]["step_time_rounds"] == pytest.approx(times["finch"])
+  text = report.markdown_table(out)
+  lo, hi = cost["finch"]["ci"]
+  assert f"| {cost['finch']['ratio']:.3f} [{lo:.3f}, {hi:.3f}] within noise |" in text
+  slow = cost["slow"]
+  assert f"| {slow['ratio']:.3f} [{slow['ci'][0]:.3f}, {slow['ci'][1]:.3f}] |" in text
+  # Below six rounds no pair of order statistics covers 95%: the interval says what it covers.
+  few = report.median_interval([1.0, 1.1, 0.9])
+  assert few["ci"] == [0.9, 1.1] and few["coverage"] == pytest.approx(0.75)

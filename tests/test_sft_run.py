@@ -6,6 +6,7 @@ with the loss on responses, measures forgetting on the base's own samples, and e
 fine-tuned model as a Hugging Face directory.
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -96,7 +97,8 @@ def test_sft_with_finch_on_an_imported_model_through_train_py(tmp_path):
   scales = [r["finch_scale"] for r in records if "finch_scale" in r]
   assert scales[0] == pytest.approx(1.0, abs=0.2) and max(scales) > 1.0  # FINCH acted
   # The retain set is the base's own samples; the export loads back with the same tokenizer.
-  assert len(np.load(os.path.join(workdir, "retain_samples.npz")).files) == 16
+  caches = glob.glob(os.path.join(workdir, "base_samples-*.npz"))  # retain (and replay) samples
+  assert caches and all(len(np.load(cache).files) == 16 for cache in caches)
   model, exported_tokenizer = load_hf(os.path.join(workdir, "hf"))
   assert model.config == config
   assert exported_tokenizer.chat_template == CHATML

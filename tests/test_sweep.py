@@ -1,16 +1,21 @@
 """What keys a comparison's cached run (everything that determines it, and nothing else), and
 runs that train at once."""
 
+import collections
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import types
 
+import jax
 import pytest
 
 from configs import default
-from finch_jax import configure, sweep
+from finch_jax import configure, loop, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,6 +60,74 @@ def test_fingerprint_reads_the_local_data_files(tmp_path):
   assert configure.fingerprint(config) != key
 
 
+def _edited(path, text):
+  """Writes `text` at `path` with another modification time, as an edit a while later does."""
+  path.write_text(text)
+  os.utime(path, ns=(1, 1))
+
+
+def test_fingerprint_counts_nested_text_of_a_local_text_directory(tmp_path):
+  nested = tmp_path / "text" / "chapters" / "one.txt"
+  nested.parent.mkdir(parents=True)
+  nested.write_text("First paragraph.\n\nSecond.\n")
+  config = _config(data={"train": {"name": f"local_text:{tmp_path / 'text'}", "split": "train"}})
+  key = configure.fingerprint(config)
+  assert configure.fingerprint(config) == key  # the same data: the same key
+  _edited(nested, "First paragraph, edited.\n\nSecond.\n")
+  assert configure.fingerprint(config) != key
+  assert str(nested) in configure.input_files(config)
+
+
+def test_fingerprint_counts_the_files_a_recursive_jsonl_glob_matches(tmp_path):
+  nested = tmp_path / "sft" / "part1" / "deep" / "train.jsonl"
+  nested.parent.mkdir(parents=True)
+  nested.write_text('{"prompt": "a", "response": "b"}\n')
+  name = f"jsonl:{tmp_path / 'sft'}/**/*.jsonl"
+  config = _config(data={"train": {"name": name, "split": "train"}})
+  key = configure.fingerprint(config)
+  assert configure.fingerprint(config) == key
+  _edited(nested, '{"prompt": "a", "response": "changed"}\n')
+  assert configure.fingerprint(config) != key
+
+
+def test_fingerprint_counts_the_tokenizer_files(tmp_path):
+  tokenizer = tmp_path / "tokenizer" / "tokenizer.json"
+  tokenizer.parent.mkdir()
+  tokenizer.write_text('{"model": {"vocab": {"a": 0}}}')
+  config = _config(data={"tokenizer": str(tokenizer.parent)})
+  key = configure.fingerprint(config)
+  assert configure.fingerprint(config) == key
+  _edited(tokenizer, '{"model": {"vocab": {"a": 0, "b": 1}}}')
+  assert configure.fingerprint(config) != key
+
+
+def test_fingerprint_counts_the_package_files_a_debian_build_reads(tmp_path):
+  dictd = tmp_path / "usr" / "share" / "dictd"
+  dictd.mkdir(parents=True)
+  for name in ("elements.index", "elements.dict.dz"):
+    (dictd / name).write_text("x")
+  config = _config(data={"fact_sets": {"retain": {"name": "debian/elements", "split": "facts"}}})
+  config.data.options = {"debian_elements": {"root": str(tmp_path)}}
+  key = configure.fingerprint(config)
+  assert configure.fingerprint(config) == key
+  _edited(dictd / "elements.index", "an upgraded package")
+  assert configure.fingerprint(config) != key
+  assert str(dictd / "elements.index") in configure.input_files(config)
+
+
+def test_fingerprint_counts_the_checkpoint_files_of_a_base_workdir(tmp_path):
+  step = tmp_path / "base" / "checkpoints" / "320" / "params"
+  step.mkdir(parents=True)
+  (step / "data").write_text("weights")
+  (tmp_path / "base" / "metrics.jsonl").write_text("{}\n")
+  config = _config(base_checkpoint=str(tmp_path / "base"))
+  key = configure.fingerprint(config)
+  (tmp_path / "base" / "metrics.jsonl").write_text('{}\n{"step": 1}\n')  # a log: not the base
+  assert configure.fingerprint(config) == key
+  _edited(step / "data", "weights trained further")
+  assert configure.fingerprint(config) != key
+
+
 def test_claim_sets_a_run_of_another_fingerprint_aside(tmp_path):
   run_dir = tmp_path / "runs" / "finch" / "lr0.001_seed0"
   sweep.claim(str(run_dir), "aaaa")
@@ -66,6 +139,106 @@ def test_claim_sets_a_run_of_another_fingerprint_aside(tmp_path):
   assert (tmp_path / "runs" / "finch" / "lr0.001_seed0.stale-aaaa" / "result.json").exists()
   with open(run_dir / sweep.FINGERPRINT_FILE) as f:
     assert json.load(f) == {"fingerprint": "bbbb"}
+
+
+def test_a_config_flipped_back_and_forth_keeps_every_old_run(tmp_path):
+  """A -> B -> A -> B: the second time A's run is set aside, its name is taken."""
+  run_dir = tmp_path / "run"
+  for n, key in enumerate(["aaaa", "bbbb", "aaaa", "bbbb"]):
+    sweep.claim(str(run_dir), key)
+    (run_dir / "result.json").write_text(str(n))
+  kept = {p.name: (p / "result.json").read_text() for p in tmp_path.iterdir()}
+  assert kept == {"run.stale-aaaa": "0", "run.stale-bbbb": "1", "run.stale-aaaa-2": "2", "run": "3"}
+
+
+def test_on_several_processes_the_old_run_is_moved_before_any_process_goes_on(
+  tmp_path, monkeypatch
+):
+  """Process 0 sets the old run aside and stamps the new one; every process (process 0 after
+  that) waits at a barrier, so none opens the old run's checkpoints while they move."""
+  run_dir = tmp_path / "run"
+  moved = tmp_path / "run.stale-aaaa"
+  sweep.claim(str(run_dir), "aaaa")
+  barriers = []  # whether the old run had been moved when a process reached the barrier
+  monkeypatch.setattr(sweep.shd, "barrier", lambda name: barriers.append(moved.exists()))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  sweep.claim(str(run_dir), "bbbb")
+  assert barriers == [False]  # process 1 touches nothing and waits
+  assert json.loads((run_dir / sweep.FINGERPRINT_FILE).read_text()) == {"fingerprint": "aaaa"}
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  sweep.claim(str(run_dir), "bbbb")
+  assert barriers == [False, True]  # process 0 moved it, then waited
+  assert json.loads((run_dir / sweep.FINGERPRINT_FILE).read_text()) == {"fingerprint": "bbbb"}
+
+
+class _FakeRun:
+  """A sweep run whose `result` does what `behaviour(stop)` does, logging that it started."""
+
+  def __init__(self, name, behaviour, started):
+    self.name = self.method = name
+    self.behaviour, self.started = behaviour, started
+
+  def to_train(self, workdir):
+    return True
+
+  def result(self, workdir, base, trainer, evaluator, before, *, progress, stop):
+    self.started.append(self.name)
+    return self.behaviour(stop)
+
+
+def _trains(seconds):
+  """A run of `seconds` that stops at its next step when asked, as `loop.fit` does."""
+
+  def behaviour(stop):
+    for step in range(int(seconds / 0.02)):
+      time.sleep(0.02)
+      if stop.reached(step):
+        raise stop.preempted(step, None, None)
+    return {"trained": seconds}
+
+  return behaviour
+
+
+def _fails(stop):
+  time.sleep(0.2)
+  raise ValueError("this run failed")
+
+
+def _signalled(stop):
+  time.sleep(0.2)  # the other run has started
+  os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler preempting the job would
+  return _trains(3.0)(stop)
+
+
+def _run_at_once(runs, tmp_path, monkeypatch):
+  """`sweep._concurrent_results` of fake runs, two at a time, without models."""
+  worker = types.SimpleNamespace(trainers=collections.defaultdict(lambda: None), evaluator=None)
+  monkeypatch.setattr(sweep, "_Worker", lambda *args: worker)
+  return sweep._concurrent_results(runs, [["d0"], ["d1"]], None, {}, str(tmp_path), None, {})
+
+
+def test_a_failed_run_stops_the_sweep_at_once(tmp_path, monkeypatch):
+  started = []
+  runs = [_FakeRun("fails", _fails, started), _FakeRun("long", _trains(3.0), started)]
+  runs += [_FakeRun(f"queued{i}", _trains(0.0), started) for i in range(3)]
+  start = time.perf_counter()
+  with pytest.raises(ValueError, match="this run failed"):
+    _run_at_once(runs, tmp_path, monkeypatch)
+  assert time.perf_counter() - start < 2.0  # the run in flight stopped at its next step
+  assert sorted(started) == ["fails", "long"]  # no queued run started
+
+
+def test_sigterm_stops_a_concurrent_sweep_without_starting_queued_runs(tmp_path, monkeypatch):
+  started = []
+  runs = [_FakeRun("signalled", _signalled, started), _FakeRun("long", _trains(3.0), started)]
+  runs += [_FakeRun(f"queued{i}", _trains(0.0), started) for i in range(3)]
+  start = time.perf_counter()
+  with pytest.raises(loop.Preempted) as stopped:
+    _run_at_once(runs, tmp_path, monkeypatch)
+  assert stopped.value.code == 128 + signal.SIGTERM
+  assert time.perf_counter() - start < 2.0
+  assert sorted(started) == ["long", "signalled"]
 
 
 def _train(workdir, device_count, *overrides):
@@ -122,3 +295,19 @@ def test_runs_trained_at_once_give_the_separate_runs_results(tmp_path):
   measured = ("task_loss", "retain_loss", "forgetting", "curve", "retain_fact_accuracy")
   for key, result in expected.items():
     assert {k: got[key][k] for k in measured} == {k: result[k] for k in measured}, key
+
+
+def test_only_sweeps_the_named_methods_and_the_baseline():
+  config = default.get_config()
+  config.compare.methods = {
+    "standard": {"finch": {"enabled": False}, "learning_rates": (1e-3,)},
+    "finch": {"finch": {"enabled": True}, "learning_rates": (1e-3,)},
+    "cosine": {"optimizer": {"schedule": "cosine"}, "learning_rates": (1e-3,)},
+  }
+  configs = configure.method_configs(config)
+  assert set(sweep._methods_to_train(config, configs)) == {"standard", "finch", "cosine"}
+  config.compare.only = ("cosine",)
+  assert list(sweep._methods_to_train(config, configs)) == ["standard", "cosine"]
+  config.compare.only = ("nope",)
+  with pytest.raises(ValueError, match="compare.only names \\['nope'\\]"):
+    sweep._methods_to_train(config, configs)

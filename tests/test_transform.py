@@ -16,16 +16,29 @@ from finch_jax import FinchState, finch, finch_stats, scale_by_finch
 
 
 def expected_scales(
-  losses, *, reference_loss=None, loss_floor=0.0, min_scale=0.1, max_scale=4.0, ema_decay=0.0
+  losses,
+  *,
+  reference_loss=None,
+  loss_floor=0.0,
+  min_scale=0.1,
+  max_scale=4.0,
+  ema_decay=0.0,
+  reference_steps=1,
+  reference_decay=0.0,
 ):
   """The rule of docs/design.md written out in plain Python, one finite loss after another."""
-  scales, ref, m, t = [], reference_loss, 0.0, 0
+  scales, m, r, t = [], 0.0, 0.0, 0
   for loss in losses:
     t += 1
     m = ema_decay * m + (1 - ema_decay) * loss
     smoothed = m / (1 - ema_decay**t)
-    if ref is None:
-      ref = loss
+    if reference_loss is not None:
+      ref = reference_loss
+    elif reference_decay > 0:  # running: the bias-corrected average, this loss included
+      r = reference_decay * r + (1 - reference_decay) * loss
+      ref = r / (1 - reference_decay**t)
+    elif t <= reference_steps:  # the mean of the first reference_steps, this loss included
+      ref = sum(losses[:t]) / t
     if smoothed <= loss_floor:
       scales.append(max_scale)
     else:
@@ -57,6 +70,10 @@ LOSSES = [4.0, 3.0, 5.0, 1.0, 0.5, 0.2, 9.0, 0.01]
     {"min_scale": 0.8, "max_scale": 1.5},
     {"ema_decay": 0.9},
     {"ema_decay": 0.5, "reference_loss": 3.0, "loss_floor": 0.05, "max_scale": 10.0},
+    {"reference_steps": 3},
+    {"reference_steps": 2, "ema_decay": 0.5, "loss_floor": 0.05},
+    {"reference_decay": 0.8},
+    {"reference_decay": 0.9, "ema_decay": 0.5, "loss_floor": 0.05, "max_scale": 10.0},
   ],
 )
 def test_scale_follows_the_rule(kwargs):
@@ -80,6 +97,58 @@ def test_loss_at_or_below_floor_gives_max_scale():
 def test_reference_loss_given_with_max_scale_one_is_a_loss_driven_warmup():
   got, _ = run_scales(scale_by_finch(reference_loss=1.0, max_scale=1.0), [16.0, 4.0, 1.0, 0.5])
   np.testing.assert_allclose(got, [0.25, 0.5, 1.0, 1.0], rtol=1e-6)
+
+
+# Each reading of the reference on the losses 4, 2, 9, 1 (loss_floor 0, max_scale 10 unless
+# given): the scales worked out by hand, and the reference each last step was measured against.
+READINGS = [
+  ({}, [1.0, math.sqrt(4 / 2), math.sqrt(4 / 9), math.sqrt(4 / 1)], 4.0),
+  # The mean of the losses so far until two are in: 4, then (4 + 2) / 2 = 3 from then on.
+  ({"reference_steps": 2}, [1.0, math.sqrt(3 / 2), math.sqrt(3 / 9), math.sqrt(3 / 1)], 3.0),
+  # Running average of decay 0.5, bias-corrected: 4, 8/3, 44/7, 52/15.
+  (
+    {"reference_decay": 0.5},
+    [1.0, math.sqrt(8 / 3 / 2), math.sqrt(44 / 7 / 9), math.sqrt(52 / 15 / 1)],
+    52 / 15,
+  ),
+  # A target loss of 2 with max_scale 1: slower above the target, the base rate at or below.
+  ({"reference_loss": 2.0, "max_scale": 1.0}, [math.sqrt(2 / 4), 1.0, math.sqrt(2 / 9), 1.0], 2.0),
+]
+READING_LOSSES = [4.0, 2.0, 9.0, 1.0]
+
+
+@pytest.mark.parametrize("kwargs, scales, reference", READINGS)
+def test_each_reading_gives_these_scales(kwargs, scales, reference):
+  kwargs = {"max_scale": 10.0, **kwargs}
+  got, state = run_scales(scale_by_finch(**kwargs), READING_LOSSES)
+  np.testing.assert_allclose(got, scales, rtol=1e-6)
+  # finch(base, ...) takes the same keywords.
+  np.testing.assert_allclose(run_scales(finch(optax.identity(), **kwargs), READING_LOSSES)[0], got)
+  # The state has the same five scalars in every reading, so checkpoints keep their tree.
+  assert jax.tree.structure(state) == jax.tree.structure(scale_by_finch().init({"w": 0.0}))
+  stats = finch_stats(state)
+  np.testing.assert_allclose(float(stats["reference_loss"]), reference, rtol=1e-6)
+  np.testing.assert_allclose(float(stats["scale"]), scales[-1], rtol=1e-6)
+  np.testing.assert_allclose(float(stats["forgetting_bound"]), scales[-1] * 1.0, rtol=1e-6)
+  if scales[-1] < kwargs["max_scale"]:  # not clipped: FINCH held the bound at sqrt(L_ref)
+    np.testing.assert_allclose(float(stats["forgetting_bound"]), math.sqrt(reference), rtol=1e-6)
+
+
+def test_running_reference_follows_the_trend_and_first_does_not():
+  # A loss falling 10% a step: measured against the first loss the scale climbs to max_scale;
+  # against a running average of decay d it settles at sqrt((1 - d) / (1 - d / 0.9)).
+  losses = [10.0 * 0.9**t for t in range(120)]
+  first, _ = run_scales(scale_by_finch(max_scale=100.0), losses)
+  running, _ = run_scales(scale_by_finch(max_scale=100.0, reference_decay=0.5), losses)
+  assert first[-1] == 100.0
+  np.testing.assert_allclose(running[60:], math.sqrt(0.5 / (1 - 0.5 / 0.9)), rtol=1e-5)
+  # A batch 4x harder than the trend is scaled down against it: the average before it is
+  # 1.125 times the loss a step earlier, 1.125 / 0.9 times the trend's loss L now; with this
+  # batch it is 0.5 * 1.25 L + 0.5 * 4 L = 2.625 L.
+  spiked, _ = run_scales(
+    scale_by_finch(max_scale=100.0, reference_decay=0.5), [*losses[:100], 4 * losses[100]]
+  )
+  np.testing.assert_allclose(spiked[-1], math.sqrt(2.625 / 4), rtol=1e-4)
 
 
 def test_state_is_five_scalars_whatever_the_model_size():
@@ -150,11 +219,12 @@ def test_pmap_with_axis_name_uses_global_mean_loss():
   np.testing.assert_allclose(scales[0], want, rtol=1e-5)
 
 
-def test_shard_map_with_axis_name_uses_global_mean_loss():
+@pytest.mark.parametrize("reading", [{}, {"reference_steps": 2}, {"reference_decay": 0.5}])
+def test_shard_map_with_axis_name_uses_global_mean_loss(reading):
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   targets, params, local_loss = _per_device_problem(8)
   targets = jax.device_put(targets, NamedSharding(mesh, P("data")))
-  tx = scale_by_finch(axis_name="data", max_scale=100.0)
+  tx = scale_by_finch(axis_name="data", max_scale=100.0, **reading)
   state = tx.init(params)
   losses = []
 
@@ -168,12 +238,12 @@ def test_shard_map_with_axis_name_uses_global_mean_loss():
     return optax.apply_updates(params, updates), state, loss[None]
 
   step = jax.jit(step)
-  for _ in range(3):
+  for _ in range(4):
     params, state, loss = step(params, state, targets)
     losses.append(float(jnp.mean(loss)))
-  np.testing.assert_allclose(
-    float(state.scale), expected_scales(losses, max_scale=100.0)[-1], rtol=1e-5
-  )
+  want = expected_scales(losses, max_scale=100.0, **reading)
+  assert want[-1] != expected_scales(losses[-1:], max_scale=100.0)[-1]
+  np.testing.assert_allclose(float(state.scale), want[-1], rtol=1e-5)
 
 
 def _mlp_problem():
@@ -244,8 +314,15 @@ def test_explicit_mesh_state_types_stable(use_jit):
     assert types(updates) == types(params)
 
 
-def test_inject_hyperparams_matches_plain_transform():
-  kwargs = dict(min_scale=0.2, max_scale=3.0, ema_decay=0.5, loss_floor=0.1)
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    dict(min_scale=0.2, max_scale=3.0, ema_decay=0.5, loss_floor=0.1),
+    dict(min_scale=0.2, max_scale=3.0, reference_steps=3),
+    dict(min_scale=0.2, max_scale=3.0, ema_decay=0.5, reference_decay=0.8),
+  ],
+)
+def test_inject_hyperparams_matches_plain_transform(kwargs):
   plain = scale_by_finch(**kwargs)
   injected = optax.inject_hyperparams(scale_by_finch)(**kwargs)
   params = {"w": jnp.ones(2)}
@@ -435,6 +512,21 @@ def test_non_finite_loss_skips_step_and_next_step_proceeds(bad):
   jax.tree.map(close, after[1]._replace(num_skipped=0), rf)
 
 
+@pytest.mark.parametrize("kwargs, _scales, _reference", READINGS)
+def test_non_finite_losses_leave_every_reading_alone(kwargs, _scales, _reference):
+  kwargs = {"max_scale": 10.0, "ema_decay": 0.3, **kwargs}
+  nan, inf = float("nan"), float("inf")
+  # Bad batches first, inside the first k, and later: none counts as a step.
+  with_bad = [nan, 4.0, inf, 2.0, 9.0, -inf, nan, 1.0]
+  clean, clean_state = run_scales(scale_by_finch(**kwargs), READING_LOSSES)
+  got, state = run_scales(scale_by_finch(**kwargs), with_bad)
+  finite = np.isfinite(with_bad)
+  np.testing.assert_array_equal(np.asarray(got)[~finite], 0.0)
+  np.testing.assert_array_equal(np.asarray(got)[finite], clean)
+  assert int(state.num_skipped) == 4
+  jax.tree.map(np.testing.assert_array_equal, state._replace(num_skipped=0), clean_state)
+
+
 def test_first_loss_not_finite_does_not_become_the_reference():
   _, state = run_scales(scale_by_finch(), [float("nan"), 3.0, 0.75])
   np.testing.assert_allclose(float(state.reference_loss), 3.0)
@@ -454,6 +546,14 @@ def test_first_loss_not_finite_does_not_become_the_reference():
     ({"reference_loss": 0.0}, "reference_loss"),
     ({"reference_loss": 1.0, "loss_floor": 2.0}, "reference_loss"),
     ({"loss_floor": float("nan")}, "loss_floor"),
+    ({"reference_steps": 0}, "reference_steps"),
+    ({"reference_steps": 2.5}, "reference_steps"),
+    ({"reference_decay": 1.0}, "reference_decay"),
+    ({"reference_decay": -0.1}, "reference_decay"),
+    ({"reference_steps": 3, "reference_loss": 2.0}, "reference_steps .* reference_loss"),
+    ({"reference_decay": 0.9, "reference_loss": 2.0}, "reference_decay .* reference_loss"),
+    ({"reference_decay": 0.9, "reference_steps": 3}, "two readings"),
+    ({"reference_decay": 0.5, "ema_decay": 0.5}, "must exceed ema_decay"),
   ],
 )
 def test_invalid_hyperparameters_raise_at_construction(kwargs, match):

@@ -283,13 +283,74 @@ def test_unknown_optimizer_and_schedule():
     ({"finch__min_scale": 5.0}, ["finch.min_scale=5.0", "must not exceed max_scale"]),
     ({"finch__ema_decay": 1.0}, ["finch.ema_decay=1.0", "[0, 1)"]),
     (
-      {"finch__reference_loss": -1.0},
+      {"finch__reading": "target", "finch__reference_loss": -1.0, "finch__max_scale": 1.0},
       ["finch.reference_loss=-1.0", "above loss_floor", "reference_loss=None"],
+    ),
+    (
+      {"finch__reading": "first_k", "finch__reference_steps": 0},
+      ["finch.reference_steps=0", "whole number >= 1", "--config.finch.reference_steps"],
+    ),
+    (
+      {"finch__reading": "running", "finch__reference_decay": 0.5, "finch__ema_decay": 0.9},
+      ["finch.reference_decay=0.5", "must exceed ema_decay (0.9)"],
     ),
   ],
 )
 def test_finch_hyperparameters_out_of_range(changes, fragments):
   the_problem(config_with(mode="pretrain", finch__enabled=True, **changes), *fragments)
+
+
+@pytest.mark.parametrize(
+  "changes, fragments",
+  [
+    ({"finch__reading": "last"}, ["finch.reading='last'", "'first', 'first_k', 'running'"]),
+    (
+      {"finch__reading": "target"},
+      ["finch.reading='target'", "set finch.reference_loss to the target"],
+    ),
+    (
+      {"finch__reading": "target", "finch__reference_loss": 2.0},
+      ["finch.max_scale=4.0", "set finch.max_scale=1"],
+    ),
+    ({"finch__reading": "first_k"}, ["finch.reading='first_k'", "set finch.reference_steps"]),
+    ({"finch__reading": "running"}, ["finch.reading='running'", "set finch.reference_decay"]),
+    (
+      {"finch__reading": "running", "finch__reference_decay": 0.0},
+      ["finch.reference_decay=0.0", "must be in (0, 1)"],
+    ),
+    (
+      {"finch__reference_loss": 2.0},
+      ["finch.reference_loss=2.0", "read only by reading 'target'", "finch.reading='target'"],
+    ),
+    (
+      {"finch__reading": "running", "finch__reference_decay": 0.9, "finch__reference_steps": 4},
+      ["finch.reference_steps=4", "reading 'first_k', not by 'running'"],
+    ),
+  ],
+)
+def test_finch_reading_needs_its_field_and_no_other(changes, fragments):
+  the_problem(config_with(mode="pretrain", finch__enabled=True, **changes), *fragments)
+
+
+@pytest.mark.parametrize(
+  "changes",
+  [
+    {"finch__reading": "first_k", "finch__reference_steps": 8},
+    {"finch__reading": "running", "finch__reference_decay": 0.99},
+    {"finch__reading": "target", "finch__reference_loss": 1.5, "finch__max_scale": 1.0},
+  ],
+)
+def test_finch_readings_validate(changes):
+  validate(config_with(mode="pretrain", finch__enabled=True, **changes))
+
+
+def test_finch_reading_of_a_compared_method_is_named_as_its_override():
+  config = config_with()
+  config.compare.methods["finch_k"] = {
+    "finch": {"enabled": True, "reading": "first_k"},
+    "learning_rates": (1e-4,),
+  }
+  the_problem(config, "compare.methods.finch_k.finch.reading='first_k'", "reference_steps")
 
 
 def test_finch_options_must_exist():

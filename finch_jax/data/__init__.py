@@ -27,6 +27,7 @@ from finch_jax.data.builders import (
 )
 from finch_jax.data.pipeline import (
   eval_batches,
+  evaluation_rows,
   fact_batches,
   lm_batches,
   lm_dataset,
@@ -45,7 +46,12 @@ from finch_jax.data.sft import (
   tokenize_sft,
 )
 from finch_jax.data.synthetic import biographies, embedded_corpus, synthetic_language
-from finch_jax.data.tokenizer import ByteTokenizer, Tokenizer
+from finch_jax.data.tokenizer import (
+  ByteTokenizer,
+  Tokenizer,
+  starts_with_bos,
+  word_continuations,
+)
 
 __all__ = [
   "ByteTokenizer",
@@ -61,6 +67,7 @@ __all__ = [
   "decode_text",
   "embedded_corpus",
   "eval_batches",
+  "evaluation_rows",
   "fact_batches",
   "instruction_records",
   "lm_batches",
@@ -77,4 +84,6 @@ __all__ = [
   "tag_examples",
   "tokenize_sft",
   "synthetic_language",
+  "starts_with_bos",
+  "word_continuations",
 ]

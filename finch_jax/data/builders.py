@@ -40,6 +40,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from etils import epath
 
+from finch_jax import files
 from finch_jax.data import synthetic
 
 FILE_FORMAT = tfds.core.FileFormat.ARRAY_RECORD
@@ -359,7 +360,7 @@ def prepare(name: str, data_dir: str | os.PathLike, **options: Any) -> tfds.core
   renames it; a process that loses that race finds the winner's copy and uses it. In a bucket
   see `_prepare_in_bucket`.
   """
-  if "://" in os.fspath(data_dir):
+  if files.is_remote(data_dir):
     return _prepare_in_bucket(name, data_dir, **options)
   dataset = builder(name, data_dir, **options)
   try:  # Returns at once when the data is already there.

@@ -704,8 +704,9 @@ _FEATURES = builders.FEATURE_NAMES
 _TFDS_ARGUMENTS = frozenset({"config", "data_dir", "version", "file_format"})
 
 
-def _source_files(config: DebianConfig) -> list[str]:
-  """The files a build reads, whose size and modification time go into its name.
+def source_files(config: DebianConfig) -> list[str]:
+  """The files a build reads, whose size and modification time go into its name (and into the
+  fingerprint of a run that reads it, `finch_jax.configure.fingerprint`).
 
   Raises:
     FileNotFoundError: when the package is not installed, naming the `apt-get install` line.
@@ -755,7 +756,7 @@ def debian_config(source: str, **options: Any) -> DebianConfig:
     raise ValueError(
       f"debian/{source}: passage_chars must be a positive integer, got {config.passage_chars!r}."
     )
-  files = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in _source_files(config)]
+  files = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in source_files(config)]
   settings = [getattr(config, option) for option in _OPTIONS]
   config.name = f"{source}-{builders._digest([settings, files])}"
   config.description = f"{PACKAGES[source]}: {source}"
@@ -872,6 +873,7 @@ __all__ = [
   "handbook_documents",
   "osis_text",
   "passages",
+  "source_files",
   "text_passages",
   "write_instructions",
 ]

@@ -44,6 +44,7 @@ writes its own `process_<i>-of-<n>.json`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -52,7 +53,7 @@ import grain
 import numpy as np
 
 from finch_jax.data.builders import decode_text
-from finch_jax.data.tokenizer import Tokenizer
+from finch_jax.data.tokenizer import Tokenizer, starts_with_bos
 
 Source = Sequence[Any]
 Batch = dict[str, np.ndarray]
@@ -76,15 +77,30 @@ def _text(record: Any, feature: str) -> str:
 
 
 class _Tokenize:
-  """record -> int32 token ids of `record[feature]`, with bos and eos."""
+  """record -> token ids of `record[feature]`: bos where the model's format starts a document
+  with it (`tokenizer.starts_with_bos`), the text, and eos, which separates documents.
 
-  def __init__(self, tokenizer: Tokenizer, feature: str):
+  For training, a bare int32 vector (every target carries loss, eos included: the model learns
+  where a document ends). For evaluation (`text_only`), `{"tokens", "loss_mask"}` whose mask is 0
+  on the added eos: a measure of a text weighs only the text's own tokens, never a control token
+  added around it (its first token is predicted from bos, or only read as context where the
+  format has no bos)."""
+
+  def __init__(self, tokenizer: Tokenizer, feature: str, text_only: bool = False):
     self._tokenizer = tokenizer
     self._feature = feature
+    self._text_only = text_only
+    self._add_bos = starts_with_bos(tokenizer)
 
-  def __call__(self, record: Any) -> np.ndarray:
-    ids = self._tokenizer.encode(_text(record, self._feature), add_bos=True, add_eos=True)
-    return np.asarray(ids, dtype=np.int32)
+  def __call__(self, record: Any) -> np.ndarray | dict[str, np.ndarray]:
+    text = _text(record, self._feature)
+    ids = self._tokenizer.encode(text, add_bos=self._add_bos, add_eos=True)
+    ids = np.asarray(ids, dtype=np.int32)
+    if not self._text_only:
+      return ids
+    loss_mask = np.ones_like(ids)
+    loss_mask[-1] = 0  # the eos added after the text
+    return {"tokens": ids, "loss_mask": loss_mask}
 
 
 def _token_arrays(example: Any) -> dict[str, np.ndarray]:
@@ -475,9 +491,37 @@ def lm_dataset(
   )
 
 
+def evaluation_rows(num_records: int, num_examples: int | None) -> np.ndarray:
+  """The record indices an evaluation reads: all, or `num_examples` drawn uniformly over the
+  whole source by a stable hash of each index (the same ones on every machine and run), in
+  source order. Never the first N: 40 passages of the Bible in file order are Genesis."""
+  if num_examples is None or num_examples >= num_records:
+    return np.arange(num_records)
+  keys = [
+    hashlib.blake2b(i.to_bytes(8, "little"), digest_size=8, person=b"finch_eval").digest()
+    for i in range(num_records)
+  ]
+  return np.sort(np.argsort(keys, kind="stable")[:num_examples])
+
+
+class _Rows(Sequence):
+  """The records of `source` at `indices`, as a random-access source."""
+
+  def __init__(self, source: Source, indices: np.ndarray):
+    self._source, self._indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i: int) -> Any:
+    return self._source[int(self._indices[i])]
+
+
 def _limited(source: Source, num_examples: int | None) -> grain.MapDataset:
-  records = grain.MapDataset.source(source)
-  return records if num_examples is None else records[:num_examples]
+  indices = evaluation_rows(len(source), num_examples)
+  if len(indices) == len(source):
+    return grain.MapDataset.source(source)
+  return grain.MapDataset.source(_Rows(source, indices))
 
 
 def eval_batches(
@@ -503,7 +547,8 @@ def eval_batches(
     tokenizer: as for training.
     seq_len: L, tokens per row.
     batch_size: B, rows per batch per process.
-    num_examples: only the first `num_examples` records; None for all.
+    num_examples: `num_examples` records drawn uniformly by a stable hash
+      (`evaluation_rows`); None for all.
     packing: pack windows into rows (fewer batches); False gives one window per row.
     shard_index: this process's part of each global batch of `B * shard_count` rows.
     shard_count: number of processes; all of them yield the same number of batches.
@@ -514,7 +559,7 @@ def eval_batches(
   """
   _check_sizes(seq_len=seq_len, batch_size=batch_size)
   _check_shard(shard_index, shard_count)
-  examples = _limited(source, num_examples).map(_Tokenize(tokenizer, feature))
+  examples = _limited(source, num_examples).map(_Tokenize(tokenizer, feature, text_only=True))
   rows = _rows(
     examples,
     seq_len=seq_len,
@@ -539,7 +584,9 @@ class _FactRow:
 
   def __call__(self, record: Mapping[str, Any]) -> Batch:
     tokenizer = self._tokenizer
-    prompt = tokenizer.encode(_text(record, "prompt"), add_bos=True, add_eos=False)
+    prompt = tokenizer.encode(
+      _text(record, "prompt"), add_bos=starts_with_bos(tokenizer), add_eos=False
+    )
     answer = tokenizer.encode(_text(record, "answer"), add_bos=False, add_eos=False)
     if len(prompt) > self._max_prompt_len:
       raise ValueError(

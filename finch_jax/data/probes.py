@@ -1,14 +1,14 @@
 """Knowledge probes: prompts whose greedy completion is a fact, and the ones a model recalls.
 
 A probe is a fact record `{"prompt": ..., "answer": ...}`, the record `pipeline.fact_batches`
-reads and `Trainer.fact_accuracy` scores: the fact is recalled when greedy decoding after the
-prompt writes the answer's tokens. The answer starts with the space that separates it from the
-prompt (" Fe"), so that a BPE tokenizer, which glues a leading space to the word, gives the
-answer the tokens the model would write.
+reads and a run scores (`finch_jax.measures`): the fact is recalled when greedy decoding after
+the prompt writes the answer's tokens and then ends the word (" 2" is not " 26"). The answer
+starts with the space that separates it from the prompt (" Fe"), so that a BPE tokenizer, which
+glues a leading space to the word, gives the answer the tokens the model would write.
 
 Forgetting of knowledge is measurable only on facts the base model knew: a probe it already
 gets wrong cannot get worse, and a set where it is mostly wrong measures noise. `recalled`
-gives the per-probe verdict of `Trainer.fact_accuracy` (the same teacher-forced test on the
+gives the per-probe verdict of the run's fact accuracy (the same teacher-forced test on the
 same `fact_batches`), and `known_probes` keeps the probes a model recalls, cached in a JSONL file
 (under the run's workdir, not shipped: the set depends on the model). Such a file is what the
 `known` option of `debian/elements` reads:
@@ -36,8 +36,9 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from finch_jax import files, measures
 from finch_jax.data.pipeline import fact_batches
-from finch_jax.data.tokenizer import Tokenizer
+from finch_jax.data.tokenizer import Tokenizer, starts_with_bos, word_continuations
 
 # (prompt, answer) templates per kind of element fact; fields are those of an element record.
 # Plain completions rather than questions: fact recall decodes right after the prompt, with no
@@ -114,7 +115,8 @@ def element_probes(
 
 def _widths(records: Sequence[Mapping[str, str]], tokenizer: Tokenizer) -> tuple[int, int]:
   """(max_prompt_len, answer_len) that fit every record, as `fact_batches` counts them."""
-  prompts = [len(tokenizer.encode(r["prompt"], add_bos=True, add_eos=False)) for r in records]
+  bos = starts_with_bos(tokenizer)
+  prompts = [len(tokenizer.encode(r["prompt"], add_bos=bos, add_eos=False)) for r in records]
   answers = [len(tokenizer.encode(r["answer"], add_bos=False, add_eos=False)) for r in records]
   if min(answers) == 0:
     raise ValueError("a probe has an empty answer; every probe needs one to recall.")
@@ -122,15 +124,11 @@ def _widths(records: Sequence[Mapping[str, str]], tokenizer: Tokenizer) -> tuple
 
 
 @nnx.jit
-def _greedy_matches(model: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
-  """Per row, whether greedy decoding reproduces the answer: `trainer.fact_step`'s test."""
-  prompts, lengths, answers = batch["prompts"], batch["prompt_lengths"], batch["answers"]
-  batch_size, answer_len = answers.shape
-  rows = jax.numpy.arange(batch_size)[:, None]
-  answer_pos = lengths[:, None] + jax.numpy.arange(answer_len)
-  tokens = jax.numpy.pad(prompts, ((0, 0), (0, answer_len))).at[rows, answer_pos].set(answers)
-  predicted = jax.numpy.argmax(model(tokens)[rows, answer_pos - 1], axis=-1)
-  return jax.numpy.all((predicted == answers) | (batch["answer_mask"] == 0), axis=1)
+def _recalled_rows(model: nnx.Module, batch: dict[str, jax.Array], continues: jax.Array):
+  """Per row, whether greedy decoding writes the answer and ends it (`measures.recalled_rows`,
+  the test `Trainer.fact_sums` makes)."""
+  tokens, _ = measures.fact_inputs(batch)
+  return measures.recalled_rows(model(tokens), batch, continues)
 
 
 def recalled(
@@ -142,10 +140,11 @@ def recalled(
 ) -> np.ndarray:
   """Whether `model` recalls each probe: bool [len(records)].
 
-  The verdict of `Trainer.fact_accuracy` for each record: greedy decoding after bos + prompt
-  writes the answer's tokens exactly (tested with one teacher-forced pass, which gives the same
-  verdict). Run it with the model as the run evaluates it (same weights and dtype): a probe
-  the model barely gets right may flip under another precision.
+  The verdict of the run's fact accuracy (`finch_jax.measures.recalled_rows`) for each record:
+  greedy decoding after the prompt writes the answer's tokens exactly and then ends the word
+  (tested with one teacher-forced pass, which gives the same verdict). Run it with the model as
+  the run evaluates it (same weights and dtype): a probe the model barely gets right may flip
+  under another precision.
 
   Args:
     records: probes, `{"prompt", "answer"}` (other keys are ignored).
@@ -163,11 +162,11 @@ def recalled(
     answer_len=answer_len,
     batch_size=batch_size,
   )
+  continues = jax.numpy.asarray(word_continuations(tokenizer, tokenizer.vocab_size))
   verdicts = []
   for batch in batches:
-    matches = np.asarray(
-      _greedy_matches(model, {k: jax.numpy.asarray(v) for k, v in batch.items()})
-    )
+    arrays = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    matches = np.asarray(_recalled_rows(model, arrays, continues))
     verdicts.append(matches[batch["example_mask"] > 0])
   return np.concatenate(verdicts)
 
@@ -186,7 +185,7 @@ def _tokenizer_digest(tokenizer: Tokenizer, records: Sequence[Mapping[str, str]]
   """A hash of how the tokenizer splits the probes, which decides what is recalled."""
   digest = hashlib.sha256(f"{type(tokenizer).__qualname__}{tokenizer.bos_id}".encode())
   for record in records:
-    for field, bos in (("prompt", True), ("answer", False)):
+    for field, bos in (("prompt", starts_with_bos(tokenizer)), ("answer", False)):
       ids = np.asarray(tokenizer.encode(record[field], add_bos=bos, add_eos=False), np.int64)
       digest.update(ids.tobytes() + b"|")
   return digest.hexdigest()[:16]
@@ -241,13 +240,7 @@ def known_probes(
   ]
   header = {"source": source, "num_probes": len(records), "num_known": len(kept)}
   text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in [header, *kept])
-  file.parent.mkdir(parents=True, exist_ok=True)
-  if "://" in path:  # a bucket's object is replaced whole by its upload, or not at all
-    file.write_text(text, encoding="utf-8")
-  else:  # whole or not at all: a cut-short write is never read as a set
-    partial = file.with_name(f"{file.name}.tmp{os.getpid()}")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(file)
+  files.write_text(path, text)  # whole or not at all, local or in a bucket
   return path
 
 

@@ -78,7 +78,14 @@ from typing import Any
 import grain
 import numpy as np
 
-from finch_jax.data.pipeline import _check_shard, _check_sizes, _token_arrays, lm_batches
+from finch_jax.data.pipeline import (
+  _check_shard,
+  _check_sizes,
+  _Rows,
+  _token_arrays,
+  evaluation_rows,
+  lm_batches,
+)
 from finch_jax.data.tokenizer import Tokenizer
 from finch_jax.formats import FileFormatError, parse_json
 
@@ -548,13 +555,13 @@ def _example_source(
   tokenizer: Tokenizer,
   max_len: int | None,
   separator: str,
-  rows: slice,
-  selection: tuple[str, str],
+  rows: slice | None = None,
+  num_examples: int | None = None,
+  selection: tuple[str, str] = ("selected", "select at least one record"),
 ) -> grain.MapDataset:
-  """The selected `rows` of the records, tokenized, as a MapDataset of example dicts.
-
-  `selection` says which rows these are and how to select some when there are none
-  (`FileFormatError` naming the source then)."""
+  """The selected `rows` of the records (or the `evaluation_rows` of `num_examples`),
+  tokenized, as a MapDataset of example dicts. `selection` says which rows these are and how to
+  select some, for the `FileFormatError` naming the source when there are none."""
   if isinstance(source, SFTExamples):
     if (source.tokenizer_key, source.max_len, source.separator) != (
       _tokenizer_key(tokenizer),
@@ -565,18 +572,31 @@ def _example_source(
         "these SFTExamples were tokenized with another tokenizer, max_len or separator; pass "
         "the ones given to tokenize_sft."
       )
-    return grain.MapDataset.source(source)[rows]
+    examples = grain.MapDataset.source(source)
+    if num_examples is None:
+      return examples if rows is None else examples[rows]
+    picked = _picked(list(range(len(source))), rows, num_examples)
+    return grain.MapDataset.source(_Rows(source, np.asarray(picked, np.int64)))
   records, wheres = _read(source)
-  if not records[rows]:
-    named = os.fspath(source) if isinstance(source, str | os.PathLike) else "the SFT data"
-    which, fix = selection
-    raise FileFormatError(named, f"holds {len(records)} records, none of them {which}", fix)
-  examples = _tokenized(
-    records[rows], wheres[rows], tokenizer=tokenizer, max_len=max_len, separator=separator
-  )
+  picked = _picked(list(range(len(records))), rows, num_examples)
+  if picked is not None:
+    if not picked:
+      named = os.fspath(source) if isinstance(source, str | os.PathLike) else "the SFT data"
+      which, fix = selection
+      raise FileFormatError(named, f"holds {len(records)} records, none of them {which}", fix)
+    records, wheres = [records[i] for i in picked], [wheres[i] for i in picked]
+  examples = _tokenized(records, wheres, tokenizer=tokenizer, max_len=max_len, separator=separator)
   log = logging.warning if examples.num_truncated or examples.num_without_loss else logging.info
   log("%s", examples.summary())
   return grain.MapDataset.source(examples)
+
+
+def _picked(indices: list[int], rows: slice | None, num_examples: int | None) -> list[int] | None:
+  """The indices `rows` selects, then the `evaluation_rows` of those; None: all of them."""
+  if rows is None and num_examples is None:
+    return None
+  selected = indices if rows is None else indices[rows]
+  return [selected[i] for i in evaluation_rows(len(selected), num_examples)]
 
 
 # ---------------------------------------------------------------- pipelines
@@ -730,7 +750,8 @@ def sft_eval_batches(
     seq_len: L, tokens per row.
     batch_size: B, rows per batch per process.
     max_len: tokens kept per example; None: `seq_len + 1`.
-    num_examples: only the first `num_examples` records; None for all.
+    num_examples: `num_examples` records drawn uniformly by a stable hash
+      (`pipeline.evaluation_rows`); None for all.
     packing: pack examples into rows (fewer batches); False gives one per row.
     shard_index: this process's part of each global batch of `B * shard_count` rows.
     shard_count: number of processes; all of them yield the same number of batches.
@@ -746,8 +767,8 @@ def sft_eval_batches(
     tokenizer=tokenizer,
     max_len=seq_len + 1 if max_len is None else max_len,
     separator=separator,
-    rows=slice(None, num_examples),
-    selection=(f"among the first {num_examples}", "set num_examples to None or a positive number"),
+    num_examples=num_examples,
+    selection=(f"among the {num_examples} drawn", "set num_examples to None or a positive number"),
   )
   return sft_batches(
     examples,

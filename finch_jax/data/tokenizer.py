@@ -14,6 +14,8 @@ class Tokenizer(Protocol):
 
   `encode` returns int32 ids; `pad_id` fills padding (whose loss weight is 0), `bos_id` starts
   and `eos_id` ends every example. A Hugging Face tokenizer fits behind a thin adapter.
+  An optional `adds_bos` (default True) says whether the model's own text format starts a
+  document with `bos_id` (`starts_with_bos`).
   """
 
   pad_id: int
@@ -49,6 +51,7 @@ class ByteTokenizer:
   eos_id: int = 2
   num_special: int = 3
   vocab_size: int = 256 + 3
+  adds_bos: bool = True  # the embedded models are trained with bos before every document
 
   def encode(self, text: str | bytes, add_bos: bool = True, add_eos: bool = True) -> np.ndarray:
     """Ids of `text` (a str, or bytes already UTF-8 encoded) as an int32 vector."""
@@ -66,3 +69,32 @@ class ByteTokenizer:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     ids = ids[(ids >= self.num_special) & (ids < self.vocab_size)]
     return (ids - self.num_special).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+def starts_with_bos(tokenizer: Tokenizer) -> bool:
+  """Whether the model's text format puts bos before a document (`adds_bos`, default True).
+
+  SmolLM2-Instruct's file says no (`tokenizer.ggml.add_bos_token = false`): its "bos" is the
+  chat token `<|im_start|>`, after which the model expects a role name, so a plain text led by
+  it would be measured partly as chat format."""
+  return bool(getattr(tokenizer, "adds_bos", True))
+
+
+def word_continuations(tokenizer: Tokenizer, size: int) -> np.ndarray:
+  """bool [size]: whether each token id continues the word before it (starts with a letter or
+  digit, or is a non-ASCII byte of the byte tokenizer); special and unused ids do not.
+
+  A fact's answer ends where it should when the token after it does not continue its last word:
+  " 2" followed by "6" is " 26", not " 2"."""
+  table = np.zeros(size, bool)
+  if isinstance(tokenizer, ByteTokenizer):
+    byte = np.arange(256)
+    ascii_word = np.array([chr(b).isalnum() for b in range(128)] + [True] * 128)
+    ids = byte + tokenizer.num_special
+    keep = ids < size
+    table[ids[keep]] = ascii_word[keep]
+    return table
+  for token_id in range(min(size, tokenizer.vocab_size)):
+    text = tokenizer.decode([token_id])
+    table[token_id] = bool(text) and text[0].isalnum()
+  return table

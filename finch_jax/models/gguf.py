@@ -799,8 +799,21 @@ def gguf_config(
 ) -> LlamaConfig:
   """The `LlamaConfig` of a GGUF file, read from its metadata alone (no tensor is read)."""
   path = os.fspath(path)
+  if not os.path.isfile(path):
+    return _read_config(path, 0, 0, dtype, param_dtype or dtype)  # _open names the problem
+  stat = os.stat(path)
+  return _read_config(path, stat.st_mtime_ns, stat.st_size, dtype, param_dtype or dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_config(path: str, mtime_ns: int, size: int, dtype: str, param_dtype: str) -> LlamaConfig:
+  """`gguf_config`, kept per file version: parsing the metadata of a real model (a vocabulary of
+  tens of thousands of strings) takes seconds, and checking one config asks for it several
+  times. The file's modification time and size are part of the key, so a rewritten file is
+  read again."""
+  del mtime_ns, size
   reader = _open(path)
-  return _config(reader, _fields(reader, path), path, dtype, param_dtype or dtype)
+  return _config(reader, _fields(reader, path), path, dtype, param_dtype)
 
 
 def gguf_tokenizer(path: str | os.PathLike) -> HFTokenizer | None:

@@ -757,6 +757,10 @@ class HFTokenizer:
     self.eos_id = self._id(eos_token)
     self.bos_id = self._id(bos_token) if bos_token is not None else self.eos_id
     self.pad_id = self._id(pad_token) if pad_token is not None else self.eos_id
+    # Whether the model's text format starts a document with bos: what the tokenizer's own
+    # post-processor does (SmolLM2-Instruct, Qwen3: no; Llama 3: yes).
+    added = tokenizer.encode("a", add_special_tokens=True).ids
+    self.adds_bos = bos_token is not None and added[:1] == [self.bos_id]
 
   def _id(self, token: str | None) -> int | None:
     if token is None:

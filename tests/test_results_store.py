@@ -1,0 +1,153 @@
+"""A study kept as run summaries: written atomically, reused by fingerprint, and enough to rebuild
+the report without training; and the cost column's timing in alternating rounds. (A sweep that
+writes the store and a rerun that trains only what it lacks: tests/test_forgetting.py.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from finch_jax import configure, report, sweep
+from tests.test_report import BEFORE, RUNS
+from tests.test_trainer import small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP_TIMES = {"standard": [0.10, 0.12, 0.11], "anchor": [0.11, 0.12, 0.12]}
+STEP_TIMES["anchor+finch"] = [0.12, 0.13, 0.11]
+
+
+def _json(content):
+  """The JSON text of `content`, which compares NaN with NaN as equal."""
+  return json.dumps(content, sort_keys=True)
+
+
+def _store(directory):
+  store = sweep.ResultsStore(directory)
+  for r in RUNS:
+    store.write({**r, "fingerprint": f"f{r['seed']}", "before": BEFORE, "code_version": "v"})
+  return store
+
+
+def test_the_report_rebuilt_from_the_store_alone_is_the_sweeps(tmp_path):
+  store = _store(tmp_path / "study")
+  store.write_study("standard", ["standard", "anchor", "anchor+finch"], STEP_TIMES)
+  runs = [
+    {**r, "fingerprint": f"f{r['seed']}", "before": BEFORE, "code_version": "v"} for r in RUNS
+  ]
+  want = report.build_report("standard", BEFORE, runs, STEP_TIMES)
+  assert _json(report.report_from_store(tmp_path / "study")) == _json(want)
+  for name in ("report.json", "report.md", "frontier.png", "curves.png", "relative_change.png"):
+    assert (tmp_path / "study" / name).exists(), name
+  (tmp_path / "study" / "report.json").unlink()
+  done = subprocess.run(
+    [sys.executable, "-m", "finch_jax.report", str(tmp_path / "study")],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "| method | task loss" in done.stdout
+  rebuilt = json.loads((tmp_path / "study" / "report.json").read_text())
+  assert _json(rebuilt) == _json(json.loads(_json(want)))
+  assert rebuilt["code_versions"] == ["v"]
+  assert not [p for p in (tmp_path / "study").rglob("*.tmp")]  # written by rename
+
+
+def test_a_store_that_cannot_be_read_names_the_file_and_the_fix(tmp_path):
+  done = subprocess.run(
+    [sys.executable, "-m", "finch_jax.report", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+  )
+  assert done.returncode == 2
+  assert f"{tmp_path / 'study.json'} is missing" in done.stderr
+  assert "--config.compare.results_dir=" in done.stderr
+  store = _store(tmp_path)
+  store.write_study("standard", ["standard"], {})
+  other = dict(RUNS[0], seed=7, fingerprint="x", before={**BEFORE, "retain_loss": 2.0})
+  store.write(other)
+  with pytest.raises(
+    report.StoreError, match="different base models .retain_loss: 2.0 against 1.0"
+  ):
+    report.report_from_store(tmp_path)
+  broken = store.path("standard", 1e-4, 7)
+  broken.write_text("{")
+  with pytest.raises(report.StoreError, match=f"{broken}: not JSON"):
+    report.report_from_store(tmp_path)
+
+
+def test_a_summary_stands_for_its_run_only_with_the_same_fingerprint(tmp_path):
+  store = sweep.ResultsStore(tmp_path / "study")
+  config = small_config()
+  this = sweep.SweepRun("standard", config, 1e-3, 0, None, store)
+  other = sweep.SweepRun("standard", small_config(num_train_steps=7), 1e-3, 0, None, store)
+  assert this.fingerprint != other.fingerprint
+  assert store.find(this) is None and this.to_train(tmp_path / "wd")
+  summary = {**RUNS[0], "learning_rate": 1e-3, "fingerprint": this.fingerprint, "before": BEFORE}
+  store.write(summary)
+  assert (tmp_path / "study" / "runs" / "standard" / "lr0.001_seed0.json").exists()
+  assert store.find(this) == summary and not this.to_train(tmp_path / "wd")
+  assert store.find(other) is None and other.to_train(tmp_path / "wd")
+
+
+def test_curves_are_thinned_to_at_most_50_points_keeping_both_ends():
+  points = [{"step": i} for i in range(1, 301)]
+  kept = sweep.thinned(points)
+  assert len(kept) == 50 and kept[0]["step"] == 1 and kept[-1]["step"] == 300
+  assert sweep.thinned(points[:20]) == points[:20]
+
+
+class _FakeTrainer:
+  """Records the order of its steps; a state is the number of steps taken."""
+
+  def __init__(self, name, calls):
+    self.name, self.calls = name, calls
+
+  def create_state(self, base):
+    return 0
+
+  def train_step(self, state, batch):
+    self.calls.append(self.name)
+    return state + 1, {}
+
+
+def test_step_times_are_timed_in_alternating_rounds():
+  calls = []
+  trainers = {name: _FakeTrainer(name, calls) for name in ("a", "b", "c")}
+  times = sweep.measure_step_times(trainers, dict.fromkeys(trainers), None, rounds=4, steps=2)
+  assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+  # After two steps each to compile, every round has each method's steps, the order rotating.
+  assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
+  assert calls[6:] == [
+    *("a", "a", "b", "b", "c", "c"),
+    *("b", "b", "c", "c", "a", "a"),
+    *("c", "c", "a", "a", "b", "b"),
+    *("a", "a", "b", "b", "c", "c"),
+  ]
+  with pytest.raises(ValueError, match="compare.timing rounds=0"):
+    sweep.measure_step_times(trainers, dict.fromkeys(trainers), None, rounds=0, steps=2)
+
+
+def test_the_timing_defaults_have_one_owner():
+  source = open(os.path.join(ROOT, "finch_jax", "sweep.py")).read()
+  assert "timing.get" not in source and "rounds: int = " not in source
+  timing = small_config().compare.timing
+  assert timing.rounds >= 16  # enough rounds for a 95% interval of the median
+
+
+def test_a_file_touched_but_not_changed_keeps_the_fingerprint(tmp_path):
+  """A package reinstalled in a new session gets new file times: a study's runs are still its."""
+  data = tmp_path / "train.jsonl"
+  data.write_text('{"prompt": "a", "response": "b"}\n')
+  config = small_config()
+  config.data.train = {"name": f"jsonl:{data}", "split": "train"}
+  key = configure.fingerprint(config)
+  os.utime(data, ns=(10**18, 10**18))
+  assert configure.fingerprint(config) == key
+  data.write_text('{"prompt": "a", "response": "c"}\n')  # same size, other content
+  assert configure.fingerprint(config) != key
