@@ -32,7 +32,7 @@ What the CPU compile does and does not capture:
   disagree either way: for the Qwen3-4B configs XLA:CPU reported 23-34% more temporaries than
   the TPU compiler with unscanned layers, the einsum attention and the whole logits, and from
   12% less to 4.7x more with the configs' scanned layers, attention kernels and chunked loss
-  (README, "Fine-tune Qwen3-4B on a pod").
+  (docs/pod.md).
 - Not captured: the runtime's own reservations (TPU: a few hundred MB for programs and
   collectives; GPU: the CUDA context, cuBLAS workspaces and NCCL buffers, about 1-3 GB) and
   allocator fragmentation.

@@ -1,6 +1,6 @@
 """A FINCH fine-tune of Qwen3-4B on one node of 8 NVIDIA H100 80GB GPUs (one process).
 
-One process drives all 8 GPUs (README, "Fine-tune Qwen3-4B on a pod"):
+One process drives all 8 GPUs (docs/pod.md):
 
   huggingface-cli download Qwen/Qwen3-4B --local-dir /path/to/Qwen3-4B
   python train.py --config configs/qwen3_4b_gpu8.py --workdir /data/runs/qwen3-4b-finch \
@@ -28,7 +28,7 @@ a run on either machine follows the same recipe. What differs is the machine:
   for it), an option this config has not been tuned for.
 - Batch: 64 rows per step as on the TPU slice, in 8 micro-batches of 8 rows
   (grad_accum_steps=8): 4 rows per data-parallel group at a time, 16,384 tokens per matmul.
-  Measured by `python benchmarks/pod_memory.py` (README): 28.8 GiB per GPU compiled by
+  Measured by `python benchmarks/pod_memory.py` (docs/pod.md): 28.8 GiB per GPU compiled by
   XLA:CPU, 48% of the 59.7 GiB budget (32.1 GiB before the chunked loss, the attention kernels
   and the scanned layers the TPU config sets). With the whole logits and the einsum attention,
   the TPU config's 8 rows per group (grad_accum_steps=4) measured 43.6 GiB, 73%: too close to

@@ -1,7 +1,7 @@
 """A FINCH fine-tune of Qwen3-4B on a TPU v5p-32 slice (16 chips, 95 GiB HBM each, 4 hosts).
 
-Every host runs the same command; JAX reads the slice from the TPU environment (README, "Fine-tune
-Qwen3-4B on a pod"):
+Every host runs the same command; JAX reads the slice from the TPU environment
+(docs/pod.md):
 
   huggingface-cli download Qwen/Qwen3-4B --local-dir /path/to/Qwen3-4B   # on every host
   python train.py --config configs/qwen3_4b_tpu_v5p.py --workdir gs://BUCKET/qwen3-4b-finch \
@@ -23,7 +23,7 @@ local text of your own as in the command above.
 The paths in `get_config` are examples; `finch_jax.validate` names any that does not exist.
 
 Sizes (Qwen3-4B, tied embeddings): 4,022,468,096 parameters, of which 389M are the embedding.
-Memory per chip, measured by `python benchmarks/pod_memory.py` (README): 37.8 GiB of 95
+Memory per chip, measured by `python benchmarks/pod_memory.py` (docs/pod.md): 37.8 GiB of 95
 compiled by XLA:CPU on 16 fake devices (60% headroom), 37.5 GiB compiled by the TPU compiler
 itself for the v5p-32 topology (61% headroom).
 

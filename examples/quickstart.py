@@ -6,7 +6,7 @@ A two-layer network is trained on task A (the "pretraining"), then fine-tuned on
 task B with Adam and with FINCH wrapped around the same Adam. It prints the task-B
 loss, how much the task-A loss rose (forgetting) and FINCH's scale. This is a
 demonstration of the API on a toy problem, not a benchmark: fair comparisons put
-methods at matched task loss (see the README).
+methods at matched task loss (docs/design.md, "Comparing fairly").
 """
 
 import jax

@@ -1,6 +1,6 @@
 """benchmarks/pod_memory.py and the pod configs: compiled per-device memory, validation for the pod.
 
-The full Qwen3-4B compiles take minutes (their output is in the README); here a tiny Llama on
+The full Qwen3-4B compiles take minutes (their output is in docs/pod.md); here a tiny Llama on
 the 8 CPU devices of tests/conftest.py checks what the script's numbers rest on: the compiled
 program's per-device arguments are the parameter and optimizer shards its shardings promise.
 """
@@ -182,7 +182,7 @@ def test_pod_config_describes_qwen3_4b(name):
   theirs = hf.config_from_hf(QWEN3_4B_HF, dtype="bfloat16", param_dtype="float32")
   assert dataclasses.replace(ours, remat=False, scan_layers=False) == theirs
   assert ours.remat and ours.num_params() == 4_022_468_096
-  # What keeps the step within memory and its compile short (README, "Memory per device").
+  # What keeps the step within memory and its compile short (docs/pod.md, "Memory per device").
   assert ours.scan_layers and ours.attention == "auto" and config.loss_chunk_size == 512
   assert config.mode == "finetune" and config.finch.enabled
 
