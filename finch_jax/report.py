@@ -204,6 +204,8 @@ def overlap(
   most = max(len(served(t)) for t in candidates)
   best = [t for t in candidates if len(served(t)) == most]
   methods = served(max(best) if increasing else min(best))
+  if not methods:  # no value lies within every seed's sweep of any method (e.g. one rate each)
+    return {"lo": float("nan"), "hi": float("nan"), "middle": float("nan"), "methods": []}
   lo = max(a for m in methods for a, _ in spans[m])
   hi = min(b for m in methods for _, b in spans[m])
   return {"lo": lo, "hi": hi, "middle": (lo + hi) / 2, "methods": methods}

@@ -236,3 +236,16 @@ def test_the_cost_column_says_within_noise_when_the_interval_covers_one():
   # Below six rounds no pair of order statistics covers 95%: the interval says what it covers.
   few = report.median_interval([1.0, 1.1, 0.9])
   assert few["ci"] == [0.9, 1.1] and few["coverage"] == pytest.approx(0.75)
+
+
+def test_sweeps_of_one_rate_have_no_overlap_and_read_not_reached():
+  # One rate per method, two seeds at different losses: no loss lies within every seed's sweep.
+  runs = [
+    _run(m, 1e-3, seed, 1.0 + 0.1 * seed + 0.05 * i, 0.5)
+    for i, m in enumerate(["standard", "finch"])
+    for seed in (0, 1)
+  ]
+  span = report.overlap(report._per_seed_sweeps(runs), "task_loss", False)
+  assert span["methods"] == [] and math.isnan(span["middle"])
+  out = report.build_report("standard", BEFORE, runs)
+  assert math.isnan(out["methods"]["finch"]["forgetting"])

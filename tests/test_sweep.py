@@ -292,9 +292,12 @@ def test_runs_trained_at_once_give_the_separate_runs_results(tmp_path):
   assert len(expected) == 4  # 2 methods x 2 seeds
   got = _results(tmp_path / "together")
   assert got.keys() == expected.keys()
-  measured = ("task_loss", "retain_loss", "forgetting", "curve", "retain_fact_accuracy")
+  measured = ("task_loss", "retain_loss", "curve", "retain_fact_accuracy")
   for key, result in expected.items():
     assert {k: got[key][k] for k in measured} == {k: result[k] for k in measured}, key
+    # Forgetting subtracts the base's retain loss, measured once over all the devices there and
+    # on one here: its float32 sums add in another order, the last bit of a float32 apart.
+    assert got[key]["forgetting"] == pytest.approx(result["forgetting"], rel=1e-6, abs=1e-6), key
 
 
 def test_only_sweeps_the_named_methods_and_the_baseline():

@@ -36,19 +36,20 @@ def _on_event(event, duration, **kwargs):
     _compiles.append(event)
 
 
-jax.monitoring.register_event_duration_secs_listener(_on_event)
-
-
 @contextlib.contextmanager
 def no_compilation():
   """Fails the test if anything is lowered or compiled inside the block."""
   global _listening
   _compiles.clear()
   _listening = True
+  # Registered for the block only: other libraries may clear every listener (Tunix's metrics
+  # logger does when it closes).
+  jax.monitoring.register_event_duration_secs_listener(_on_event)
   try:
     yield
   finally:
     _listening = False
+    jax.monitoring.unregister_event_duration_listener(_on_event)
   assert not _compiles, f"validate compiled: {_compiles}"
 
 
