@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.name = "embedded/biographies"  # Dataset: embedded/..., local_text:PATH or TFDS.
   config.data.data_dir = ""  # Where datasets are built; "" means WORKDIR/data.
   config.data.options = {  # Builder options per dataset (non-alphanumerics as "_").
-    "embedded_biographies": {"num_base_people": 50, "num_new_people": 50},
+    "embedded_biographies": {"num_base_people": 50, "num_new_people": 16},
   }
   config.data.train = {"name": "", "split": "finetune"}  # Training split ("" = data.name).
   # Named loss sets; forgetting = retain loss after - before. The tiny model memorises text
@@ -120,8 +120,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.compare.baseline = "standard"  # The method others are measured against.
   config.compare.seeds = (0, 1)  # Seeds of every sweep point (data order).
   config.compare.methods = {  # Name -> config overrides and the learning rates to sweep.
-    "standard": {"finch": {"enabled": False}, "learning_rates": (3e-4, 1e-3, 3e-3)},
-    "finch": {"finch": {"enabled": True}, "learning_rates": (1e-4, 3e-4, 1e-3)},
+    "standard": {"finch": {"enabled": False}, "learning_rates": (1e-4, 3e-4, 1e-3)},
+    "finch": {"finch": {"enabled": True}, "learning_rates": (3e-5, 1e-4, 3e-4)},
   }
   # Runs trained at once, each on an equal share of the devices; 0: one run per device on a
   # single-process CPU machine (train.py makes each core a device), one at a time elsewhere.
