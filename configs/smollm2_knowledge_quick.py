@@ -9,8 +9,8 @@ seeds, the measures and the probes stay.
 Each finished run's summary is kept in `docs/results/smollm2_knowledge/` (`compare.results_dir`),
 so a rerun trains only what is missing and `python -m finch_jax.report
 docs/results/smollm2_knowledge` rebuilds the report from those files alone. A session that has
-less time trains a subset first: `--config.compare.only=adamw,finch` (methods in the order
-given) and `--config.compare.seeds=0,`.
+less time trains a subset first, e.g. `"--config.compare.only=('finch','finch_target')"` (the
+baseline, AdamW, always comes first) and `"--config.compare.seeds=(0,)"`.
 """
 
 import ml_collections
