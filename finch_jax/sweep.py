@@ -154,6 +154,8 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
   before = _evaluate_base(evaluator, base, base_dir)
   _print("base model: " + _fmt(before))
   store = ResultsStore(config.compare.results_dir) if config.compare.results_dir else None
+  if store is not None and jax.process_index() == 0:
+    store.write_study(config.compare.baseline, list(configs), {}, report=False)
   sweep_runs = []
   for name, cfg in configs.items():
     samples = run.replay_samples(cfg, trainers[name], base, cache_dir=base_dir)
@@ -241,10 +243,15 @@ class ResultsStore:
     files.write_json(path, summary, indent=1)
 
   def write_study(
-    self, baseline: str, methods: list[str], step_times: Mapping[str, list[float]]
+    self,
+    baseline: str,
+    methods: list[str],
+    step_times: Mapping[str, list[float]],
+    report: bool = True,
   ) -> None:
     """Writes study.json (the baseline, the order of the methods, the latest step timings),
-    then the report of every run the directory holds."""
+    then, with `report`, the report of every run the directory holds. A sweep writes it before
+    its first run too, so the runs it keeps can be read even if it stops before the end."""
     # Methods swept in earlier sessions keep their place and their timings.
     earlier = files.read_json(self.directory / STUDY_FILE) or {}
     methods = list(dict.fromkeys([*earlier.get("methods", []), *methods]))
@@ -254,7 +261,8 @@ class ResultsStore:
       {"baseline": baseline, "methods": methods, "step_times": step_times},
       indent=1,
     )
-    write_report(self.directory, report_from_store(self.directory))
+    if report:
+      write_report(self.directory, report_from_store(self.directory))
 
 
 @functools.cache
