@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import zipfile
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,23 @@ PathLike = str | os.PathLike
 def is_remote(path: PathLike) -> bool:
   """Whether `path` names an object store (`gs://...`, `s3://...`) rather than the local disk."""
   return "://" in os.fspath(path)
+
+
+@contextlib.contextmanager
+def staged(paths: Sequence[str]) -> Iterator[list[str]]:
+  """Temporary local names beside `paths`, for writers that only take a file name (safetensors,
+  tokenizers); on leaving the block without an error each replaces its path (a rename), so a
+  reader never sees a half-written file and a crash while writing leaves the old files as they
+  were. Temporary files are removed either way."""
+  temporaries = [f"{path}.tmp{os.getpid()}" for path in paths]
+  try:
+    yield temporaries
+    for temporary, path in zip(temporaries, paths, strict=True):
+      os.replace(temporary, path)
+  finally:
+    for temporary in temporaries:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(temporary)
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:

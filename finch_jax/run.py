@@ -298,15 +298,6 @@ class Evaluator:
       out[f"{name}_overconfidence"] = float((confidence.sum() - right.sum()) / max(count.sum(), 1))
     return out
 
-  def reliability(self, params: Any) -> dict[str, dict[str, list[float]]]:
-    """The reliability diagram (`finch_jax.measures.reliability`) of each calibration set."""
-    return {
-      name: measures.reliability(
-        self.trainer.fact_sums(params, self.fact_sets[name], self.continues)["calibration"]
-      )
-      for name in sorted(self.calibration_sets)
-    }
-
 
 def run_training(
   config: ml_collections.ConfigDict,

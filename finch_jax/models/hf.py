@@ -43,7 +43,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -52,6 +52,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from finch_jax import files as files_lib
 from finch_jax import sharding as shd
 from finch_jax.formats import FileFormatError, read_json
 from finch_jax.models.llama import (
@@ -660,22 +661,6 @@ def _old_shards(path: str) -> set[str]:
   }
 
 
-@contextlib.contextmanager
-def _staged(paths: Sequence[str]) -> Iterator[list[str]]:
-  """Temporary names beside `paths` to write to; on leaving the block without an error each
-  replaces its path (a rename), so a reader never sees a half-written file and a crash while
-  writing leaves the old files as they were. Temporary files are removed either way."""
-  staged = [f"{path}.tmp{os.getpid()}" for path in paths]
-  try:
-    yield staged
-    for temporary, path in zip(staged, paths, strict=True):
-      os.replace(temporary, path)
-  finally:
-    for temporary in staged:
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(temporary)
-
-
 def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer: HFTokenizer | None = None) -> None:
   """Writes `model` as a Hugging Face checkpoint: config.json and model.safetensors.
 
@@ -709,7 +694,7 @@ def save_hf(model: Llama, path: str | os.PathLike, *, tokenizer: HFTokenizer | N
   os.makedirs(path, exist_ok=True)
   stale = _old_shards(path)
   files = [os.path.join(path, name) for name in (WEIGHTS_FILE, CONFIG_FILE)]
-  with _staged(files) as (weights, config_json):
+  with files_lib.staged(files) as (weights, config_json):
     save_file(tensors, weights, metadata={"format": "pt"})
     with open(config_json, "w") as f:
       json.dump(config_to_hf(config), f, indent=2)
@@ -832,7 +817,7 @@ class HFTokenizer:
     if self.chat_template is not None:
       settings["chat_template"] = self.chat_template
     files = [os.path.join(path, name) for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)]
-    with _staged(files) as (tokenizer_json, config_json):
+    with files_lib.staged(files) as (tokenizer_json, config_json):
       self.tokenizer.save(tokenizer_json)
       with open(config_json, "w") as f:
         json.dump(settings, f, indent=2)
