@@ -19,7 +19,7 @@ micro-batches gives exactly the mean over the whole batch.
   cross_entropy_and_kl_sums   both at once, the model's logits computed once per chunk
 
 Each takes `chunk_size`: None for the plain computation (whole logits), an integer for the
-chunked one; `plain_*` and `chunked_*` name the two variants directly.
+chunked one.
 """
 
 from __future__ import annotations
@@ -247,69 +247,3 @@ def cross_entropy_and_kl_sums(
 
   ce, kl = _per_token(per_token, (hidden, base_hidden), (head, base_head), (targets,), chunk_size)
   return (*_weighted_sum(ce, ce_weights), *_weighted_sum(kl, kl_weights))
-
-
-def plain_cross_entropy(
-  hidden: jax.Array,
-  head: jax.Array,
-  targets: jax.Array,
-  weights: jax.Array,
-  *,
-  logits_sharding: jax.sharding.Sharding | None = None,
-) -> Sums:
-  """`cross_entropy_sums` with the whole logits [batch, length, vocab] at once."""
-  return cross_entropy_sums(
-    hidden, head, targets, weights, chunk_size=None, logits_sharding=logits_sharding
-  )
-
-
-def chunked_cross_entropy(
-  hidden: jax.Array,
-  head: jax.Array,
-  targets: jax.Array,
-  weights: jax.Array,
-  *,
-  chunk_size: int = DEFAULT_CHUNK_SIZE,
-  logits_sharding: jax.sharding.Sharding | None = None,
-) -> Sums:
-  """`cross_entropy_sums` with logits [batch, chunk_size, vocab] at a time."""
-  return cross_entropy_sums(
-    hidden, head, targets, weights, chunk_size=chunk_size, logits_sharding=logits_sharding
-  )
-
-
-def plain_kl_to_base(
-  hidden: jax.Array,
-  head: jax.Array,
-  base_hidden: jax.Array,
-  base_head: jax.Array,
-  weights: jax.Array,
-  *,
-  logits_sharding: jax.sharding.Sharding | None = None,
-) -> Sums:
-  """`kl_to_base_sums` with the whole logits at once."""
-  return kl_to_base_sums(
-    hidden, head, base_hidden, base_head, weights, chunk_size=None, logits_sharding=logits_sharding
-  )
-
-
-def chunked_kl_to_base(
-  hidden: jax.Array,
-  head: jax.Array,
-  base_hidden: jax.Array,
-  base_head: jax.Array,
-  weights: jax.Array,
-  *,
-  chunk_size: int = DEFAULT_CHUNK_SIZE,
-  logits_sharding: jax.sharding.Sharding | None = None,
-) -> Sums:
-  """`kl_to_base_sums` with the logits of `chunk_size` tokens per row at a time."""
-  return kl_to_base_sums(
-    hidden,
-    head,
-    base_hidden,
-    base_head,
-    weights,
-    chunk_size=chunk_size,
-    logits_sharding=logits_sharding,
-  )

@@ -107,27 +107,29 @@ def test_cross_entropy_and_kl_equals_the_two_losses(data):
     replay,
     chunk_size=32,
   )
-  ref_ce, ref_ce_w = losses.plain_cross_entropy(d["hidden"], d["head"], d["targets"], ce_weights)
-  ref_kl, ref_kl_w = losses.plain_kl_to_base(
-    d["hidden"], d["head"], d["base_hidden"], d["base_head"], replay
+  ref_ce, ref_ce_w = losses.cross_entropy_sums(
+    d["hidden"], d["head"], d["targets"], ce_weights, chunk_size=None
+  )
+  ref_kl, ref_kl_w = losses.kl_to_base_sums(
+    d["hidden"], d["head"], d["base_hidden"], d["base_head"], replay, chunk_size=None
   )
   assert_close(ce, ref_ce)
   assert_close(kl, ref_kl)
   assert float(ce_w) == float(ref_ce_w) and float(kl_w) == float(ref_kl_w)
 
 
-def test_named_variants_and_bfloat16(data):
+def test_chunked_and_whole_agree_in_bfloat16(data):
   d = data
   hidden = d["hidden"].astype(jnp.bfloat16)
   args = (hidden, d["head"], d["targets"], d["weights"])
-  plain = losses.plain_cross_entropy(*args)
-  chunked = losses.chunked_cross_entropy(*args, chunk_size=16)
+  plain = losses.cross_entropy_sums(*args, chunk_size=None)
+  chunked = losses.cross_entropy_sums(*args, chunk_size=16)
   # Same bfloat16 products with float32 accumulation per token; only summation order differs.
   assert_close(chunked[0], plain[0], rtol=1e-5)
   kl_args = (hidden, d["head"], d["base_hidden"].astype(jnp.bfloat16), d["base_head"])
   assert_close(
-    losses.chunked_kl_to_base(*kl_args, d["weights"], chunk_size=16)[0],
-    losses.plain_kl_to_base(*kl_args, d["weights"])[0],
+    losses.kl_to_base_sums(*kl_args, d["weights"], chunk_size=16)[0],
+    losses.kl_to_base_sums(*kl_args, d["weights"], chunk_size=None)[0],
     rtol=1e-5,
   )
 
@@ -149,9 +151,10 @@ def test_sharded_batch_and_logits(data):
 
   sharded = [jax.device_put(d[k], rows) for k in ("hidden", "targets", "weights")]
   value, _ = run(*sharded)
-  assert_close(
-    value, losses.plain_cross_entropy(d["hidden"], d["head"], *[d["targets"], d["weights"]])[0]
+  whole = losses.cross_entropy_sums(
+    d["hidden"], d["head"], d["targets"], d["weights"], chunk_size=None
   )
+  assert_close(value, whole[0])
 
 
 def test_bad_arguments_name_the_fix(data):

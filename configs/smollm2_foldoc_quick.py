@@ -1,0 +1,44 @@
+"""Instruction tuning on a real pretrained model: SmolLM2-135M-Instruct learns FOLDOC's definitions.
+
+The third setting of the SmolLM2 study, beside knowledge acquisition
+(configs/smollm2_knowledge_quick.py) and language adaptation. The base is taught to answer
+'What is "TERM" in computing?' with the Free On-line Dictionary of Computing's definition
+(`debian/foldoc`, `apt-get install dict-foldoc`), in its own chat template, the loss on the
+answers only. The task is held-out definitions: task loss and task token accuracy on terms the
+run never saw (exact match means nothing for a paragraph-long answer). What it knew is measured
+as in the knowledge setting: the loss rise and KL(base || fine-tuned) on held-out English (the
+World English Bible), the accuracy drop and answer-NLL rise on the element facts the base
+recalls, and calibration over all element probes before and after.
+
+The size is that of the knowledge setting on two CPU cores (64 steps of 4 rows of 128 tokens);
+definitions are cut to about 300 characters so that a question and its answer fit a row. The
+methods are the shorter list: AdamW (the baseline), AdamW with warm-up and cosine decay, FINCH's
+first-batch and target readings, KL to the base on its own samples, and LoRA. Each finished run's summary is kept in
+`docs/results/smollm2_foldoc/`; `python -m finch_jax.report docs/results/smollm2_foldoc`
+rebuilds the report from those files alone.
+"""
+
+import ml_collections
+
+from configs import smollm2_knowledge, smollm2_knowledge_quick
+
+SHORT_LIST = ("adamw", "adamw_cosine", "finch", "finch_target", "kl_base", "lora")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """SmolLM2-135M-Instruct taught computing definitions, the study's shorter list compared."""
+  config = smollm2_knowledge_quick.get_config()
+  config.data.name = "debian/foldoc"
+  config.data.options = {
+    "debian_foldoc": {"passage_chars": 300},
+    "debian_elements": {"known": "recalled"},
+  }
+  config.data.train = {"name": "", "split": "train"}
+  config.data.eval_sets = {
+    "task": {"name": "", "split": "validation"},
+    "retain": {"name": "debian/bible_web", "split": "validation"},
+  }
+  methods = smollm2_knowledge.methods(adamw=5e-5)
+  config.compare.methods = {name: methods[name] for name in SHORT_LIST}
+  config.compare.results_dir = "docs/results/smollm2_foldoc"
+  return config
