@@ -26,6 +26,9 @@ What goes wrong, and what happens then:
 - A checkpoint written by a run of another fingerprint (another config, other data or another
   base model: `finch_jax.configure.fingerprint_record`, stored with every step) is not resumed:
   `ResumeMismatch` names the fields that differ and the fix.
+- A checkpoint that holds other arrays (paths or shapes) than the state it is restored into is
+  not resumed either, nor taken for damage: `ResumeMismatch` names the arrays (other dtypes are
+  cast). `resume_problem` says both before anything is built, for `finch_jax.validate`.
 """
 
 from __future__ import annotations
@@ -350,7 +353,8 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: the directory holds no checkpoint.
-      ResumeMismatch: the checkpoint was saved by a run of another fingerprint.
+      ResumeMismatch: the checkpoint was saved by a run of another fingerprint, or holds other
+        arrays than `abstract_state`; nothing is moved.
       CheckpointError: none of its checkpoints can be read, or one still fails for a passing
         reason after the last try; nothing is moved or changed.
     """

@@ -2,7 +2,9 @@
 from a config (model config, tokenizer, trainer), plus the fingerprint that keys a cached run.
 
 Everything here reads a config and builds; nothing trains. `validate`, `run` and `sweep` import
-it, so each of them reads a config the same way.
+it, so each of them reads a config the same way. The checks of what is built here (`*_problems`:
+the batch, the tokenizer, the datasets, the base checkpoint) return (config field, what is wrong
+and the fix) pairs without building anything; `validate` names the fields.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -95,6 +97,55 @@ def method_overrides(config: ml_collections.ConfigDict) -> dict[str, dict[str, A
 def method_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
   """One full config per method named in `compare.methods`."""
   return {name: override(config, changes) for name, changes in method_overrides(config).items()}
+
+
+def compare_problems(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+  """(config field, what is wrong and the fix) of a comparison's own settings: at least one
+  method, each sweeping positive learning rates, the baseline and `only` among the methods,
+  the seeds. (`compare.concurrent_runs` depends on the devices: `sharding.concurrent_runs`.)"""
+  methods = config.compare.get("methods") or {}
+  if not methods:
+    return [("compare.methods", "name at least one method, e.g. {'standard': {...}}.")]
+  problems = [
+    (
+      f"compare.methods.{name}.learning_rates",
+      "each method sweeps a non-empty list of positive learning rates, e.g. (3e-4, 1e-3, "
+      "3e-3); the report reads methods at matched task loss along these sweeps.",
+    )
+    for name, spec in methods.items()
+    if not _positive_numbers(_as_dict(spec).get("learning_rates"))
+  ]
+  if config.compare.get("baseline") not in methods:
+    problems.append(
+      ("compare.baseline", f"the baseline must be one of compare.methods: {sorted(methods)}.")
+    )
+  only = config.compare.get("only", ()) or ()
+  if isinstance(only, str) or not all(name in methods for name in only):
+    problems.append(
+      (
+        "compare.only",
+        f"name methods of compare.methods to sweep now, e.g. ('finch',): {sorted(methods)}.",
+      )
+    )
+  seeds = config.compare.get("seeds")
+  if not isinstance(seeds, Sequence) or not seeds or not all(_is_seed(s) for s in seeds):
+    problems.append(("compare.seeds", "give a non-empty list of seeds in [0, 2**32), e.g. (0, 1)."))
+  return problems
+
+
+def _positive_numbers(values: Any) -> bool:
+  return (
+    isinstance(values, Sequence)
+    and bool(values)
+    and all(
+      isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+      for v in values
+    )
+  )
+
+
+def _is_seed(value: Any) -> bool:
+  return _is_int(value) and 0 <= value < 2**32
 
 
 # ----- data ------------------------------------------------------------------------------------
@@ -660,6 +711,7 @@ __all__ = [
   "local_batch_size",
   "batch_problems",
   "cli_flag",
+  "compare_problems",
   "tokenizer_problems",
   "lora_config",
   "make_tokenizer",

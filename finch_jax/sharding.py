@@ -12,6 +12,10 @@ Typical use:
   mesh = make_mesh(data=-1, fsdp=2)
   model = create_sharded_model(lambda: Llama(config, rngs=nnx.Rngs(0)), mesh)
   batch = make_global_batch({"tokens": local_tokens}, mesh)
+
+The rules of what fits are checked here without a device, for `finch_jax.validate` as for the
+builders: `mesh_shape` (the mesh sizes), `indivisible_axes` (parameters that do not split over
+their mesh axes) and `concurrent_runs` (the runs of a comparison that train at once).
 """
 
 from __future__ import annotations

@@ -15,21 +15,24 @@ against the state the config builds. In `compare` mode the base-model run (`comp
 and every method's runs (`compare.methods`) are checked as the configs they become, and a
 problem that comes from an override names the override.
 
-Each rule lives with what it governs, and the builder there checks it too before it builds, so
-a message here says what the run itself would have said, with the config field in front:
+Each rule lives once, with what it governs, and the builders that can check by the same
+function before they build (`make_mesh`, `local_batch_size`, `make_optimizer`, `lora_config`,
+`sweep.run_device_groups`, `builders.data_source`, `Checkpointer.restore`), so a message here
+says what the run itself would have said, with the config field in front:
 
-- the mesh and the concurrent runs of a comparison: `sharding.mesh_shape`,
-  `sharding.concurrent_runs`, `sharding.indivisible_axes`;
-- the batch and the tokenizer: `configure.batch_problems`, `configure.tokenizer_problems`;
-- the optimizer and FINCH: `optim.optimizer_problems`, `optim.finch_problems`;
-- LoRA: `lora.LoraConfig`; the model: `configure.model_config`;
-- datasets: `data.builders.dataset_splits`, `data.builders.split_problem`;
-- a base checkpoint and resuming: `checkpoint.saved_steps`, `checkpoint.resume_problem`;
-- the workdir: `files.workdir_problem`.
+- the mesh, parameter layout and concurrent runs: `sharding.mesh_shape`, `indivisible_axes`,
+  `concurrent_runs`;
+- the batch, the tokenizer, the datasets, the base checkpoint and a comparison's settings:
+  `configure.batch_problems`, `tokenizer_problems`, `dataset_problems`,
+  `base_checkpoint_problems`, `compare_problems` (datasets through `data.builders`);
+- the optimizer, FINCH and LoRA: `optim.optimizer_problems`, `finch_problems`,
+  `lora.lora_problems`; the model: `configure.model_config`;
+- resuming: `checkpoint.resume_problem`; the workdir: `files.workdir_problem`.
 
 What stays here is what no builder owns: the problem collector and field naming, the configs of
-a comparison, counts and seeds, sequence lengths against the model, which datasets a mode needs,
-and which remedies need a base model.
+a comparison and their overrides, counts and seeds, sequence lengths against the model, which
+eval sets a mode reads, which remedies need a base model, and where a run would resume (a
+comparison's base directory, the sweep's rule).
 """
 
 from __future__ import annotations
@@ -269,25 +272,9 @@ def _pretrain_run(config: ml_collections.ConfigDict, p: _Problems) -> _Run | Non
 
 
 def _method_runs(config: ml_collections.ConfigDict, p: _Problems) -> list[_Run]:
-  methods = _get(config, "compare.methods", {}) or {}
-  if not methods:
-    p.fail("compare.methods", methods, "name at least one method, e.g. {'standard': {...}}.")
-    return []
   runs = []
   for name, changes in configure.method_overrides(config).items():
     where = f"compare.methods.{name}"
-    rates = _get(methods[name], "learning_rates")
-    if (
-      not isinstance(rates, Sequence)
-      or not rates
-      or not all(_is_number(r) and r > 0 for r in rates)
-    ):
-      p.fail(
-        f"{where}.learning_rates",
-        rates,
-        "each method sweeps a non-empty list of positive learning rates, e.g. (3e-4, 1e-3, "
-        "3e-3); the report reads methods at matched task loss along these sweeps.",
-      )
     try:
       method = configure.override(config, changes, on_unknown=_unknown_override(where, p))
     except (KeyError, TypeError, ValueError) as error:  # e.g. a value of the wrong type
@@ -298,24 +285,9 @@ def _method_runs(config: ml_collections.ConfigDict, p: _Problems) -> list[_Run]:
 
 
 def _check_compare_settings(config: ml_collections.ConfigDict, job: _Job, p: _Problems) -> None:
-  methods = _get(config, "compare.methods", {}) or {}
-  baseline = _get(config, "compare.baseline")
-  if methods and baseline not in methods:
-    p.fail(
-      "compare.baseline",
-      baseline,
-      f"the baseline must be one of compare.methods: {sorted(methods)}.",
-    )
-  only = _get(config, "compare.only", ()) or ()
-  if isinstance(only, str) or not all(name in methods for name in only):
-    p.fail(
-      "compare.only",
-      only,
-      f"name methods of compare.methods to sweep now, e.g. ('finch',): {sorted(methods)}.",
-    )
-  seeds = _get(config, "compare.seeds")
-  if not isinstance(seeds, Sequence) or not seeds or not all(map(_is_seed, seeds)):
-    p.fail("compare.seeds", seeds, "give a non-empty list of seeds in [0, 2**32), e.g. (0, 1).")
+  """The comparison's own settings (`configure.compare_problems`), and how many of its runs
+  train at once on this job (`sharding.concurrent_runs`)."""
+  p.report(_Run(config), configure.compare_problems(config))
   concurrent = _get(config, "compare.concurrent_runs", 0)
   if not _is_int(concurrent) or concurrent < 0:
     p.fail(
