@@ -660,6 +660,13 @@ def fingerprint_record(config: ml_collections.ConfigDict, **extra: Any) -> dict[
   return {"fingerprint": _digest(inputs), "inputs": inputs}
 
 
+def claimed_fingerprint(directory: str | os.PathLike) -> str | None:
+  """The fingerprint a run directory was claimed for (its `FINGERPRINT_FILE`), or None when it
+  has none: nothing there, made before runs were fingerprinted, or a file cut short."""
+  stamp = files.read_json(epath.Path(directory) / FINGERPRINT_FILE)
+  return stamp.get("fingerprint") if isinstance(stamp, dict) else None
+
+
 def base_fingerprint(config: ml_collections.ConfigDict) -> str:
   """What identifies the base model `config` starts from: `base_checkpoint` with the size and
   time of each of its files, or, for a comparison that pretrains its own base, the fingerprint of
@@ -695,6 +702,10 @@ __all__ = [
   "RESUMABLE_FIELDS",
   "base_checkpoint_problems",
   "base_fingerprint",
+  "batch_problems",
+  "claimed_fingerprint",
+  "cli_flag",
+  "compare_problems",
   "data_dir",
   "dataset_options",
   "dataset_problems",
@@ -706,13 +717,7 @@ __all__ = [
   "input_files",
   "is_hf_checkpoint",
   "is_pretrained",
-  "pretrained_model_config",
-  "pretrained_tokenizer",
   "local_batch_size",
-  "batch_problems",
-  "cli_flag",
-  "compare_problems",
-  "tokenizer_problems",
   "lora_config",
   "make_tokenizer",
   "make_trainer",
@@ -721,7 +726,10 @@ __all__ = [
   "model_config",
   "override",
   "pretrain_config",
+  "pretrained_model_config",
+  "pretrained_tokenizer",
   "replay_kl_weight",
   "samples_fingerprint",
   "spec_name",
+  "tokenizer_problems",
 ]

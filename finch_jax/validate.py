@@ -575,9 +575,7 @@ def _resumed_dir(run: _Run, mode: str, workdir: str) -> str | None:
   if run.context != "compare.pretrain":
     return None
   base_dir = os.path.join(workdir, "base")
-  stamp = files.read_json(os.path.join(base_dir, configure.FINGERPRINT_FILE))
-  # Nothing there, or made before fingerprints: set aside as well.
-  kept = stamp.get("fingerprint") if isinstance(stamp, dict) else None
+  kept = configure.claimed_fingerprint(base_dir)  # None: set aside as well
   return base_dir if kept is not None and kept == configure.fingerprint(run.config) else None
 
 
