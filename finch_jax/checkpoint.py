@@ -26,6 +26,9 @@ What goes wrong, and what happens then:
 - A checkpoint written by a run of another fingerprint (another config, other data or another
   base model: `finch_jax.configure.fingerprint_record`, stored with every step) is not resumed:
   `ResumeMismatch` names the fields that differ and the fix.
+- A checkpoint that holds other arrays (paths or shapes) than the state it is restored into is
+  not resumed either, nor taken for damage: `ResumeMismatch` names the arrays (other dtypes are
+  cast). `resume_problem` says both before anything is built, for `finch_jax.validate`.
 """
 
 from __future__ import annotations
@@ -176,6 +179,12 @@ def _changed_fields(saved: Any, now: Any, prefix: str = "") -> list[str]:
     what = "added" if saved is None else "removed" if now is None else "changed"
     return [f"file {name} ({what})"]
   return [f"{name or kind} {saved!r} -> {now!r}"]
+
+
+def _shown(changes: list[str], most: int = _SHOWN_CHANGES) -> str:
+  """The first `most` of `changes`, and how many more there are."""
+  more = f" and {len(changes) - most} more" if len(changes) > most else ""
+  return ", ".join(changes[:most]) + more
 
 
 def _brief(error: BaseException, limit: int = 300) -> str:
@@ -344,7 +353,8 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: the directory holds no checkpoint.
-      ResumeMismatch: the checkpoint was saved by a run of another fingerprint.
+      ResumeMismatch: the checkpoint was saved by a run of another fingerprint, or holds other
+        arrays than `abstract_state`; nothing is moved.
       CheckpointError: none of its checkpoints can be read, or one still fails for a passing
         reason after the last try; nothing is moved or changed.
     """
@@ -467,8 +477,24 @@ class Checkpointer:
     if error is not None:
       raise error
 
+  def _check_arrays(self, step: int, abstract_state: TrainState) -> None:
+    """Raises `ResumeMismatch` when checkpoint `step` holds another tree or other shapes of
+    arrays than `abstract_state` (other dtypes are cast); orbax would fail to restore it, and
+    the checkpoint is not damaged."""
+    saved = saved_arrays(self.directory, step)
+    if saved is None:  # unreadable metadata: the restore itself says what is wrong
+      return
+    built = state_arrays(abstract_state)
+    difference = state_difference(saved, built)
+    if difference is not None and not is_cast(saved, built):
+      raise ResumeMismatch(
+        f"{self.directory} holds checkpoint step {step} of another training state: {difference}."
+        " Rerun with the config that wrote it, or use a new --workdir."
+      )
+
   def _restore_step(self, abstract_state: TrainState, step: int) -> TrainState:
     self._check_fingerprint(step, self._saved_meta(step))
+    self._check_arrays(step, abstract_state)
     items = {
       "params": ocp.args.StandardRestore(_abstract(abstract_state.params)),
       "opt_state": ocp.args.StandardRestore(_abstract(abstract_state.opt_state)),
@@ -534,10 +560,7 @@ def _mismatch(
   saved = meta.get("fingerprint")
   if saved is None or saved.get("fingerprint") == fingerprint.get("fingerprint"):
     return None
-  changes = _changed_fields(saved.get("inputs"), fingerprint.get("inputs"))
-  shown = ", ".join(changes[:_SHOWN_CHANGES])
-  if len(changes) > _SHOWN_CHANGES:
-    shown += f" and {len(changes) - _SHOWN_CHANGES} more"
+  shown = _shown(_changed_fields(saved.get("inputs"), fingerprint.get("inputs")))
   workdir = directory.parent if directory.name == "checkpoints" else directory
   return ResumeMismatch(
     f"{directory} holds checkpoint step {step} of another run; changed since it was written: "
@@ -563,6 +586,143 @@ def resume_mismatch(
   return _mismatch(directory, step, meta, fingerprint) if isinstance(meta, dict) else None
 
 
+def checkpoints_dir(path: str | os.PathLike) -> epath.Path:
+  """Where the checkpoints of `path` are: its `checkpoints/` folder when it is a workdir that
+  has one, else `path` itself (as given: relative stays relative)."""
+  path = epath.Path(path)
+  return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def saved_steps(path: str | os.PathLike) -> tuple[str, list[int] | None] | None:
+  """(checkpoints folder, its finished steps, sorted) of a workdir or `checkpoints/` folder.
+
+  None when nothing exists at `path`; steps None when the store cannot be listed from here (a
+  bucket without its file-system package): the run itself then says what is wrong.
+  """
+  try:
+    if not epath.Path(path).exists():
+      return None
+    directory = checkpoints_dir(path)
+    if not directory.is_dir():
+      return str(directory), []
+    return str(directory), sorted(ocp.utils.checkpoint_steps(directory))
+  except (OSError, ValueError, ImportError):
+    return str(path), None
+
+
+def saved_config(directory: str | os.PathLike, step: int) -> dict[str, Any] | None:
+  """The config saved with checkpoint `step` (`Checkpointer(config=...)`), if readable."""
+  try:
+    saved = json.loads((epath.Path(directory) / str(step) / "config" / "metadata").read_text())
+  except (OSError, ValueError):
+    return None
+  return saved if isinstance(saved, dict) else None
+
+
+# The checkpoint items that hold the train state's arrays.
+_STATE_ITEMS = ("params", "opt_state")
+_SHOWN_ARRAYS = 3  # differing arrays a refusal names
+
+
+def saved_arrays(directory: str | os.PathLike, step: int) -> dict[str, tuple[Any, ...]] | None:
+  """{'params.PATH' or 'opt_state.PATH': (shape, dtype)} of checkpoint `step`, from the
+  metadata orbax writes beside the arrays (nothing is read into memory); None if unreadable."""
+  arrays = {}
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    for item in _STATE_ITEMS:
+      tree = handler.metadata(epath.Path(directory) / str(step) / item).tree
+      for key, leaf in ocp.tree.to_flat_dict(tree, sep=".").items():
+        if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):  # empty nodes are None
+          arrays[f"{item}.{key}"] = (tuple(leaf.shape), np.dtype(leaf.dtype))
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  finally:
+    handler.close()
+  return arrays
+
+
+def state_arrays(state: TrainState) -> dict[str, tuple[Any, ...]]:
+  """The same as `saved_arrays` for a train state, real or abstract (`Trainer.abstract_state`)."""
+  return {
+    f"{item}.{key}": (tuple(leaf.shape), np.dtype(leaf.dtype))
+    for item in _STATE_ITEMS
+    for key, leaf in ocp.tree.to_flat_dict(getattr(state, item), sep=".").items()
+  }
+
+
+def state_difference(
+  saved: Mapping[str, tuple[Any, ...]], built: Mapping[str, tuple[Any, ...]]
+) -> str | None:
+  """What differs between the arrays of a checkpoint (`saved_arrays`) and of the state a run
+  builds (`state_arrays`): 'N arrays differ ... (PATH: saved float32[96, 64], new none; ...)',
+  the parameters named first; None when nothing does. Orbax restores a state only into the same
+  tree of arrays, and casts one of other dtypes (`is_cast`)."""
+  paths = sorted(saved.keys() | built.keys(), key=lambda k: (not k.startswith("params."), k))
+  paths = [path for path in paths if saved.get(path) != built.get(path)]
+  if not paths:
+    return None
+
+  def shown(leaf: tuple[Any, ...] | None) -> str:
+    return "none" if leaf is None else f"{leaf[1]}{list(leaf[0])}"
+
+  named = [f"{k}: saved {shown(saved.get(k))}, new {shown(built.get(k))}" for k in paths]
+  more = len(named) - _SHOWN_ARRAYS
+  listed = "; ".join(named[:_SHOWN_ARRAYS]) + (f"; and {more} more" if more > 0 else "")
+  return f"{len(named)} arrays differ from the state this config builds ({listed})"
+
+
+def is_cast(saved: Mapping[str, tuple[Any, ...]], built: Mapping[str, tuple[Any, ...]]) -> bool:
+  """Whether the two sets of arrays differ in dtypes only: a restore casts them."""
+  return saved.keys() == built.keys() and all(saved[k][0] == built[k][0] for k in saved)
+
+
+def resume_problem(
+  path: str | os.PathLike,
+  *,
+  fingerprint: Mapping[str, Any] | None,
+  config: Mapping[str, Any] | None,
+  abstract_state: Callable[[], TrainState | None],
+) -> str | None:
+  """Why a run may not resume the newest checkpoint in `path` (a workdir or its checkpoints
+  folder), found without building or restoring anything; None when it may, or when there is
+  none.
+
+  The checkpoint must have been saved with the run's `fingerprint` (`resume_mismatch`; None
+  skips this), and hold the arrays (paths, shapes, dtypes) of the state the run builds
+  (`abstract_state()`, called only when there is a checkpoint; it returns None when the state
+  cannot be built). `config` is the run's config as JSON, to name what changed since the
+  checkpoint was written.
+  """
+  found = saved_steps(path)
+  if not found or not found[1]:
+    return None
+  directory, step = found[0], max(found[1])
+  if fingerprint is not None and (mismatch := resume_mismatch(directory, step, fingerprint)):
+    return str(mismatch)
+  saved = saved_arrays(directory, step)
+  state = abstract_state() if saved is not None else None
+  if state is None:
+    return None  # unreadable here (the run tries the older steps), or a config to fix first
+  built = state_arrays(state)
+  difference = state_difference(saved, built)
+  if difference is None:
+    return None
+  outcome = (
+    "cast it to the new dtypes, continuing in another precision"
+    if is_cast(saved, built)
+    else "fail to restore it"
+  )
+  written = saved_config(directory, step)
+  changes = _changed_fields({"config": written}, {"config": config}) if written and config else []
+  changed = f"; changed since it was written: {_shown(changes, 5)}" if changes else ""
+  return (
+    f"already holds a checkpoint (step {step}) of a different training state: {difference}"
+    f"{changed}. The run would resume from it and {outcome}: rerun with the config that wrote "
+    "it, or use a new --workdir."
+  )
+
+
 def restore_params(
   directory: str | os.PathLike, abstract_params: Any, step: int | None = None
 ) -> Any:
@@ -578,9 +738,7 @@ def restore_params(
     CheckpointError: naming the step when it cannot be read. A base model does not fall back to
       an older step: fine-tuning another base than the one asked for would mislead.
   """
-  path = epath.Path(directory)
-  if (path / "checkpoints").is_dir():
-    path = path / "checkpoints"
+  path = checkpoints_dir(directory)
   directory = str(path)  # as given, in the messages
   if not path.is_dir():
     raise FileNotFoundError(

@@ -2,17 +2,22 @@
 from a config (model config, tokenizer, trainer), plus the fingerprint that keys a cached run.
 
 Everything here reads a config and builds; nothing trains. `validate`, `run` and `sweep` import
-it, so each of them reads a config the same way.
+it, so each of them reads a config the same way. The checks of what is built here (`*_problems`:
+the batch, the tokenizer, the datasets, the base checkpoint) return (config field, what is wrong
+and the fix) pairs without building anything; `validate` names the fields.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
+import math
+import numbers
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -20,8 +25,8 @@ import ml_collections
 from etils import epath
 from ml_collections import ConfigDict
 
+from finch_jax import checkpoint, files, models
 from finch_jax import data as data_lib
-from finch_jax import files, models
 from finch_jax import lora as lora_lib
 from finch_jax import sharding as shd
 from finch_jax.models import gguf, hf
@@ -94,6 +99,55 @@ def method_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collection
   return {name: override(config, changes) for name, changes in method_overrides(config).items()}
 
 
+def compare_problems(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+  """(config field, what is wrong and the fix) of a comparison's own settings: at least one
+  method, each sweeping positive learning rates, the baseline and `only` among the methods,
+  the seeds. (`compare.concurrent_runs` depends on the devices: `sharding.concurrent_runs`.)"""
+  methods = config.compare.get("methods") or {}
+  if not methods:
+    return [("compare.methods", "name at least one method, e.g. {'standard': {...}}.")]
+  problems = [
+    (
+      f"compare.methods.{name}.learning_rates",
+      "each method sweeps a non-empty list of positive learning rates, e.g. (3e-4, 1e-3, "
+      "3e-3); the report reads methods at matched task loss along these sweeps.",
+    )
+    for name, spec in methods.items()
+    if not _positive_numbers(_as_dict(spec).get("learning_rates"))
+  ]
+  if config.compare.get("baseline") not in methods:
+    problems.append(
+      ("compare.baseline", f"the baseline must be one of compare.methods: {sorted(methods)}.")
+    )
+  only = config.compare.get("only", ()) or ()
+  if isinstance(only, str) or not all(name in methods for name in only):
+    problems.append(
+      (
+        "compare.only",
+        f"name methods of compare.methods to sweep now, e.g. ('finch',): {sorted(methods)}.",
+      )
+    )
+  seeds = config.compare.get("seeds")
+  if not isinstance(seeds, Sequence) or not seeds or not all(_is_seed(s) for s in seeds):
+    problems.append(("compare.seeds", "give a non-empty list of seeds in [0, 2**32), e.g. (0, 1)."))
+  return problems
+
+
+def _positive_numbers(values: Any) -> bool:
+  return (
+    isinstance(values, Sequence)
+    and bool(values)
+    and all(
+      isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+      for v in values
+    )
+  )
+
+
+def _is_seed(value: Any) -> bool:
+  return _is_int(value) and 0 <= value < 2**32
+
+
 # ----- data ------------------------------------------------------------------------------------
 
 
@@ -126,14 +180,157 @@ def dataset_specs(config: ml_collections.ConfigDict) -> dict[str, Mapping[str, A
   return specs
 
 
-def local_batch_size(config: ml_collections.ConfigDict) -> int:
-  """This process's share of `data.batch_size`."""
-  if config.data.batch_size % jax.process_count():
-    raise ValueError(
-      f"data.batch_size={config.data.batch_size} does not divide among "
-      f"{jax.process_count()} processes: use a multiple of {jax.process_count()}."
+def cli_flag(path: str) -> str:
+  """The command-line flag that sets config field `path`."""
+  return f"--config.{path}"
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _multiples(value: int, step: int) -> str:
+  """'8 or 16': the multiples of `step` around `value`."""
+  low, high = (value // step) * step, (value // step + 1) * step
+  return f"{low} or {high}" if low > 0 else f"{high}"
+
+
+def batch_problems(
+  batch_size: Any,
+  process_count: int,
+  mesh: Mapping[str, int] | None = None,
+  grad_accum_steps: Any = 1,
+  *,
+  flag: Callable[[str], str] = cli_flag,
+) -> list[tuple[str, str]]:
+  """(config field, what is wrong and the fix) for each way the global batch `data.batch_size`
+  does not split: among the processes (each feeds its own rows), then, given the resolved mesh
+  sizes, over the devices its rows are sharded on (`sharding.batch_axes`) and per micro-batch of
+  `grad_accum_steps`. `flag(path)` names the flag that sets a field in the fixes."""
+  if not _is_int(batch_size) or batch_size < 1:
+    return [("data.batch_size", "must be a positive integer: rows per global batch.")]
+  problems = []
+  if batch_size % process_count:
+    problems.append(
+      (
+        "data.batch_size",
+        f"the global batch is split among the {process_count} processes: set "
+        f"{flag('data.batch_size')} to a multiple of {process_count}, e.g. "
+        f"{_multiples(batch_size, process_count)}.",
+      )
     )
-  return config.data.batch_size // jax.process_count()
+  if mesh is None:
+    return problems
+  axes = shd.batch_axes()
+  devices = math.prod(mesh[axis] for axis in axes)
+  shown = " x ".join(f"mesh.{axis}={mesh[axis]}" for axis in axes)
+  if devices % process_count:
+    problems.append(
+      (
+        "mesh",
+        f"the batch is sharded over {devices} devices ({shown}), which do not split among the "
+        f"{process_count} processes that each feed their own rows: make "
+        f"{' x '.join(f'mesh.{axis}' for axis in axes)} a multiple of {process_count} (keep "
+        "mesh.tensor within one process's devices).",
+      )
+    )
+  if batch_size % devices:
+    problems.append(
+      (
+        "data.batch_size",
+        f"does not split over the {devices} devices the batch is sharded on ({shown}): set "
+        f"{flag('data.batch_size')} to a multiple of {devices}, e.g. "
+        f"{_multiples(batch_size, devices)}.",
+      )
+    )
+    return problems
+  accum = grad_accum_steps
+  if _is_int(accum) and accum > 1 and batch_size % (accum * devices):
+    divisors = [k for k in range(1, accum + 1) if batch_size % (k * devices) == 0]
+    problems.append(
+      (
+        "data.batch_size",
+        f"with grad_accum_steps={accum} each micro-batch of batch_size / {accum} rows must split "
+        f"over the {devices} batch devices ({shown}): set {flag('data.batch_size')} to a multiple "
+        f"of {accum * devices}, e.g. {_multiples(batch_size, accum * devices)}, or "
+        f"{flag('grad_accum_steps')} to one of {divisors}.",
+      )
+    )
+  return problems
+
+
+def dataset_problems(config: ml_collections.ConfigDict) -> tuple[list[tuple[str, str]], set[str]]:
+  """(config field, what is wrong and the fix) for each dataset a run of `config` reads
+  (`dataset_specs`) that it cannot read: a name no builder knows, missing files, a split the
+  dataset lacks or one without the records the set reads (`builders.dataset_splits`,
+  `builders.split_problem`), JSONL data as a fact set, base-model samples without a base model.
+  Also the options keys of the datasets that exist. Builds and downloads nothing."""
+  problems, read = [], set()
+  for where, spec in dataset_specs(config).items():
+    kind = "facts" if where.startswith("data.fact_sets.") else "text"
+    name = spec.get("name") if isinstance(spec, Mapping | ConfigDict) else None
+    if where == "replay.data" and name == BASE_SAMPLES:
+      continue  # the base model's own samples: a remedy, which needs a base model
+    if name == BASE_SAMPLES and (kind == "facts" or config.get("mode") == "pretrain"):
+      problems.append(
+        (
+          f"{where}.name",
+          "base-model samples are a loss set (or replay data) of a run with a base model "
+          "(mode 'finetune' or 'compare'); name a dataset here.",
+        )
+      )
+    elif isinstance(name, str) and name.startswith(data_lib.builders.JSONL_PREFIX):
+      problems += _jsonl_problems(f"{where}.name", name, kind)
+    elif name != BASE_SAMPLES:
+      found = _dataset_problems(config, where, spec, kind)
+      problems += found
+      if not found or found[0][0].endswith(".split"):
+        read.add(data_lib.builders.options_key(spec_name(config, spec)))
+  return problems, read
+
+
+def _jsonl_problems(field: str, name: str, kind: str) -> list[tuple[str, str]]:
+  """Instruction data: files that exist, read as loss sets or training data (not as facts)."""
+  if kind == "facts":
+    return [
+      (
+        field,
+        "fact sets read prompt/answer TFDS records; use JSONL data as a loss set "
+        "(data.eval_sets) or for training.",
+      )
+    ]
+  try:
+    data_lib.sft.jsonl_files(name.removeprefix(data_lib.builders.JSONL_PREFIX))
+  except FileNotFoundError as error:
+    return [(field, " ".join(str(error).split()))]
+  return []
+
+
+def _dataset_problems(
+  config: ml_collections.ConfigDict, where: str, spec: Any, kind: str
+) -> list[tuple[str, str]]:
+  """A `{name, split}` spec of a built dataset, set at `where`."""
+  if not isinstance(spec, Mapping | ConfigDict) or not spec.get("split"):
+    return [(where, "give {'name': DATASET or '' for data.name, 'split': SPLIT}.")]
+  name = spec_name(config, spec)
+  field = f"{where}.name" if spec.get("name") else "data.name"
+  if not isinstance(name, str) or not name:
+    return [(field, f"name a dataset; {data_lib.builders.VALID_NAMES_HELP}.")]
+  try:
+    splits = data_lib.builders.dataset_splits(name, **dataset_options(config, name))
+  except Exception as error:  # the builders' own message names the fix
+    return [(field, " ".join(str(error).split()))]
+  # None: a catalog dataset, whose splits only a download would tell.
+  problem = splits and data_lib.builders.split_problem(name, spec["split"], splits, kind)
+  return [(f"{where}.split", problem)] if problem else []
+
+
+def local_batch_size(config: ml_collections.ConfigDict) -> int:
+  """This process's share of `data.batch_size` (`batch_problems` says when there is none)."""
+  batch_size = config.data.batch_size
+  if problems := batch_problems(batch_size, jax.process_count()):
+    raise ValueError(f"data.batch_size={batch_size}: {problems[0][1]}")
+  return batch_size // jax.process_count()
 
 
 # ----- model, tokenizer, trainer ---------------------------------------------------------------
@@ -211,9 +408,109 @@ def make_tokenizer(config: ml_collections.ConfigDict) -> data_lib.Tokenizer:
   return tokenizer
 
 
+def tokenizer_problems(
+  config: ml_collections.ConfigDict,
+  model: models.ModelConfig,
+  flag: Callable[[str], str] = cli_flag,
+) -> list[tuple[str, str]]:
+  """(config field, what is wrong and the fix) when the run's tokenizer (`make_tokenizer`)
+  cannot be made, or has more tokens than `model`'s embedding has rows: an id at or past
+  `vocab_size` reads none (`jnp.take` fills NaN), so every step's loss is NaN, every update is
+  skipped, and the run ends having learned nothing. A pretrained base's own tokenizer comes with
+  its embedding and is not read (from a GGUF file that takes seconds)."""
+  field, base = "data.tokenizer", config.get("base_checkpoint", "")
+  pretrained = isinstance(base, str) and is_pretrained(base)
+  if pretrained and not config.data.get("tokenizer", ""):
+    return []
+  try:
+    tokens, rows = make_tokenizer(config).vocab_size, model.vocab_size
+  except (OSError, ValueError) as error:
+    return [(field, " ".join(str(error).split()))]
+  if tokens <= rows:
+    return []
+  too_many = f"the tokenizer has {tokens} tokens, the model's vocabulary {rows} embedding rows"
+  if pretrained:
+    return [
+      (
+        field,
+        f"{too_many} ({base}): set {flag(field)}='' to use the base model's own tokenizer, or one "
+        f"of at most {rows} tokens.",
+      )
+    ]
+  return [
+    (
+      "model.vocab_size",
+      f"{too_many}: set {flag('model.vocab_size')} to at least {tokens} (e.g. "
+      f"{-(-tokens // 8) * 8}), or {flag(field)} to a tokenizer of at most {rows} tokens.",
+    )
+  ]
+
+
+BASE_HINT = (
+  "point --config.base_checkpoint at a Hugging Face model directory (config.json and "
+  "safetensors), a llama.cpp .gguf file, or the workdir (or its checkpoints/ folder) of a "
+  "pretraining run, e.g. one made with configs/pretrain_tiny.py"
+)
+
+
+def base_checkpoint_problems(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+  """(config field, what is wrong and the fix) of the base model `config` starts from
+  (`base_checkpoint`): a Hugging Face directory with a supported config.json and its weights,
+  a GGUF file whose metadata gives a supported model, or a finch_jax workdir (or its
+  checkpoints/ folder) holding a finished checkpoint of `config.model`'s architecture. Reads
+  config files and checkpoint metadata, nothing more."""
+  base = config.get("base_checkpoint")
+  if not base or not isinstance(base, str):
+    return [("base_checkpoint", f"fine-tuning needs a base model: {BASE_HINT}.")]
+  if is_pretrained(base):
+    what = "its config.json" if is_hf_checkpoint(base) else "this GGUF file"
+    try:
+      pretrained_model_config(base, {})
+      if is_hf_checkpoint(base):
+        what = ""  # the config is fine: the weights' message stands alone
+        hf.weight_files(base)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+      text = " ".join(str(error).split())
+      return [("base_checkpoint", f"{what} cannot be used: {text}" if what else text)]
+    return []
+  found = checkpoint.saved_steps(base)
+  if found is None:
+    return [("base_checkpoint", f"does not exist: {BASE_HINT}.")]
+  directory, steps = found
+  if not steps:  # None: a store this machine cannot list; the run itself will tell
+    problem = f"holds no finished checkpoint in {directory}: {BASE_HINT}."
+    return [] if steps is None else [("base_checkpoint", problem)]
+  saved = (checkpoint.saved_config(directory, max(steps)) or {}).get("model")
+  return [
+    (
+      f"model.{field}",
+      f"the base checkpoint {base!r} holds a model with {field}={was!r}; fine-tuning restores "
+      f"its parameters, so set --config.model.{field}={was} (or use a base of this shape).",
+    )
+    for field, was in _model_differences(saved, config.get("model")).items()
+  ]
+
+
+def _model_differences(saved: Any, current: Any) -> dict[str, Any]:
+  """{field: saved value} where two `model` dicts describe models of different parameters, each
+  read as `models.config_from_dict` reads it (a field left out takes its default)."""
+  try:
+    was, now = models.config_from_dict(saved), models.config_from_dict(current)
+  except (TypeError, ValueError, AttributeError):
+    return {}  # none saved, or a current one that is named as wrong on its own
+  # The attention implementation and the remat policy leave the parameters as they are
+  # (scan_layers stacks them, so it must match).
+  fields = [f.name for f in dataclasses.fields(was) if f.name not in ("attention", "remat_policy")]
+  return {k: getattr(was, k) for k in fields if getattr(was, k) != getattr(now, k)}
+
+
 def lora_config(config: ml_collections.ConfigDict) -> lora_lib.LoraConfig | None:
   """`config.lora` as a `LoraConfig`, or None when its rank is 0 (every weight trained)."""
   spec = config.get("lora")
+  if problems := lora_lib.lora_problems(spec):
+    field, message = problems[0]
+    path = f"lora.{field}" if field else "lora"
+    raise ValueError(f"{path}={spec.get(field) if field else spec.to_dict()!r}: {message}")
   if not spec or not spec.rank:
     return None
   return lora_lib.LoraConfig(rank=int(spec.rank), alpha=float(spec.alpha), targets=spec.targets)
@@ -363,6 +660,13 @@ def fingerprint_record(config: ml_collections.ConfigDict, **extra: Any) -> dict[
   return {"fingerprint": _digest(inputs), "inputs": inputs}
 
 
+def claimed_fingerprint(directory: str | os.PathLike) -> str | None:
+  """The fingerprint a run directory was claimed for (its `FINGERPRINT_FILE`), or None when it
+  has none: nothing there, made before runs were fingerprinted, or a file cut short."""
+  stamp = files.read_json(epath.Path(directory) / FINGERPRINT_FILE)
+  return stamp.get("fingerprint") if isinstance(stamp, dict) else None
+
+
 def base_fingerprint(config: ml_collections.ConfigDict) -> str:
   """What identifies the base model `config` starts from: `base_checkpoint` with the size and
   time of each of its files, or, for a comparison that pretrains its own base, the fingerprint of
@@ -392,12 +696,19 @@ def samples_fingerprint(config: ml_collections.ConfigDict, seed: int) -> str:
 
 
 __all__ = [
+  "BASE_HINT",
   "BASE_SAMPLES",
   "FINGERPRINT_FILE",
   "RESUMABLE_FIELDS",
+  "base_checkpoint_problems",
   "base_fingerprint",
+  "batch_problems",
+  "claimed_fingerprint",
+  "cli_flag",
+  "compare_problems",
   "data_dir",
   "dataset_options",
+  "dataset_problems",
   "dataset_specs",
   "fingerprint",
   "fingerprint_inputs",
@@ -406,8 +717,6 @@ __all__ = [
   "input_files",
   "is_hf_checkpoint",
   "is_pretrained",
-  "pretrained_model_config",
-  "pretrained_tokenizer",
   "local_batch_size",
   "lora_config",
   "make_tokenizer",
@@ -417,7 +726,10 @@ __all__ = [
   "model_config",
   "override",
   "pretrain_config",
+  "pretrained_model_config",
+  "pretrained_tokenizer",
   "replay_kl_weight",
   "samples_fingerprint",
   "spec_name",
+  "tokenizer_problems",
 ]

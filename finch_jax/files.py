@@ -15,11 +15,13 @@ module imports nothing of the package.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
 import os
 import threading
+import uuid
 import zipfile
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -182,6 +184,95 @@ def set_aside(path: PathLike, suffix: str) -> epath.Path:
   return path.rename(target)
 
 
+_GCS_ROLE = "roles/storage.objectUser"  # create, read, list and delete objects: what a run does
+
+
+def workdir_problem(workdir: str) -> str | None:
+  """Why a run cannot write into `workdir`, naming the fix; None when it can. A local
+  directory must be one (or be possible to make) where this user may write; a bucket
+  (`gs://BUCKET/...`) must exist and take writes from these credentials (`_bucket_problem`).
+  Another store of epath's (s3://, ...) is not checked: the run itself says what is wrong."""
+  if workdir.startswith("gs://"):
+    return _bucket_problem(workdir)
+  if is_remote(workdir):
+    return None
+  path = epath.Path(os.path.abspath(workdir))
+  existing = path
+  while not existing.exists():  # where making the directories would start
+    existing = existing.parent
+  if not existing.is_dir():
+    where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+    return f"{where}, not a directory: move it or use another --workdir."
+  # os.access has no counterpart in epath; it answers for local paths, which these are.
+  if not os.access(existing, os.W_OK | os.X_OK):
+    return (
+      f"is read-only: this user cannot write in {existing}; make it writable (chmod, or a "
+      "writable mount) or use another --workdir."
+    )
+  return None
+
+
+def _bucket_problem(workdir: str) -> str | None:
+  """A `gs://` workdir: the package that reaches it, credentials, the bucket, write access.
+
+  The bucket is checked by writing and deleting one empty object in the workdir, which needs
+  only the object permissions the run needs anyway (not the bucket's metadata), and tells a
+  missing bucket (404) from one these credentials may not write to (403).
+  """
+  bucket = workdir.removeprefix("gs://").split("/", 1)[0]
+  if importlib.util.find_spec("gcsfs") is None:
+    return (
+      'a gs:// workdir needs the gcs extra: pip install -e ".[gcs]" (gcsfs, google-cloud-storage).'
+    )
+  # An emulator (STORAGE_EMULATOR_HOST, as in the tests) takes requests without credentials.
+  if not os.environ.get("STORAGE_EMULATOR_HOST"):
+    import google.auth  # with the gcs extra; needed for a bucket only
+    import google.auth.exceptions
+
+    try:
+      google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError:
+      return (
+        "no Google Cloud credentials found: run `gcloud auth application-default login`, or "
+        "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (on a Cloud TPU or "
+        "Compute Engine VM, give the VM a service account)."
+      )
+  probe = epath.Path(workdir) / f".finch_jax_write_check.{uuid.uuid4().hex}"
+  try:
+    probe.write_bytes(b"")
+    probe.unlink()
+  except FileNotFoundError:
+    return (
+      f"the bucket gs://{bucket} does not exist: create it (gcloud storage buckets create "
+      f"gs://{bucket} --location=REGION, the region of the machines) or fix its name."
+    )
+  except Exception as error:  # gcsfs: OSError("Forbidden ...") for 403, HttpError(code) else
+    return _bucket_refused(bucket, error)
+  return None
+
+
+def _bucket_refused(bucket: str, error: Exception) -> str:
+  """Why writing into the bucket failed: rejected credentials, no write permission, or no
+  connection."""
+  text, code = " ".join(str(error).split())[:200], getattr(error, "code", None)
+  if code == 401:
+    return (
+      f"these Google Cloud credentials are rejected ({text}): run `gcloud auth "
+      "application-default login` again, or point GOOGLE_APPLICATION_CREDENTIALS at a valid "
+      "key file."
+    )
+  if code == 403 or text.startswith("Forbidden"):
+    return (
+      f"is read-only for these credentials ({text}): grant them {_GCS_ROLE} on "
+      f"gs://{bucket} (gcloud storage buckets add-iam-policy-binding gs://{bucket} "
+      f"--member=ACCOUNT --role={_GCS_ROLE}), or use another --workdir."
+    )
+  return (
+    f"cannot be reached ({text}): check the network and the bucket's name, or use a local "
+    "--workdir."
+  )
+
+
 __all__ = [
   "files_under",
   "is_remote",
@@ -189,6 +280,7 @@ __all__ = [
   "read_json",
   "set_aside",
   "stat",
+  "workdir_problem",
   "write_arrays",
   "write_bytes",
   "write_json",

@@ -77,7 +77,7 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -148,6 +148,22 @@ class LoraConfig:
   def scale(self) -> float:
     """alpha / rank, the factor applied to A @ B."""
     return self.alpha / self.rank
+
+
+def lora_problems(spec: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+  """(field of a config's `lora` block, what is wrong and the fix; '' names the whole block):
+  `rank` must be an integer >= 0 (0: LoRA off), and with LoRA on, `rank`, `alpha` and
+  `targets` what `LoraConfig` accepts. Builds nothing."""
+  spec = dict(spec or {})
+  rank = spec.get("rank", 0)
+  if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 0:
+    return [("rank", "must be an integer >= 0 (0: LoRA off).")]
+  if rank:
+    try:
+      LoraConfig(rank=rank, alpha=spec.get("alpha"), targets=spec.get("targets"))
+    except (TypeError, ValueError) as error:
+      return [("", " ".join(str(error).split()))]
+  return []
 
 
 def _key_name(key: Any) -> Hashable:
@@ -501,6 +517,7 @@ __all__ = [
   "delta_matrices",
   "expected_num_params",
   "init_lora",
+  "lora_problems",
   "lora_shardings",
   "merge",
   "num_params",

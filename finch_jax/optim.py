@@ -12,13 +12,16 @@ peak 1 that multiplies it. FINCH comes last, so it scales whatever the base opti
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optax
 
 from finch_jax.remedies import anchor_to_init
-from finch_jax.transform import DEFAULT_MAX_SCALE, finch
+from finch_jax.transform import DEFAULT_MAX_SCALE, finch, scale_by_finch
 
 # FINCH's readings (what it compares the loss with; see `finch_jax.scale_by_finch`) by the name a
 # config gives them, each with the one field it reads: the first finite loss, the mean of the
@@ -29,6 +32,88 @@ READINGS = {
   "running": "reference_decay",
   "target": "reference_loss",
 }
+
+
+OPTIMIZERS = ("adamw", "sgd")
+
+# (optimizer field, whether a value is valid, what is valid) of the optimizer's numbers.
+_RANGES: tuple[tuple[str, Callable[[float], bool], str], ...] = (
+  ("learning_rate", lambda v: v > 0, "a positive peak rate, e.g. 1e-3"),
+  ("final_lr_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+  ("weight_decay", lambda v: v >= 0, ">= 0"),
+  ("b1", lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
+  ("b2", lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.95"),
+  ("eps", lambda v: v > 0, "> 0, e.g. 1e-8"),
+  ("momentum", lambda v: 0 <= v < 1, "in [0, 1); 0 for none"),
+  ("grad_clip", lambda v: v >= 0, ">= 0; 0 disables clipping"),
+  ("anchor_strength", lambda v: v >= 0, ">= 0 (0: off)"),
+)
+
+# What a config's `finch` block may hold: `enabled`, the reading and `scale_by_finch`'s options.
+_FINCH_PARAMETERS = inspect.signature(scale_by_finch).parameters
+FINCH_OPTIONS = tuple(sorted({*_FINCH_PARAMETERS, "reading"}))
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def optimizer_problems(optimizer: Mapping[str, Any], num_train_steps: int) -> list[tuple[str, str]]:
+  """(field of `optimizer`, what is wrong and the fix) for each problem `make_optimizer` would
+  meet: a number out of its range, a bad warm-up or schedule, an unknown name. Builds nothing.
+
+  Args:
+    optimizer: as for `make_optimizer` (a config's `optimizer` block).
+    num_train_steps: the run's length, for the schedule.
+  """
+  o = dict(optimizer)
+  problems = [
+    (key, f"must be {requirement}.")
+    for key, ok, requirement in _RANGES
+    if key in o and not (_is_number(o[key]) and ok(o[key]))
+  ]
+  if "learning_rate" not in o:
+    problems.append(("learning_rate", f"must be set: {_RANGES[0][2]}."))
+  warmup = o.get("warmup_steps", 0)
+  if not isinstance(warmup, numbers.Integral) or isinstance(warmup, bool) or warmup < 0:
+    return [*problems, ("warmup_steps", "must be an integer >= 0.")]
+  try:
+    schedule_shape(
+      o.get("schedule", "constant"), num_train_steps, warmup, o.get("final_lr_fraction", 0.0)
+    )
+  except ValueError as error:
+    return [*problems, ("schedule", str(error))]
+  if not problems and o.get("name", "adamw") not in OPTIMIZERS:
+    problems.append(("name", f"Unknown optimizer {o.get('name')!r}: use 'adamw' or 'sgd'."))
+  return problems
+
+
+def finch_problems(
+  finch_options: Mapping[str, Any], flag: Callable[[str], str] = lambda path: f"--config.{path}"
+) -> list[tuple[str, str]]:
+  """(field of `finch_options`, what is wrong and the fix) for the first problem FINCH's
+  options hold (`finch_keywords`, then `scale_by_finch`'s own ranges); [] when FINCH is off
+  or they are fine. Options that are not in `FINCH_OPTIONS` are left out. `flag(path)` names
+  the flag that sets `finch.<field>` in the fix."""
+  options = {k: v for k, v in finch_options.items() if k in FINCH_OPTIONS}
+  if not finch_options.get("enabled", False):
+    return []
+  try:
+    keywords = finch_keywords(options)
+  except ValueError as error:  # messages start with the field to change
+    field = str(error).split()[0]
+    return [(field if options.get(field) is not None else "reading", str(error))]
+  try:
+    scale_by_finch(**keywords)
+  except (TypeError, ValueError) as error:  # scale_by_finch's range checks name the option first
+    field = str(error).split()[0]
+    if field not in options:
+      return [("", str(error))]
+    # A reading's own field has no default: its reading needs it set.
+    default = _FINCH_PARAMETERS[field].default
+    default = "" if field in READINGS.values() else f" (default: {default!r})"
+    return [(field, f"{error} Set {flag(f'finch.{field}')} accordingly{default}.")]
+  return []
 
 
 def schedule_shape(
@@ -70,6 +155,9 @@ def make_optimizer(
     `learning_rate * shape(t)`, times FINCH's scale when it is on.
   """
   o = dict(optimizer)
+  if problems := optimizer_problems(o, num_train_steps):
+    field, message = problems[0]
+    raise ValueError(f"optimizer.{field}={o.get(field)!r}: {message}")
   shape = schedule_shape(
     o.get("schedule", "constant"),
     num_train_steps,
@@ -87,14 +175,12 @@ def make_optimizer(
       weight_decay=o.get("weight_decay", 0.0),
       **({"anchor_strength": anchor} if anchor else {}),
     )
-  elif name == "sgd":
+  else:  # sgd
     core = optax.inject_hyperparams(_anchored_sgd if anchor else optax.sgd)(
       learning_rate=o["learning_rate"],
       momentum=o.get("momentum", 0.9) or None,
       **({"anchor_strength": anchor} if anchor else {}),
     )
-  else:
-    raise ValueError(f"Unknown optimizer {name!r}: use 'adamw' or 'sgd'.")
   parts = [optax.clip_by_global_norm(o["grad_clip"])] if o.get("grad_clip", 0) else []
   base = optax.chain(*parts, core, optax.scale_by_schedule(shape))
   if finch_options and finch_options.get("enabled", False):
@@ -174,4 +260,13 @@ def _anchored_sgd(learning_rate, momentum, anchor_strength) -> optax.GradientTra
   )
 
 
-__all__ = ["READINGS", "finch_keywords", "make_optimizer", "schedule_shape"]
+__all__ = [
+  "FINCH_OPTIONS",
+  "OPTIMIZERS",
+  "READINGS",
+  "finch_keywords",
+  "finch_problems",
+  "make_optimizer",
+  "optimizer_problems",
+  "schedule_shape",
+]

@@ -12,12 +12,17 @@ Typical use:
   mesh = make_mesh(data=-1, fsdp=2)
   model = create_sharded_model(lambda: Llama(config, rngs=nnx.Rngs(0)), mesh)
   batch = make_global_batch({"tokens": local_tokens}, mesh)
+
+The rules of what fits are checked here without a device, for `finch_jax.validate` as for the
+builders: `mesh_shape` (the mesh sizes), `indivisible_axes` (parameters that do not split over
+their mesh axes) and `concurrent_runs` (the runs of a comparison that train at once).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -31,6 +36,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 M = TypeVar("M", bound=nnx.Module)
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# The size of each mesh axis a config leaves out: the devices left over go to "data".
+MESH_DEFAULTS = {"data": -1, "fsdp": 1, "tensor": 1}
 
 # (logical axis, mesh axes): a mesh axis name, a tuple of them, or None for replicated.
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -52,36 +59,65 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(
-  data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
-) -> Mesh:
-  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices of all processes).
+def mesh_shape(
+  sizes: Mapping[str, Any], device_count: int, *, planned: bool = False
+) -> dict[str, int]:
+  """The sizes of the ("data", "fsdp", "tensor") mesh that `sizes` asks for on `device_count`
+  devices, the -1 resolved: the rule `make_mesh` builds by, checked without any device.
 
-  One size may be -1, meaning "the devices left over". The axes are `Auto`, so `jax.jit`
-  propagates shardings from its inputs and `out_shardings`.
+  Args:
+    sizes: the mesh sizes by axis (a config's `mesh`); an axis left out takes `make_mesh`'s
+      default (data -1, fsdp 1, tensor 1).
+    device_count: the devices the mesh spans.
+    planned: the count is a planned job's, not the devices found here (the message says so).
+
+  Raises:
+    ValueError: naming the sizes and the fix, for an unknown axis, a size that is not a positive
+      integer (or the one -1), or sizes that do not fit the devices.
   """
-  devices = list(jax.devices() if devices is None else devices)
-  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"unknown mesh axes {unknown}; the axes are {MESH_AXES}.")
+  sizes = {axis: sizes.get(axis, default) for axis, default in MESH_DEFAULTS.items()}
+  if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in sizes.values()):
+    raise ValueError("mesh sizes must be integers (-1 for the devices left over).")
   shown = " x ".join(f"{name}={size}" for name, size in sizes.items())
   rest = [name for name, size in sizes.items() if size == -1]
   if len(rest) > 1 or any(size < 1 and size != -1 for size in sizes.values()):
     raise ValueError(f"mesh {shown}: sizes must be positive, with at most one -1 (the rest).")
   fixed = math.prod(size for size in sizes.values() if size != -1)
   if rest:
-    if len(devices) % fixed:
+    if device_count % fixed:
       raise ValueError(
-        f"mesh {shown}: {len(devices)} devices do not divide by {fixed}: choose sizes whose "
-        f"product divides {len(devices)}."
+        f"mesh {shown}: {device_count} devices do not divide by {fixed}: choose sizes whose "
+        f"product divides {device_count}."
       )
-    sizes[rest[0]] = len(devices) // fixed
-  elif fixed != len(devices):
-    others = fixed // data
+    return {**sizes, rest[0]: device_count // fixed}
+  if fixed != device_count:
+    others = fixed // sizes["data"]
     fix = (
-      f"set --config.mesh.data={len(devices) // others} or -1"
-      if len(devices) % others == 0
-      else f"choose sizes whose product is {len(devices)}"
+      f"set --config.mesh.data={device_count // others} or -1"
+      if device_count % others == 0
+      else f"choose sizes whose product is {device_count}"
     )
-    raise ValueError(f"mesh {shown} needs {fixed} devices, found {len(devices)}: {fix}.")
+    found = f"the job has {device_count}" if planned else f"found {device_count}"
+    raise ValueError(f"mesh {shown} needs {fixed} devices, {found}: {fix}.")
+  return sizes
+
+
+def make_mesh(
+  data: int = MESH_DEFAULTS["data"],
+  fsdp: int = MESH_DEFAULTS["fsdp"],
+  tensor: int = MESH_DEFAULTS["tensor"],
+  devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices of all processes).
+
+  One size may be -1, meaning "the devices left over" (`mesh_shape` says which sizes fit). The
+  axes are `Auto`, so `jax.jit` propagates shardings from its inputs and `out_shardings`.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
   return jax.make_mesh(
     tuple(sizes.values()),
     MESH_AXES,
@@ -176,6 +212,85 @@ def create_sharded_model(
 def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
   """Sharding of [batch, length] arrays: rows over the `batch` mesh axes ("data", "fsdp")."""
   return NamedSharding(mesh, logical_to_mesh(("batch", "length"), rules))
+
+
+def batch_axes(rules: LogicalRules = DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes a batch's rows are split over (those of the logical axis `batch`)."""
+  axes = logical_to_mesh(("batch",), rules)[0]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def indivisible_axes(
+  tree: Any, shape: Mapping[str, int], rules: LogicalRules = DEFAULT_RULES
+) -> list[tuple[str, int, tuple[str, ...], int]]:
+  """(logical axis, its length, the mesh axes it is split over, their product) for each array
+  axis of `tree` that does not divide over those mesh axes on a mesh of `shape`: `jax.jit` would
+  refuse the layout `param_shardings` gives it. `tree` is an NNX object, real or from
+  `nnx.eval_shape`, so a model is checked before anything is allocated."""
+  found = []
+  for _, variable in nnx.iter_graph(tree):
+    if not isinstance(variable, nnx.Variable):
+      continue
+    names = variable.get_metadata().get("out_sharding")
+    dims = getattr(variable.get_value(), "shape", ())
+    if not names or len(names) != len(dims):
+      continue
+    for logical, dim, axes in zip(names, dims, logical_to_mesh(names, rules), strict=True):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      divisor = math.prod(shape[a] for a in axes)
+      if divisor > 1 and dim % divisor:
+        found.append((logical, dim, axes, divisor))
+  return found
+
+
+def cpu_cores() -> int | None:
+  """The CPU cores this process may run on when it is the only process of a CPU job; None on
+  accelerators or with several processes (see `concurrent_runs`)."""
+  if jax.process_count() > 1 or jax.default_backend() != "cpu":
+    return None
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def concurrent_runs(
+  wanted: int,
+  mesh: Mapping[str, int],
+  device_count: int,
+  *,
+  process_count: int = 1,
+  cpu_cores: int | None = None,
+) -> int:
+  """How many runs of a comparison train at once, each on an equal group of consecutive devices.
+
+  `wanted` (`compare.concurrent_runs`) 0 means: one run per core on a single-process CPU machine
+  (`cpu_cores`, None elsewhere), where XLA:CPU trains two small models on one core each about
+  1.6 times as fast as one on both cores (with more devices than cores, as in tests that fake 8,
+  each run gets an equal group of them), and one at a time on accelerators, where a run has all
+  the devices. A run's mesh (`mesh`, a config's sizes) needs `fsdp * tensor` devices (times
+  `data` when that is fixed).
+
+  Raises:
+    ValueError: naming the fix, when the devices do not split into `wanted` such groups, or
+      when several processes would train several runs.
+  """
+  mesh = {**MESH_DEFAULTS, **mesh}
+  needed = mesh["fsdp"] * mesh["tensor"] * (mesh["data"] if mesh["data"] > 0 else 1)
+  if not wanted:
+    wanted = 1
+    for runs in range(min(device_count // needed, cpu_cores or 1), 1, -1):
+      if device_count % runs == 0:  # the most runs, at most one per core, in equal groups
+        wanted = runs
+        break
+  if wanted < 1 or device_count % wanted or device_count // wanted < needed:
+    raise ValueError(
+      f"{device_count} devices do not split into {wanted} equal groups of at least {needed} "
+      f"(the mesh of one run); use a divisor of {device_count // needed}, or 0."
+    )
+  if process_count > 1 and wanted > 1:
+    raise ValueError(
+      "more than one run at once needs a single process: with several, every run spans them "
+      "all. Set it to 1 (or 0)."
+    )
+  return wanted
 
 
 def make_global_batch(

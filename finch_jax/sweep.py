@@ -333,46 +333,23 @@ def _evaluate_base(evaluator: run.Evaluator, base: Any, base_dir: epath.Path) ->
 
 
 def run_device_groups(config: ml_collections.ConfigDict) -> list[list[jax.Device]]:
-  """The devices of each run that trains at once (`compare.concurrent_runs`): one group of all
-  devices when runs take turns.
-
-  0 (the default) means one run per core on a single-process CPU machine, where XLA:CPU
-  trains two small models on one core each about 1.6 times as fast as one on both cores (with
-  more devices than cores, as in tests that fake 8, each run gets an equal group of them), and
-  runs one at a time on accelerators, where a run has all the devices. A run's mesh needs
-  `mesh.fsdp * mesh.tensor` devices (times `mesh.data` when that is fixed); the devices are
-  split into `concurrent_runs` equal groups of consecutive devices.
-  """
+  """The devices of each run that trains at once (`compare.concurrent_runs`, read by
+  `sharding.concurrent_runs`): equal groups of consecutive devices, one group of all devices
+  when runs take turns."""
   devices = jax.devices()
   wanted = int(config.compare.get("concurrent_runs", 0) or 0)
-  mesh = config.mesh
-  needed = mesh.fsdp * mesh.tensor * (mesh.data if mesh.data > 0 else 1)
-  if not wanted:
-    single_cpu = jax.process_count() == 1 and jax.default_backend() == "cpu"
-    wanted = _runs_per_core(len(devices), needed) if single_cpu else 1
-  if wanted < 1 or len(devices) % wanted or len(devices) // wanted < needed:
-    raise ValueError(
-      f"compare.concurrent_runs={wanted}: {len(devices)} devices do not split into "
-      f"{wanted} equal groups of at least {needed} (the mesh of one run); use a divisor of "
-      f"{len(devices) // needed}, or 0."
+  try:
+    count = shd.concurrent_runs(
+      wanted,
+      config.mesh,
+      len(devices),
+      process_count=jax.process_count(),
+      cpu_cores=shd.cpu_cores(),
     )
-  if jax.process_count() > 1 and wanted > 1:
-    raise ValueError(
-      "compare.concurrent_runs > 1 needs a single process: with several, every run spans them "
-      "all. Set it to 1 (or 0)."
-    )
-  size = len(devices) // wanted
-  return [devices[i * size : (i + 1) * size] for i in range(wanted)]
-
-
-def _runs_per_core(num_devices: int, needed: int) -> int:
-  """The most runs, at most one per core, that split `num_devices` into equal groups of at least
-  `needed`."""
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  for runs in range(min(num_devices // needed, cores or 1), 1, -1):
-    if num_devices % runs == 0:
-      return runs
-  return 1
+  except ValueError as error:
+    raise ValueError(f"compare.concurrent_runs={wanted}: {error}") from None
+  size = len(devices) // count
+  return [devices[i * size : (i + 1) * size] for i in range(count)]
 
 
 class _Worker:

@@ -27,6 +27,8 @@ dataset is built in a temporary local directory and its files uploaded (see `pre
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import glob
 import hashlib
 import json
@@ -39,6 +41,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 from etils import epath
+from tensorflow_datasets.core import naming
 
 from finch_jax import files
 from finch_jax.data import synthetic
@@ -344,11 +347,9 @@ def builder(name: str, data_dir: str | os.PathLike, **options: Any) -> tfds.core
   if name.startswith(LOCAL_TEXT_PREFIX):
     config = local_text_config(name.removeprefix(LOCAL_TEXT_PREFIX), **options)
     return LocalText(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
+  check_catalog_name(name)
   try:
     return tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT, **options)
-  except tfds.core.registered.DatasetNotFoundError as error:
-    first_line = str(error).splitlines()[0]
-    raise ValueError(f"unknown dataset {name!r} ({first_line}); {VALID_NAMES_HELP}.") from None
   except ValueError as error:
     raise ValueError(f"cannot use dataset {name!r}: {error}; {VALID_NAMES_HELP}.") from None
 
@@ -421,8 +422,95 @@ def data_source(
   features are UTF-8 `bytes` (see `decode_text`). The source is TFDS's `ArrayRecordDataSource`.
   """
   dataset = prepare(name, data_dir, **options)
-  if split.split("[")[0] not in dataset.info.splits:
-    raise ValueError(
-      f"dataset {name!r} has no split {split!r}; it has {sorted(dataset.info.splits)}."
-    )
+  if problem := split_problem(name, split, {s: set(FEATURE_NAMES) for s in dataset.info.splits}):
+    raise ValueError(problem)
   return dataset.as_data_source(split=split)
+
+
+# What each kind of set reads: a loss set or training data reads text, or instruction data
+# (prompt/response records); a fact set reads prompt/answer records.
+_RECORDS = {
+  "text": ({"text"}, {"prompt", "response"}),
+  "facts": ({"prompt", "answer"},),
+}
+_READS = {
+  "text": "text sets read text or prompt/response records",
+  "facts": "fact sets read prompt/answer records",
+}
+
+
+def split_problem(
+  name: str, split: str, splits: Mapping[str, set[str]], kind: str | None = None
+) -> str | None:
+  """Why `split` (TFDS slicing allowed: 'train[:10%]' reads 'train') of dataset `name`, whose
+  `splits` are {split: record fields with text} (`dataset_splits`), cannot be read as a set of
+  `kind` ('text' or 'facts'; None: any), or None when it can."""
+  base_split = split.split("[")[0]
+  if base_split not in splits:
+    return f"dataset {name!r} has no split {base_split!r}; it has {sorted(splits)}."
+  if kind is None or any(needed <= splits[base_split] for needed in _RECORDS[kind]):
+    return None
+  usable = sorted(s for s, f in splits.items() if any(needed <= f for needed in _RECORDS[kind]))
+  return f"{_READS[kind]}, and split {base_split!r} of {name!r} has none; use one of {usable}."
+
+
+def dataset_splits(name: str, **options: Any) -> dict[str, set[str]] | None:
+  """{split: record fields with text} of dataset `name` with builder `options`, found without
+  building or downloading it; None for a TFDS catalog dataset, whose splits only a download
+  would tell.
+
+  Raises:
+    ValueError, FileNotFoundError: as `builder` would (an unknown name, a catalog config that
+      does not exist, bad options, missing local files), each naming the fix. Not cached: local
+      files may appear or go between two calls.
+  """
+  if name.startswith(EMBEDDED_PREFIX):
+    corpus = name.removeprefix(EMBEDDED_PREFIX)
+    embedded_config(corpus, **options)  # unknown corpus or options
+    return _embedded_splits(corpus)
+  if name.startswith(LOCAL_TEXT_PREFIX):
+    config = local_text_config(name.removeprefix(LOCAL_TEXT_PREFIX), **options)
+    splits = ["train"] + (["validation"] if config.validation_fraction > 0 else [])
+    return {split: {"text"} for split in splits}
+  check_catalog_name(name)
+  return None
+
+
+@functools.lru_cache(maxsize=8)
+def _embedded_splits(corpus: str) -> dict[str, set[str]]:
+  """The splits of an embedded corpus and their fields, from a one-person build in memory."""
+  accepted = synthetic.corpus_options(corpus)
+  tiny = {
+    key: 1
+    for key in ("num_base_people", "num_new_people", "num_finetune", "num_task_eval")
+    if key in accepted
+  }
+  records = synthetic.embedded_corpus(corpus, **tiny)
+  return {split: {k for k, v in rows[0].items() if v} for split, rows in records.items() if rows}
+
+
+def check_catalog_name(name: str) -> None:
+  """Raises ValueError, naming the fix, unless `name` is a registered TFDS builder (and one of
+  its configs, when it names one); reads no data and asks no server."""
+  try:
+    dataset, kwargs = naming.parse_builder_name_kwargs(name)
+    cls = tfds.builder_cls(str(dataset))
+  except tfds.core.registered.DatasetNotFoundError as error:
+    raise ValueError(
+      f"unknown dataset {name!r} ({str(error).splitlines()[0]}); {VALID_NAMES_HELP}."
+    ) from None
+  except Exception as error:  # TFDS raises several kinds for a malformed or remote name
+    raise ValueError(
+      f"cannot use dataset {name!r} ({' '.join(str(error).split())}); {VALID_NAMES_HELP}."
+    ) from None
+  config = kwargs.get("config")
+  known = [c.name for c in (getattr(cls, "BUILDER_CONFIGS", None) or [])]
+  if config and config not in known:
+    close = difflib.get_close_matches(config, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    listed = (
+      f"its configs: {known[:20]}{' ...' if len(known) > 20 else ''}"
+      if known
+      else f"it has no configs: name it {str(dataset)!r}"
+    )
+    raise ValueError(f"TFDS dataset {dataset!s} has no config {config!r}{hint}; {listed}.")
