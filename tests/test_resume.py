@@ -237,7 +237,7 @@ def test_cached_base_samples_are_reused_for_the_same_samples(tmp_path, monkeypat
   trainer = configure.make_trainer(config)
   base = trainer.init_params(0)
   first = inputs.base_model_samples(config, trainer, base, seed=3, cache_dir=tmp_path)
-  monkeypatch.setattr(run, "sample_replay_set", lambda *a, **k: pytest.fail("drawn again"))
+  monkeypatch.setattr(inputs, "sample_replay_set", lambda *a, **k: pytest.fail("drawn again"))
   again = inputs.base_model_samples(config, trainer, base, seed=3, cache_dir=tmp_path)
   assert [a.tolist() for a in again] == [a.tolist() for a in first]
   assert jax.tree.structure(first) == jax.tree.structure(again)
