@@ -27,7 +27,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
-from finch_jax import configure, models, run  # noqa: E402
+from finch_jax import configure, inputs, models  # noqa: E402
 from finch_jax.loop import MetricsWriter, fit  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def main():
 
   with tempfile.TemporaryDirectory() as workdir:
     trainer = configure.make_trainer(config)
-    dataset = run.train_batches(config, workdir, seed=0)
+    dataset = inputs.train_batches(config, workdir, seed=0)
     iterator = iter(dataset)
     state = trainer.create_state(trainer.init_params(0))
     batch = next(iter(dataset))

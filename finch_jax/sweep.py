@@ -1,17 +1,19 @@
 """A comparison: one base model, then each method's learning-rate sweep over seeds, then the
 report at matched task loss (`finch_jax.report`).
 
-`compare(config, workdir)` pretrains (or reuses) the base in `workdir/base`, runs every method of
-`compare.methods` at each of its learning rates and each seed of `compare.seeds` in
-`workdir/runs/METHOD/lrRATE_seedSEED`, times every method's step back to back, and writes
-report.json, report.md and the plots.
+`compare(config, workdir)` pretrains (or reuses) the base in `workdir/base`, plans the runs
+(`finch_jax.plan`: every method at each of its learning rates and each seed of `compare.seeds`,
+each with its fingerprint and what it reuses), trains the others in
+`workdir/runs/METHOD/lrRATE_seedSEED` under one progress bar, times every method's step back to
+back, and writes report.json, report.md and the plots.
 
 A finished run leaves `result.json` beside its checkpoints, stamped with the fingerprint of
 everything that determines it (`finch_jax.configure.fingerprint`: the effective config, the
 rate and seed, the files its data and base read). A rerun reuses a run only when that
 fingerprint is unchanged; otherwise the old directory is set aside (renamed with its
-fingerprint, nothing deleted) and the run is redone. The base model is kept the same way. Every
-file a rerun reads to decide this is written whole or not at all (`finch_jax.files`).
+fingerprint, nothing deleted: `plan.claim`) and the run is redone. The base model is kept the
+same way. Every file a rerun reads to decide this is written whole or not at all
+(`finch_jax.files`).
 
 When runs train several at once, a run that fails, or SIGTERM/SIGINT, stops the others at their
 next step (each saves its checkpoint) and starts no queued run; the first error is raised then.
@@ -20,9 +22,9 @@ With `compare.results_dir` set, the comparison is also a study that can grow acr
 each finished run's summary (its fingerprint, the code version, every measure before and after,
 its curves thinned to at most `MAX_CURVE_POINTS` points) is written there as
 `runs/METHOD/lrRATE_seedSEED.json`, with `study.json` (baseline, methods, step timings) and the
-report of every run the directory holds. A run whose summary there has the same fingerprint is
-not trained again, whatever the workdir holds; `python -m finch_jax.report DIR` rebuilds the
-report from those files alone.
+report of every run the directory holds (`plan.ResultsStore`). A run whose summary there has the
+same fingerprint is not trained again, whatever the workdir holds; `python -m finch_jax.report
+DIR` rebuilds the report from those files alone.
 
 The workdir is local or in a bucket (`gs://BUCKET/...`): every path is an `etils.epath.Path`.
 """
@@ -31,44 +33,41 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import os
 import queue
 import signal
 import statistics
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 import jax
 import ml_collections
+import tqdm
 from etils import epath
-from flax import nnx
 
 import finch_jax
-from finch_jax import configure, files, run
+from finch_jax import configure, files, inputs, plan, run
 from finch_jax import sharding as shd
-from finch_jax.data import debian, probes
-from finch_jax.loop import Preempted, StopRequests, format_duration
-from finch_jax.report import (
-  STORE_RUNS,
-  STUDY_FILE,
-  build_report,
-  markdown_table,
-  report_from_store,
-  write_report,
-)
+from finch_jax.evaluate import Evaluator
+from finch_jax.loop import Preempted, StopRequests
+from finch_jax.report import build_report, markdown_table, write_report
 from finch_jax.trainer import Trainer
 
-FINGERPRINT_FILE = configure.FINGERPRINT_FILE
+MAX_CURVE_POINTS = 50  # per curve in a run's summary
 
 
 def _print(text: str) -> None:
+  """Prints a line on process 0 (above the sweep's progress bar while one is drawn)."""
   if jax.process_index() == 0:
-    print(text, flush=True)
+    tqdm.tqdm.write(text, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def _fmt(values: Mapping[str, Any]) -> str:
@@ -78,9 +77,6 @@ def _fmt(values: Mapping[str, Any]) -> str:
 
 def _tree_bytes(tree: Any) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
-MAX_CURVE_POINTS = 50  # per curve in a run's summary
 
 
 def thinned(points: list[dict[str, Any]], max_points: int = MAX_CURVE_POINTS) -> list:
@@ -109,35 +105,11 @@ def _median_step_time(workdir: str | os.PathLike) -> float:
   return statistics.median(times[1:] if len(times) > 1 else times)
 
 
-def _run_name(learning_rate: float, seed: int) -> str:
-  return f"lr{learning_rate:.3g}_seed{seed}"
-
-
-def claim(directory: str | os.PathLike, key: str) -> None:
-  """Makes `directory` hold the run of fingerprint `key`: a directory made for another
-  fingerprint is renamed aside (`DIR.stale-OLDKEY`, or `DIR.stale-OLDKEY-2`, ... when that name
-  is taken: a config flipped back and forth, a rename cut short), never deleted, and the key is
-  recorded (written whole or not at all).
-
-  Process 0 does this while the others wait (every process calls `claim`), so no process opens
-  the old run's checkpoints while they move. In a bucket a rename copies each object and deletes
-  the original, so it is not atomic: a run stopped during it leaves the old run split between
-  the two names, with nothing lost, and the rerun sets the rest aside under a free name.
-  """
-  if jax.process_index() == 0:
-    directory = epath.Path(directory)
-    path = directory / FINGERPRINT_FILE
-    stamp = files.read_json(path)  # None: absent, or cut short by an older version's crash
-    old = stamp.get("fingerprint") if isinstance(stamp, dict) else None
-    if old != key:
-      if old is not None:
-        moved = files.set_aside(directory, f".stale-{old}")
-        _print(f"{directory}: its config or data changed; the old run is kept in {moved.name}.")
-      elif directory.is_dir() and any(directory.iterdir()):
-        # Made before runs were fingerprinted: which config made it is unknown, so it is redone.
-        files.set_aside(directory, ".stale-unknown")
-      files.write_json(path, {"fingerprint": key})
-  shd.barrier("finch_jax.sweep.claim")
+def _claim(directory: str | os.PathLike, key: str) -> None:
+  """`plan.claim`, saying where an old run of another fingerprint went."""
+  moved = plan.claim(directory, key)
+  if moved is not None:
+    _print(f"{directory}: its config or data changed; the old run is kept in {moved.name}.")
 
 
 def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -147,33 +119,27 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
   groups = run_device_groups(config)  # before any training: a bad value fails at once
   base_dir = epath.Path(workdir) / "base"
   base = _base_model(config, base_dir)
-  config = _with_known_probes(config, base, base_dir)
-  configs = _methods_to_train(config, configure.method_configs(config))
+  config = inputs.with_known_probes(config, base, base_dir)
+  store = plan.ResultsStore(config.compare.results_dir) if config.compare.results_dir else None
+  the_plan = plan.plan(config, workdir, store)
+  configs = the_plan.methods
   trainers = {name: configure.make_trainer(cfg) for name, cfg in configs.items()}
-  evaluator = run.Evaluator(config, workdir, next(iter(trainers.values())), base=base)
+  evaluator = Evaluator(config, workdir, next(iter(trainers.values())), base=base)
   before = _evaluate_base(evaluator, base, base_dir)
   _print("base model: " + _fmt(before))
-  store = ResultsStore(config.compare.results_dir) if config.compare.results_dir else None
   if store is not None and jax.process_index() == 0:
     store.write_study(config.compare.baseline, list(configs), {}, report=False)
-  sweep_runs = []
-  for name, cfg in configs.items():
-    samples = run.replay_samples(cfg, trainers[name], base, cache_dir=base_dir)
-    for learning_rate in config.compare.methods[name].learning_rates:
-      for seed in config.compare.seeds:
-        sweep_runs.append(SweepRun(name, cfg, float(learning_rate), int(seed), samples, store))
-  if len(groups) == 1:
-    clock = _SweepClock([r.to_train(workdir) for r in sweep_runs])
-    runs = []
-    for sweep_run in sweep_runs:
-      with clock.run(sweep_run) as description:
-        runs.append(
-          sweep_run.result(
-            workdir, base, trainers[sweep_run.method], evaluator, before, description
-          )
-        )
-  else:
-    runs = _concurrent_results(sweep_runs, groups, config, configs, workdir, base, before)
+  samples = {
+    name: inputs.replay_samples(cfg, trainers[name], base, cache_dir=base_dir)
+    for name, cfg in configs.items()
+  }
+  executor = _Executor(workdir, base, before, samples, store)
+  _print(_plan_line(the_plan, len(groups)))
+  with _Progress(the_plan.runs, at_once=len(groups)) as progress:
+    if len(groups) == 1:
+      runs = _results_in_turn(executor, the_plan.runs, trainers, evaluator, progress)
+    else:
+      runs = _concurrent_results(executor, the_plan.runs, groups, config, configs, progress)
   timing = config.compare.timing
   _print(
     f"Timing each method's train step in {timing.rounds} alternating rounds of {timing.steps} "
@@ -196,73 +162,11 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
   return report
 
 
-def _methods_to_train(
-  config: ml_collections.ConfigDict, configs: dict[str, ml_collections.ConfigDict]
-) -> dict[str, ml_collections.ConfigDict]:
-  """The methods this invocation sweeps: `compare.only` (the baseline always among them), in
-  that order, or all. A study that grows over sessions trains a few methods at a time; its
-  results directory holds the others, and its report reads them all."""
-  only = list(config.compare.get("only", ()) or ())
-  if not only:
-    return configs
-  if unknown := [name for name in only if name not in configs]:
-    raise ValueError(
-      f"compare.only names {unknown}, which compare.methods lacks; choose among {list(configs)}."
-    )
-  baseline = config.compare.baseline
-  return {name: configs[name] for name in dict.fromkeys([baseline, *only])}
-
-
-class ResultsStore:
-  """A study's results directory (`compare.results_dir`): one summary per finished run,
-  `runs/METHOD/lrRATE_seedSEED.json`, plus `study.json` and the report of all of them.
-
-  Every file is written atomically (a temporary file, then a rename), so a rerun that reads one
-  to decide what to skip never reads half of it. A summary stands for its run only while its
-  fingerprint is the run's (`configure.fingerprint`, the same key as a workdir's `result.json`).
-  """
-
-  def __init__(self, directory: str | os.PathLike):
-    self.directory = epath.Path(directory)
-
-  def path(self, method: str, learning_rate: float, seed: int) -> epath.Path:
-    """Where the summary of a run is kept."""
-    return self.directory / STORE_RUNS / method / f"{_run_name(learning_rate, seed)}.json"
-
-  def find(self, sweep_run: SweepRun) -> dict[str, Any] | None:
-    """The summary kept for `sweep_run`, or None when there is none of its fingerprint."""
-    path = self.path(sweep_run.method, sweep_run.learning_rate, sweep_run.seed)
-    if not path.exists():
-      return None
-    summary = files.read_json(path)
-    return summary if summary and summary.get("fingerprint") == sweep_run.fingerprint else None
-
-  def write(self, summary: Mapping[str, Any]) -> None:
-    """Keeps a finished run's summary (replacing one of another fingerprint)."""
-    path = self.path(summary["method"], summary["learning_rate"], summary["seed"])
-    files.write_json(path, summary, indent=1)
-
-  def write_study(
-    self,
-    baseline: str,
-    methods: list[str],
-    step_times: Mapping[str, list[float]],
-    report: bool = True,
-  ) -> None:
-    """Writes study.json (the baseline, the order of the methods, the latest step timings),
-    then, with `report`, the report of every run the directory holds. A sweep writes it before
-    its first run too, so the runs it keeps can be read even if it stops before the end."""
-    # Methods swept in earlier sessions keep their place and their timings.
-    earlier = files.read_json(self.directory / STUDY_FILE) or {}
-    methods = list(dict.fromkeys([*earlier.get("methods", []), *methods]))
-    step_times = {**earlier.get("step_times", {}), **step_times}
-    files.write_json(
-      self.directory / STUDY_FILE,
-      {"baseline": baseline, "methods": methods, "step_times": step_times},
-      indent=1,
-    )
-    if report:
-      write_report(self.directory, report_from_store(self.directory))
+def _plan_line(the_plan: plan.Plan, at_once: int) -> str:
+  """What the sweeps will do, in one line: how many runs, how many read back, how many train."""
+  total, to_train = len(the_plan.runs), len(the_plan.to_train())
+  line = f"The sweeps: {total} runs, {total - to_train} read back, {to_train} to train"
+  return line + (f", {at_once} training at once." if at_once > 1 and to_train else ".")
 
 
 @functools.cache
@@ -287,39 +191,17 @@ def _base_model(config: ml_collections.ConfigDict, base_dir: epath.Path) -> Any:
   """The comparison's base model: `config.base_checkpoint` when set (a pretrained model or a
   pretraining run's workdir), else pretrained in `base_dir`, or resumed or reused from there."""
   if config.base_checkpoint:
-    claim(base_dir, configure.fingerprint(config))
+    _claim(base_dir, configure.fingerprint(config))
     _print(f"Loading the base model from {config.base_checkpoint}...")
     return run.base_params(config, configure.make_trainer(config))
   pre = configure.pretrain_config(config)
-  claim(base_dir, configure.fingerprint(pre))
+  _claim(base_dir, configure.fingerprint(pre))
   trainer = configure.make_trainer(pre)
   description = f"pretraining the base model ({pre.num_train_steps} steps)"
   return run.run_training(pre, base_dir, trainer=trainer, description=description).state.params
 
 
-KNOWN_PROBES = "recalled"  # data.options.debian_elements.known: the probes the base recalls
-
-
-def _with_known_probes(
-  config: ml_collections.ConfigDict, base: Any, base_dir: epath.Path
-) -> ml_collections.ConfigDict:
-  """With `known: "recalled"` for `debian/elements`, the config whose probe set is what the base
-  model recalls before fine-tuning (computed once, kept in `base_dir/known_probes.jsonl`):
-  forgetting of knowledge is measurable only on what the model knew."""
-  if configure.dataset_options(config, "debian/elements").get("known") != KNOWN_PROBES:
-    return config
-  _print("Finding the element probes the base model recalls...")
-  trainer = configure.make_trainer(config)
-  path = probes.known_probes(
-    probes.element_probes(debian.elements()),
-    nnx.merge(trainer.graphdef, base),
-    configure.make_tokenizer(config),
-    os.fspath(base_dir / "known_probes.jsonl"),
-  )
-  return configure.override(config, {"data": {"options": {"debian_elements": {"known": path}}}})
-
-
-def _evaluate_base(evaluator: run.Evaluator, base: Any, base_dir: epath.Path) -> dict[str, float]:
+def _evaluate_base(evaluator: Evaluator, base: Any, base_dir: epath.Path) -> dict[str, float]:
   """The eval sets on the base model, kept in `base_dir/eval_before.json`."""
   path = base_dir / "eval_before.json"
   before = files.read_json(path)
@@ -361,17 +243,33 @@ class _Worker:
       name: configure.make_trainer(cfg, mesh=shd.make_mesh(**cfg.mesh.to_dict(), devices=devices))
       for name, cfg in configs.items()
     }
-    self.evaluator = run.Evaluator(config, workdir, next(iter(self.trainers.values())), base=base)
+    self.evaluator = Evaluator(config, workdir, next(iter(self.trainers.values())), base=base)
+
+
+def _results_in_turn(
+  executor: _Executor,
+  sweep_runs: Sequence[plan.SweepRun],
+  trainers: Mapping[str, Trainer],
+  evaluator: Evaluator,
+  progress: _Progress,
+) -> list[dict[str, Any]]:
+  """Every run's result, one run at a time on all the devices, in the order of `sweep_runs`;
+  each run's own progress bar carries the sweep's (`_Progress.run`)."""
+  results = []
+  for sweep_run in sweep_runs:
+    with progress.run(sweep_run) as description:
+      trainer = trainers[sweep_run.method]
+      results.append(executor.result(sweep_run, trainer, evaluator, description=description))
+  return results
 
 
 def _concurrent_results(
-  sweep_runs: list[SweepRun],
+  executor: _Executor,
+  sweep_runs: Sequence[plan.SweepRun],
   groups: list[list[jax.Device]],
   config: ml_collections.ConfigDict,
   configs: Mapping[str, ml_collections.ConfigDict],
-  workdir: str | os.PathLike,
-  base: Any,
-  before: Mapping[str, float],
+  progress: _Progress,
 ) -> list[dict[str, Any]]:
   """Every run's result, `len(groups)` runs training at once in threads, each on its group of
   devices; in the order of `sweep_runs`. A run's numbers are those it gives alone on a mesh of
@@ -380,24 +278,16 @@ def _concurrent_results(
   run; the first error is raised as soon as the runs in flight have stopped."""
   workers: queue.Queue[_Worker] = queue.Queue()
   for devices in groups:
-    workers.put(_Worker(devices, config, configs, workdir, base))
-  clock = _ConcurrentClock([r.to_train(workdir) for r in sweep_runs], len(groups))
+    workers.put(_Worker(devices, config, configs, executor.workdir, executor.base))
 
-  def result(sweep_run: SweepRun, stop: _SweepStop) -> dict[str, Any]:
+  def result(sweep_run: plan.SweepRun, stop: _SweepStop) -> dict[str, Any]:
     if stop.stopping():
       raise stop.not_started(sweep_run)
     worker = workers.get()
     try:
-      with clock.run(sweep_run):
-        return sweep_run.result(
-          workdir,
-          base,
-          worker.trainers[sweep_run.method],
-          worker.evaluator,
-          before,
-          progress=False,
-          stop=stop,
-        )
+      with progress.run(sweep_run):
+        trainer = worker.trainers[sweep_run.method]
+        return executor.result(sweep_run, trainer, worker.evaluator, progress=False, stop=stop)
     except BaseException:
       stop.failed.set()  # before this thread takes a queued run
       raise
@@ -442,153 +332,141 @@ class _SweepStop(StopRequests):
     )
     return Preempted(signal.SIGTERM, step, state, message)
 
-  def not_started(self, sweep_run: SweepRun) -> Preempted:
+  def not_started(self, sweep_run: plan.SweepRun) -> Preempted:
     """The exception of a queued run that is not started because the sweep is stopping."""
     signum = self.signum or signal.SIGTERM
     message = f"{sweep_run.name} was not started: the sweep is stopping. Rerun to resume it."
     return Preempted(signum, 0, None, message)
 
 
-class _SweepClock:
-  """Says which run of the sweeps is running and, from the runs trained so far, about how long
-  the rest will take (runs read back from an earlier sweep take no time)."""
+class _Progress:
+  """The sweep's one progress clock, a `tqdm` bar over its runs: how many are done of all, the
+  time spent and the time left at the pace of the runs trained so far (a run read back counts
+  as done from the start and takes no time), and which runs are training.
 
-  def __init__(self, to_train: list[bool]):
-    """`to_train[i]`: whether run i trains (False: its result is read back)."""
-    self.to_train, self.total = to_train, len(to_train)
-    self.index, self.trained, self.seconds = 0, 0, 0.0
+  Runs that train several at once show no bar of their own, so this one is drawn (on stderr, by
+  process 0). A run that trains alone draws its own bar of steps (`loop.fit`), and this one then
+  only names it: `run` yields the description that bar starts with ("sweeps 3/12 runs done,
+  04:10 left: finch lr 0.001 seed 0")."""
 
-  @contextlib.contextmanager
-  def run(self, sweep_run: SweepRun):
-    """Times the body, yielding the progress bar's description of the run."""
-    self.index += 1
-    left = ""
-    if self.trained:
-      remaining = self.seconds / self.trained * sum(self.to_train[self.index - 1 :])
-      left = f", about {format_duration(remaining)} left in the sweeps"
-    start = time.perf_counter()
-    yield f"run {self.index} of {self.total}{left}: {sweep_run.name}"
-    elapsed = time.perf_counter() - start
-    if elapsed > 1.0:  # trained, not read back
-      self.trained, self.seconds = self.trained + 1, self.seconds + elapsed
-
-
-class _ConcurrentClock:
-  """`_SweepClock` for runs that train `width` at a time: one line as each run starts (which
-  runs are training, about how long is left) and the run's own line as it ends."""
-
-  def __init__(self, to_train: list[bool], width: int):
-    self.to_train, self.total, self.width = to_train, len(to_train), width
-    self.started, self.trained, self.seconds = 0, 0, 0.0
-    self.running: dict[str, float] = {}
+  def __init__(self, runs: Sequence[plan.SweepRun], *, at_once: int):
     self.lock = threading.Lock()
+    self.running: list[str] = []
+    self.drawn = at_once > 1
+    self.bar = tqdm.tqdm(
+      total=len(runs),
+      initial=sum(r.reuses is not None for r in runs),
+      desc="sweeps",
+      unit="run",
+      bar_format="{desc} {n_fmt}/{total_fmt} runs |{bar}| {elapsed}<{remaining}{postfix}",
+      smoothing=0,  # the pace of all the runs trained so far, not of the last few
+      file=sys.stderr if self.drawn else io.StringIO(),
+      disable=jax.process_index() != 0,
+      dynamic_ncols=True,
+    )
+
+  def __enter__(self) -> _Progress:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.bar.close()
+
+  def describe(self, sweep_run: plan.SweepRun) -> str:
+    """The description of `sweep_run`'s own progress bar: the sweep's state, then the run."""
+    if self.bar.disable:
+      return sweep_run.name
+    meter = dict(self.bar.format_dict, bar_format="{desc} {n_fmt}/{total_fmt} runs done")
+    left = dict(meter, bar_format="{remaining}")
+    return f"{tqdm.tqdm.format_meter(**meter)}, {tqdm.tqdm.format_meter(**left)} left: " + (
+      sweep_run.name
+    )
 
   @contextlib.contextmanager
-  def run(self, sweep_run: SweepRun):
-    """Times the body and says what is running."""
+  def run(self, sweep_run: plan.SweepRun) -> Iterator[str]:
+    """Counts `sweep_run` done when the body ends (a run that trains) and names it while the
+    body runs; yields the description of its own progress bar (`describe`)."""
+    if sweep_run.reuses is not None:  # counted done from the start
+      yield sweep_run.name
+      return
     with self.lock:
-      self.started += 1
-      self.running[sweep_run.name] = time.perf_counter()
-      left = ""
-      if self.trained:
-        per_run = self.seconds / self.trained / self.width  # wall seconds a run adds
-        remaining = per_run * sum(self.to_train[self.started - 1 :])
-        left = f", about {format_duration(remaining)} left in the sweeps"
-      _print(
-        f"run {self.started} of {self.total} ({len(self.running)} training at once"
-        f"{left}): {', '.join(self.running)}"
-      )
+      self.running.append(sweep_run.name)
+      self.bar.set_postfix_str("training " + ", ".join(self.running))
+      description = self.describe(sweep_run)
+    trained = False
     try:
-      yield
+      yield description
+      trained = True
     finally:
       with self.lock:
-        elapsed = time.perf_counter() - self.running.pop(sweep_run.name)
-        if elapsed > 1.0:  # trained, not read back
-          self.trained, self.seconds = self.trained + 1, self.seconds + elapsed
+        self.running.remove(sweep_run.name)
+        postfix = ("training " + ", ".join(self.running)) if self.running else ""
+        self.bar.set_postfix_str(postfix, refresh=False)
+        self.bar.update(1) if trained else self.bar.refresh()
 
 
-class SweepRun:
-  """One method at one learning rate and seed, fine-tuned from the base."""
+class _Executor:
+  """Brings each run of a plan to its result, read back or trained from the base `base` in its
+  directory under `workdir`; the results store `store`, when given, keeps every result."""
 
   def __init__(
     self,
-    method: str,
-    config: ml_collections.ConfigDict,
-    learning_rate: float,
-    seed: int,
-    samples: Any,
-    store: ResultsStore | None = None,
+    workdir: str | os.PathLike,
+    base: Any,
+    before: Mapping[str, float],
+    samples: Mapping[str, Any],
+    store: plan.ResultsStore | None,
   ):
-    self.method, self.config, self.samples, self.store = method, config, samples, store
-    self.learning_rate, self.seed = learning_rate, seed
-    self.fingerprint = configure.fingerprint(config, learning_rate=learning_rate, seed=seed)
-
-  @property
-  def name(self) -> str:
-    """How the console names this run."""
-    return f"{self.method} lr {self.learning_rate:.3g} seed {self.seed}"
-
-  def _dir(self, workdir: str | os.PathLike) -> epath.Path:
-    return epath.Path(workdir) / "runs" / self.method / _run_name(self.learning_rate, self.seed)
-
-  def to_train(self, workdir: str | os.PathLike) -> bool:
-    """Whether `result` will train this run (False: a finished run of the same fingerprint)."""
-    if self.store is not None and self.store.find(self) is not None:
-      return False
-    run_dir = self._dir(workdir)
-    stamp = files.read_json(run_dir / FINGERPRINT_FILE)
-    if not isinstance(stamp, dict) or stamp.get("fingerprint") != self.fingerprint:
-      return True
-    return files.read_json(run_dir / "result.json") is None
+    self.workdir, self.base, self.before, self.store = workdir, base, before, store
+    self.samples = samples  # per method: the base model's samples it replays, or None
 
   def result(
     self,
-    workdir: str | os.PathLike,
-    base: Any,
+    sweep_run: plan.SweepRun,
     trainer: Trainer,
-    evaluator: run.Evaluator,
-    before: Mapping[str, float],
-    description: str = "",
+    evaluator: Evaluator,
     *,
+    description: str = "",
     progress: bool = True,
     stop: StopRequests | None = None,
   ) -> dict[str, Any]:
-    """The run's result: read from its `result.json` when its fingerprint is unchanged, else
-    trained with `trainer` (resuming its own checkpoints) and written there; `description`
-    names it on the progress bar (shown with `progress`); `stop` as for `loop.fit`. With a
-    results store, a summary of the same fingerprint there is the result, and a new result is
-    kept there."""
-    if self.store is not None and (kept := self.store.find(self)) is not None:
-      return kept
-    run_dir = self._dir(workdir)
-    claim(run_dir, self.fingerprint)
-    result_path = run_dir / "result.json"
-    result = files.read_json(result_path)  # None: not finished (or cut short): redone
-    if result is not None:
-      return self._kept(result, before)
+    """The run's result: the one it reuses (`plan.reused`), else trained with `trainer`
+    (resuming its own checkpoints) and written to its `result.json`; `description` names it on
+    the progress bar (shown with `progress`); `stop` as for `loop.fit`. With a results store,
+    the result is kept there too."""
+    run_dir = sweep_run.directory(self.workdir)
+    if sweep_run.reuses != plan.KEPT_IN_STORE:
+      _claim(run_dir, sweep_run.fingerprint)
+    where, result = plan.reused(sweep_run, self.workdir, self.store)
+    if where == plan.KEPT_IN_STORE:
+      return result
+    if where == plan.KEPT_IN_WORKDIR:
+      return self._kept(result)
     fit = run.run_training(
-      self.config,
+      sweep_run.config,
       run_dir,
       trainer=trainer,
-      init_params=base,
-      learning_rate=self.learning_rate,
-      seed=self.seed,
+      init_params=self.base,
+      learning_rate=sweep_run.learning_rate,
+      seed=sweep_run.seed,
       evaluator=evaluator,
       progress=progress,
-      samples=self.samples,
-      description=description or self.name,
+      samples=self.samples[sweep_run.method],
+      description=description or sweep_run.name,
       stop=stop,
     )
-    result = self._summary(fit, run_dir, trainer, evaluator, before)
+    result = self._summary(sweep_run, fit, run_dir, trainer, evaluator)
     if jax.process_index() == 0:
-      files.write_json(result_path, result)
-    _print(f"{self.method:>10s} lr={self.learning_rate:<8.3g} seed={self.seed}: " + _fmt(result))
-    return self._kept(result, before)
+      files.write_json(run_dir / plan.RESULT_FILE, result)
+    _print(
+      f"{sweep_run.method:>10s} lr={sweep_run.learning_rate:<8.3g} seed={sweep_run.seed}: "
+      + _fmt(result)
+    )
+    return self._kept(result)
 
-  def _kept(self, result: dict[str, Any], before: Mapping[str, float]) -> dict[str, Any]:
+  def _kept(self, result: dict[str, Any]) -> dict[str, Any]:
     """`result` as the results store keeps it, written there when there is a store. A result
     written before runs recorded these gets the base's measures and an unknown code version."""
-    summary = {"before": dict(before), "code_version": "unknown", **result}
+    summary = {"before": dict(self.before), "code_version": "unknown", **result}
     summary["curve"] = thinned(summary["curve"])
     if self.store is not None and jax.process_index() == 0:
       self.store.write(summary)
@@ -596,18 +474,21 @@ class SweepRun:
 
   def _summary(
     self,
+    sweep_run: plan.SweepRun,
     fit: Any,
     run_dir: epath.Path,
     trainer: Trainer,
-    evaluator: run.Evaluator,
-    before: Mapping[str, float],
+    evaluator: Evaluator,
   ) -> dict[str, Any]:
+    """What a run that trained leaves in its `result.json`: its key, every measure before and
+    after, its curves, its cost."""
+    before, samples = self.before, self.samples[sweep_run.method]
     final = fit.evals[-1]
     result = {
-      "method": self.method,
-      "learning_rate": self.learning_rate,
-      "seed": self.seed,
-      "fingerprint": self.fingerprint,
+      "method": sweep_run.method,
+      "learning_rate": sweep_run.learning_rate,
+      "seed": sweep_run.seed,
+      "fingerprint": sweep_run.fingerprint,
       "code_version": code_version(),
       "task_loss": final["task_loss"],
       "retain_loss": final["retain_loss"],
@@ -621,7 +502,7 @@ class SweepRun:
       "optimizer_state_bytes": _tree_bytes(fit.state.opt_state),
       # What the method holds on top of the model it trains: trained weights (or adapters),
       # optimizer state, the frozen base or reference model, replay samples.
-      "held_bytes": trainer.held_bytes(fit.state) + sum(x.nbytes for x in self.samples or ()),
+      "held_bytes": trainer.held_bytes(fit.state) + sum(x.nbytes for x in samples or ()),
     }
     for set_name in evaluator.fact_sets:
       result[f"{set_name}_fact_accuracy"] = final[f"{set_name}_fact_accuracy"]
@@ -649,8 +530,8 @@ def _first_batch(
   config: ml_collections.ConfigDict, workdir: str | os.PathLike, trainer: Trainer, base: Any
 ) -> dict[str, Any]:
   """A training batch of a method (its replay marker included), on the mesh."""
-  samples = run.replay_samples(config, trainer, base, cache_dir=epath.Path(workdir) / "base")
-  iterator = iter(run.train_batches(config, workdir, config.seed, samples))
+  samples = inputs.replay_samples(config, trainer, base, cache_dir=epath.Path(workdir) / "base")
+  iterator = iter(inputs.train_batches(config, workdir, config.seed, samples))
   batch = trainer.global_batch(next(iterator))
   iterator.close()
   return batch
@@ -706,13 +587,10 @@ def measure_step_times(
 
 
 __all__ = [
-  "FINGERPRINT_FILE",
   "MAX_CURVE_POINTS",
-  "ResultsStore",
-  "SweepRun",
-  "claim",
   "code_version",
   "compare",
   "measure_step_times",
+  "run_device_groups",
   "thinned",
 ]

@@ -38,7 +38,7 @@ from gcp_storage_emulator import server as emulator  # noqa: E402
 from gcp_storage_emulator.handlers import objects  # noqa: E402
 
 from configs import pretrain_tiny  # noqa: E402
-from finch_jax import configure, report, run, sweep  # noqa: E402
+from finch_jax import configure, plan, report, run  # noqa: E402
 from finch_jax.checkpoint import Checkpointer, CheckpointError  # noqa: E402
 from finch_jax.loop import MetricsWriter  # noqa: E402
 from finch_jax.trainer import TrainState  # noqa: E402
@@ -293,14 +293,14 @@ def test_reports_metrics_and_sweep_records_are_kept_in_the_bucket(gcs):
   ]
 
   run_dir = f"{workdir}/runs/standard/lr0.001_seed0"
-  sweep.claim(run_dir, "first")
+  plan.claim(run_dir, "first")
   gcs.fs.pipe(f"{run_dir}/result.json".removeprefix("gs://"), b"{}")
-  sweep.claim(run_dir, "first")  # the same fingerprint: kept as it is
-  assert gcs.files(run_dir.removeprefix("gs://")) == [sweep.FINGERPRINT_FILE, "result.json"]
-  sweep.claim(run_dir, "second")
-  assert gcs.files(run_dir.removeprefix("gs://")) == [sweep.FINGERPRINT_FILE]
+  plan.claim(run_dir, "first")  # the same fingerprint: kept as it is
+  assert gcs.files(run_dir.removeprefix("gs://")) == [configure.FINGERPRINT_FILE, "result.json"]
+  plan.claim(run_dir, "second")
+  assert gcs.files(run_dir.removeprefix("gs://")) == [configure.FINGERPRINT_FILE]
   stale = f"{run_dir}.stale-first".removeprefix("gs://")
-  assert gcs.files(stale) == [sweep.FINGERPRINT_FILE, "result.json"]
+  assert gcs.files(stale) == [configure.FINGERPRINT_FILE, "result.json"]
 
 
 def test_a_bucket_base_is_fingerprinted_and_runs_set_aside_never_collide(gcs):
@@ -320,7 +320,7 @@ def test_a_bucket_base_is_fingerprinted_and_runs_set_aside_never_collide(gcs):
 
   run_dir = f"gs://{bucket}/runs/lr0.001_seed0"
   for n, fingerprint in enumerate(["aaaa", "bbbb", "aaaa", "bbbb"]):
-    sweep.claim(run_dir, fingerprint)
+    plan.claim(run_dir, fingerprint)
     gcs.fs.pipe(f"{run_dir}/result.json".removeprefix("gs://"), str(n).encode())
   kept = {
     name: gcs.fs.cat(f"{bucket}/runs/{name}/result.json").decode()

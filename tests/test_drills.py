@@ -28,7 +28,7 @@ import pytest
 from etils import epath
 
 from configs import default
-from finch_jax import configure, loop, run
+from finch_jax import configure, evaluate, inputs, loop, run
 from finch_jax.checkpoint import Checkpointer, CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +80,7 @@ class Reference:
     self.workdir = os.path.join(root, "reference")
     self.config = drill_config(self.data_dir)
     self.trainer = configure.make_trainer(self.config)
-    self.evaluator = run.Evaluator(self.config, self.workdir, self.trainer)
+    self.evaluator = evaluate.Evaluator(self.config, self.workdir, self.trainer)
     self.result = run.run_training(
       self.config, self.workdir, trainer=self.trainer, evaluator=self.evaluator, progress=False
     )
@@ -275,7 +275,7 @@ def test_sigint_in_process_saves_then_resumes_logs_and_evaluations(
   """Ctrl-C inside `fit` stops after that step with code 130; the resumed run carries on the
   unfinished logging window and the evaluations, and the handlers are put back."""
   workdir = str(tmp_path / "run")
-  real_batches = run.train_batches
+  real_batches = inputs.train_batches
 
   def interrupted_batches(config, workdir, seed, *samples):
     fetched = 0
@@ -292,7 +292,7 @@ def test_sigint_in_process_saves_then_resumes_logs_and_evaluations(
   def unhandled(signum, frame):  # what SIGINT does unless fit takes it over
     raise AssertionError("SIGINT was not handled by fit")
 
-  monkeypatch.setattr(run, "train_batches", interrupted_batches)
+  monkeypatch.setattr(inputs, "train_batches", interrupted_batches)
   pytest_handler = signal.signal(signal.SIGINT, unhandled)  # not pytest's: it would end the session
   try:
     with pytest.raises(loop.Preempted) as stopped:
@@ -317,7 +317,7 @@ def test_poisoned_batch_is_skipped_counted_and_never_saved(
   reference, tmp_path, monkeypatch, finch_enabled
 ):
   poisoned = {5, 6}  # one window of records holds two bad batches; one checkpoint spans them
-  real_batches = run.train_batches
+  real_batches = inputs.train_batches
 
   def poisoned_batches(config, workdir, seed, *samples):
     fetched = 0
@@ -331,7 +331,7 @@ def test_poisoned_batch_is_skipped_counted_and_never_saved(
 
     return real_batches(config, workdir, seed, *samples).map(poison)
 
-  monkeypatch.setattr(run, "train_batches", poisoned_batches)
+  monkeypatch.setattr(inputs, "train_batches", poisoned_batches)
   if finch_enabled:
     trainer = reference.trainer
     result = reference.run(str(tmp_path), evaluator=None)
@@ -483,7 +483,7 @@ def test_two_fresh_runs_are_bit_identical(reference, tmp_path):
   """A fresh trainer (compiled anew) in a fresh workdir: the same parameters and records."""
   workdir = str(tmp_path / "run")
   trainer = configure.make_trainer(reference.config)
-  evaluator = run.Evaluator(reference.config, workdir, trainer)
+  evaluator = evaluate.Evaluator(reference.config, workdir, trainer)
   result = run.run_training(
     reference.config, workdir, trainer=trainer, evaluator=evaluator, progress=False
   )

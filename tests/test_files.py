@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from finch_jax import files, sweep
+from finch_jax import configure, files, plan, sweep
 
 
 class _DiskFullAfterHalf:
@@ -76,15 +76,15 @@ def test_a_claim_cut_short_leaves_no_torn_stamp_and_the_rerun_claims(
   """The fingerprint stamp decides what a rerun reuses: a crash while writing it must not leave
   a file that every later rerun fails to read."""
   run_dir = tmp_path / "runs" / "finch" / "lr0.001_seed0"
-  sweep.claim(str(run_dir), "aaaa")
+  plan.claim(str(run_dir), "aaaa")
   (run_dir / "result.json").write_text("{}")
-  full_disk_for(sweep.FINGERPRINT_FILE)
+  full_disk_for(configure.FINGERPRINT_FILE)
   with pytest.raises(OSError):
-    sweep.claim(str(run_dir), "bbbb")  # sets the old run aside, then the write fails
-  stamp = run_dir / sweep.FINGERPRINT_FILE
+    plan.claim(str(run_dir), "bbbb")  # sets the old run aside, then the write fails
+  stamp = run_dir / configure.FINGERPRINT_FILE
   assert not stamp.exists()  # none rather than a torn one
   monkeypatch.undo()  # room on the disk again
-  sweep.claim(str(run_dir), "bbbb")
+  plan.claim(str(run_dir), "bbbb")
   assert json.loads(stamp.read_text()) == {"fingerprint": "bbbb"}
   assert (run_dir.parent / "lr0.001_seed0.stale-aaaa" / "result.json").exists()
 
@@ -110,28 +110,24 @@ def test_a_torn_eval_before_is_measured_again(tmp_path, caplog):
   assert "is not valid JSON" in caplog.text
 
 
-def _sweep_run():
-  config = default.get_config()
-  return sweep.SweepRun("finch", config, 1e-3, 0, None)
-
-
 def test_a_torn_result_makes_the_run_train_again(tmp_path):
-  sweep_run = _sweep_run()
+  config = default.get_config()
+  sweep_run = plan.planned_run("finch", config, 1e-3, 0, tmp_path)
   run_dir = tmp_path / "runs" / "finch" / "lr0.001_seed0"
-  sweep.claim(str(run_dir), sweep_run.fingerprint)
+  plan.claim(str(run_dir), sweep_run.fingerprint)
   (run_dir / "result.json").write_text('{"method": "finch", "task_loss": 1.2')  # cut short
-  assert sweep_run.to_train(str(tmp_path))
+  assert plan.planned_run("finch", config, 1e-3, 0, tmp_path).reuses is None
   files.write_json(run_dir / "result.json", {"method": "finch", "task_loss": 1.2})
-  assert not sweep_run.to_train(str(tmp_path))
+  assert plan.planned_run("finch", config, 1e-3, 0, tmp_path).reuses == plan.KEPT_IN_WORKDIR
 
 
 def test_a_torn_fingerprint_stamp_sets_the_run_aside(tmp_path):
   run_dir = tmp_path / "run"
   run_dir.mkdir()
-  (run_dir / sweep.FINGERPRINT_FILE).write_text('{"fingerpr')
+  (run_dir / configure.FINGERPRINT_FILE).write_text('{"fingerpr')
   (run_dir / "metrics.jsonl").write_text("{}\n")
-  sweep.claim(str(run_dir), "cccc")
-  assert json.loads((run_dir / sweep.FINGERPRINT_FILE).read_text()) == {"fingerprint": "cccc"}
+  plan.claim(str(run_dir), "cccc")
+  assert json.loads((run_dir / configure.FINGERPRINT_FILE).read_text()) == {"fingerprint": "cccc"}
   assert (tmp_path / "run.stale-unknown" / "metrics.jsonl").exists()  # kept, not deleted
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from finch_jax import configure, data, measures, run
+from finch_jax import configure, data, evaluate, measures
 from finch_jax.measures import expected_calibration_error
 from tests.test_trainer import small_config
 
@@ -29,7 +29,7 @@ def test_evaluator_measures_accuracy_kl_and_calibration(tmp_path):
   )
   trainer = configure.make_trainer(config)
   base = trainer.init_params(0)
-  evaluator = run.Evaluator(config, str(tmp_path), trainer, base=base)
+  evaluator = evaluate.Evaluator(config, str(tmp_path), trainer, base=base)
   at_base = evaluator(base)
   assert at_base["retain_kl"] == pytest.approx(0.0, abs=1e-6)  # the base against itself
   assert "task_kl" not in at_base

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from finch_jax import configure, data, experiment, lora, run, sweep
+from finch_jax import configure, data, experiment, inputs, lora, sweep
 from tests.test_trainer import small_config
 
 
@@ -17,7 +17,7 @@ def _replay_config(**changes):
 
 def test_replay_share_of_examples_in_batches(tmp_path):
   config = _replay_config()
-  batches = iter(run.train_batches(config, str(tmp_path), seed=0))
+  batches = iter(inputs.train_batches(config, str(tmp_path), seed=0))
   replayed = total = 0
   for _ in range(40):
     batch = next(batches)
@@ -35,7 +35,7 @@ def test_replay_share_of_examples_in_batches(tmp_path):
 
 def test_replay_examples_come_from_the_replay_split(tmp_path):
   config = _replay_config(**{"replay.share": 0.5})
-  batch = next(iter(run.train_batches(config, str(tmp_path), seed=0)))
+  batch = next(iter(inputs.train_batches(config, str(tmp_path), seed=0)))
   tokenizer = configure.make_tokenizer(config)
   base_names = {r["text"].split(" was born")[0] for r in _split(config, tmp_path, "pretrain")}
   new_names = {r["text"].split(" was born")[0] for r in _split(config, tmp_path, "finetune")}
@@ -48,7 +48,7 @@ def test_replay_examples_come_from_the_replay_split(tmp_path):
 
 
 def _split(config, tmp_path, split):
-  source = run.source(config, str(tmp_path), {"name": "", "split": split})
+  source = inputs.source(config, str(tmp_path), {"name": "", "split": split})
   return [{"text": data.decode_text(source[i]["text"])} for i in range(len(source))]
 
 
@@ -76,7 +76,7 @@ def test_kl_on_base_samples_finetune_runs_and_logs_the_kl(tmp_path, base):
     records = [json.loads(line) for line in f]
   kls = [r["kl"] for r in records if "kl" in r]
   assert kls and all(np.isfinite(kls)) and max(kls) > 0
-  samples = np.load(run.sample_cache(tmp_path, config, config.seed))
+  samples = np.load(inputs.sample_cache(tmp_path, config, config.seed))
   assert len(samples.files) == 8
   assert np.isfinite(report["methods"]["finch"]["forgetting"])
 
@@ -131,7 +131,7 @@ def test_compare_runs_every_method_and_reports_costs(tmp_path):
   # of a frozen base, so its optimizer state is small.
   assert held["anchor"] - held["standard"] == params
   kl_config = configure.method_configs(config)["kl_base+finch"]
-  samples = np.load(run.sample_cache(tmp_path / "base", kl_config, kl_config.seed))
+  samples = np.load(inputs.sample_cache(tmp_path / "base", kl_config, kl_config.seed))
   assert held["kl_base+finch"] - held["finch"] == params + sum(x.nbytes for x in samples.values())
   assert held["lora"] < held["standard"]
   # Step times come from an interleaved timing of every method in the same process.

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from finch_jax import configure, report, sweep
+from finch_jax import configure, plan, report, sweep
 from tests.test_report import BEFORE, RUNS
 from tests.test_trainer import small_config
 
@@ -24,7 +24,7 @@ def _json(content):
 
 
 def _store(directory):
-  store = sweep.ResultsStore(directory)
+  store = plan.ResultsStore(directory)
   for r in RUNS:
     store.write({**r, "fingerprint": f"f{r['seed']}", "before": BEFORE, "code_version": "v"})
   return store
@@ -82,17 +82,19 @@ def test_a_store_that_cannot_be_read_names_the_file_and_the_fix(tmp_path):
 
 
 def test_a_summary_stands_for_its_run_only_with_the_same_fingerprint(tmp_path):
-  store = sweep.ResultsStore(tmp_path / "study")
-  config = small_config()
-  this = sweep.SweepRun("standard", config, 1e-3, 0, None, store)
-  other = sweep.SweepRun("standard", small_config(num_train_steps=7), 1e-3, 0, None, store)
+  store = plan.ResultsStore(tmp_path / "study")
+  config, other_config = small_config(), small_config(num_train_steps=7)
+  this = plan.planned_run("standard", config, 1e-3, 0, tmp_path / "wd", store)
+  other = plan.planned_run("standard", other_config, 1e-3, 0, tmp_path / "wd", store)
   assert this.fingerprint != other.fingerprint
-  assert store.find(this) is None and this.to_train(tmp_path / "wd")
+  assert store.find(this) is None and this.reuses is None
   summary = {**RUNS[0], "learning_rate": 1e-3, "fingerprint": this.fingerprint, "before": BEFORE}
   store.write(summary)
   assert (tmp_path / "study" / "runs" / "standard" / "lr0.001_seed0.json").exists()
-  assert store.find(this) == summary and not this.to_train(tmp_path / "wd")
-  assert store.find(other) is None and other.to_train(tmp_path / "wd")
+  this = plan.planned_run("standard", config, 1e-3, 0, tmp_path / "wd", store)
+  assert store.find(this) == summary and this.reuses == plan.KEPT_IN_STORE
+  other = plan.planned_run("standard", other_config, 1e-3, 0, tmp_path / "wd", store)
+  assert store.find(other) is None and other.reuses is None
 
 
 def test_curves_are_thinned_to_at_most_50_points_keeping_both_ends():

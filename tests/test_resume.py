@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from finch_jax import checkpoint, configure, experiment, run
+from finch_jax import checkpoint, configure, evaluate, experiment, inputs, run
 from finch_jax.checkpoint import Checkpointer, CheckpointError, ResumeMismatch
 from finch_jax.trainer import TrainState
 from finch_jax.validate import ConfigError, validate
@@ -209,7 +209,7 @@ def _samples_config(**changes):
 
 
 def _retain_tokens(config, workdir, trainer, base) -> list[np.ndarray]:
-  evaluator = run.Evaluator(config, str(workdir), trainer, base=base)
+  evaluator = evaluate.Evaluator(config, str(workdir), trainer, base=base)
   return [np.asarray(b["inputs"]) for b in evaluator.loss_sets["retain"]]
 
 
@@ -236,8 +236,8 @@ def test_cached_base_samples_are_reused_for_the_same_samples(tmp_path, monkeypat
   config = _samples_config()
   trainer = configure.make_trainer(config)
   base = trainer.init_params(0)
-  first = run.base_model_samples(config, trainer, base, seed=3, cache_dir=tmp_path)
-  monkeypatch.setattr(run, "sample_replay_set", lambda *a, **k: pytest.fail("drawn again"))
-  again = run.base_model_samples(config, trainer, base, seed=3, cache_dir=tmp_path)
+  first = inputs.base_model_samples(config, trainer, base, seed=3, cache_dir=tmp_path)
+  monkeypatch.setattr(inputs, "sample_replay_set", lambda *a, **k: pytest.fail("drawn again"))
+  again = inputs.base_model_samples(config, trainer, base, seed=3, cache_dir=tmp_path)
   assert [a.tolist() for a in again] == [a.tolist() for a in first]
   assert jax.tree.structure(first) == jax.tree.structure(again)

@@ -154,7 +154,7 @@ def test_a_question_answer_split_trains_and_evaluates_on_its_answers(tmp_path):
   its batches (training rows, and packed eval rows) weigh the answers and the eos closing each,
   never the questions."""
   from configs import default
-  from finch_jax import configure, data, run
+  from finch_jax import configure, data, evaluate, inputs
 
   config = configure.override(
     default.get_config(),
@@ -171,8 +171,8 @@ def test_a_question_answer_split_trains_and_evaluates_on_its_answers(tmp_path):
   questions = data.embedded_corpus("biographies", num_base_people=4, num_new_people=3)["task_qa"]
   answers = {r["response"] for r in questions}
   tokenizer = configure.make_tokenizer(config)
-  batch = next(iter(run.train_batches(config, str(tmp_path), seed=0)))
-  loss_sets = run.Evaluator(config, str(tmp_path), configure.make_trainer(config))
+  batch = next(iter(inputs.train_batches(config, str(tmp_path), seed=0)))
+  loss_sets = evaluate.Evaluator(config, str(tmp_path), configure.make_trainer(config))
   for batches in (
     [batch],
     loss_sets._loss_batches(config, str(tmp_path), "task", config.data.train, tokenizer, {}),

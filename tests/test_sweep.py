@@ -15,7 +15,7 @@ import jax
 import pytest
 
 from configs import default
-from finch_jax import configure, loop, sweep
+from finch_jax import configure, loop, plan, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,14 +130,14 @@ def test_fingerprint_counts_the_checkpoint_files_of_a_base_workdir(tmp_path):
 
 def test_claim_sets_a_run_of_another_fingerprint_aside(tmp_path):
   run_dir = tmp_path / "runs" / "finch" / "lr0.001_seed0"
-  sweep.claim(str(run_dir), "aaaa")
+  plan.claim(str(run_dir), "aaaa")
   (run_dir / "result.json").write_text("{}")
-  sweep.claim(str(run_dir), "aaaa")  # unchanged: kept
+  plan.claim(str(run_dir), "aaaa")  # unchanged: kept
   assert (run_dir / "result.json").exists()
-  sweep.claim(str(run_dir), "bbbb")  # changed: the old run is set aside, nothing deleted
+  plan.claim(str(run_dir), "bbbb")  # changed: the old run is set aside, nothing deleted
   assert not (run_dir / "result.json").exists()
   assert (tmp_path / "runs" / "finch" / "lr0.001_seed0.stale-aaaa" / "result.json").exists()
-  with open(run_dir / sweep.FINGERPRINT_FILE) as f:
+  with open(run_dir / configure.FINGERPRINT_FILE) as f:
     assert json.load(f) == {"fingerprint": "bbbb"}
 
 
@@ -145,7 +145,7 @@ def test_a_config_flipped_back_and_forth_keeps_every_old_run(tmp_path):
   """A -> B -> A -> B: the second time A's run is set aside, its name is taken."""
   run_dir = tmp_path / "run"
   for n, key in enumerate(["aaaa", "bbbb", "aaaa", "bbbb"]):
-    sweep.claim(str(run_dir), key)
+    plan.claim(str(run_dir), key)
     (run_dir / "result.json").write_text(str(n))
   kept = {p.name: (p / "result.json").read_text() for p in tmp_path.iterdir()}
   assert kept == {"run.stale-aaaa": "0", "run.stale-bbbb": "1", "run.stale-aaaa-2": "2", "run": "3"}
@@ -158,33 +158,40 @@ def test_on_several_processes_the_old_run_is_moved_before_any_process_goes_on(
   that) waits at a barrier, so none opens the old run's checkpoints while they move."""
   run_dir = tmp_path / "run"
   moved = tmp_path / "run.stale-aaaa"
-  sweep.claim(str(run_dir), "aaaa")
+  plan.claim(str(run_dir), "aaaa")
   barriers = []  # whether the old run had been moved when a process reached the barrier
-  monkeypatch.setattr(sweep.shd, "barrier", lambda name: barriers.append(moved.exists()))
+  monkeypatch.setattr(plan.shd, "barrier", lambda name: barriers.append(moved.exists()))
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "process_index", lambda: 1)
-  sweep.claim(str(run_dir), "bbbb")
+  plan.claim(str(run_dir), "bbbb")
   assert barriers == [False]  # process 1 touches nothing and waits
-  assert json.loads((run_dir / sweep.FINGERPRINT_FILE).read_text()) == {"fingerprint": "aaaa"}
+  assert json.loads((run_dir / configure.FINGERPRINT_FILE).read_text()) == {"fingerprint": "aaaa"}
   monkeypatch.setattr(jax, "process_index", lambda: 0)
-  sweep.claim(str(run_dir), "bbbb")
+  plan.claim(str(run_dir), "bbbb")
   assert barriers == [False, True]  # process 0 moved it, then waited
-  assert json.loads((run_dir / sweep.FINGERPRINT_FILE).read_text()) == {"fingerprint": "bbbb"}
+  assert json.loads((run_dir / configure.FINGERPRINT_FILE).read_text()) == {"fingerprint": "bbbb"}
 
 
 class _FakeRun:
-  """A sweep run whose `result` does what `behaviour(stop)` does, logging that it started."""
+  """A sweep run that trains (its plan reuses nothing)."""
 
-  def __init__(self, name, behaviour, started):
+  def __init__(self, name, behaviour):
     self.name = self.method = name
-    self.behaviour, self.started = behaviour, started
+    self.behaviour, self.reuses = behaviour, None
 
-  def to_train(self, workdir):
-    return True
 
-  def result(self, workdir, base, trainer, evaluator, before, *, progress, stop):
-    self.started.append(self.name)
-    return self.behaviour(stop)
+class _FakeExecutor:
+  """Brings a `_FakeRun` to its result by doing what its `behaviour(stop)` does, logging that it
+  started."""
+
+  workdir = base = None
+
+  def __init__(self):
+    self.started = []
+
+  def result(self, sweep_run, trainer, evaluator, *, progress, stop):
+    self.started.append(sweep_run.name)
+    return sweep_run.behaviour(stop)
 
 
 def _trains(seconds):
@@ -211,34 +218,35 @@ def _signalled(stop):
   return _trains(3.0)(stop)
 
 
-def _run_at_once(runs, tmp_path, monkeypatch):
+def _run_at_once(runs, executor, monkeypatch):
   """`sweep._concurrent_results` of fake runs, two at a time, without models."""
   worker = types.SimpleNamespace(trainers=collections.defaultdict(lambda: None), evaluator=None)
   monkeypatch.setattr(sweep, "_Worker", lambda *args: worker)
-  return sweep._concurrent_results(runs, [["d0"], ["d1"]], None, {}, str(tmp_path), None, {})
+  with sweep._Progress(runs, at_once=2) as progress:
+    return sweep._concurrent_results(executor, runs, [["d0"], ["d1"]], None, {}, progress)
 
 
-def test_a_failed_run_stops_the_sweep_at_once(tmp_path, monkeypatch):
-  started = []
-  runs = [_FakeRun("fails", _fails, started), _FakeRun("long", _trains(3.0), started)]
-  runs += [_FakeRun(f"queued{i}", _trains(0.0), started) for i in range(3)]
+def test_a_failed_run_stops_the_sweep_at_once(monkeypatch):
+  runs = [_FakeRun("fails", _fails), _FakeRun("long", _trains(3.0))]
+  runs += [_FakeRun(f"queued{i}", _trains(0.0)) for i in range(3)]
+  executor = _FakeExecutor()
   start = time.perf_counter()
   with pytest.raises(ValueError, match="this run failed"):
-    _run_at_once(runs, tmp_path, monkeypatch)
+    _run_at_once(runs, executor, monkeypatch)
   assert time.perf_counter() - start < 2.0  # the run in flight stopped at its next step
-  assert sorted(started) == ["fails", "long"]  # no queued run started
+  assert sorted(executor.started) == ["fails", "long"]  # no queued run started
 
 
-def test_sigterm_stops_a_concurrent_sweep_without_starting_queued_runs(tmp_path, monkeypatch):
-  started = []
-  runs = [_FakeRun("signalled", _signalled, started), _FakeRun("long", _trains(3.0), started)]
-  runs += [_FakeRun(f"queued{i}", _trains(0.0), started) for i in range(3)]
+def test_sigterm_stops_a_concurrent_sweep_without_starting_queued_runs(monkeypatch):
+  runs = [_FakeRun("signalled", _signalled), _FakeRun("long", _trains(3.0))]
+  runs += [_FakeRun(f"queued{i}", _trains(0.0)) for i in range(3)]
+  executor = _FakeExecutor()
   start = time.perf_counter()
   with pytest.raises(loop.Preempted) as stopped:
-    _run_at_once(runs, tmp_path, monkeypatch)
+    _run_at_once(runs, executor, monkeypatch)
   assert stopped.value.code == 128 + signal.SIGTERM
   assert time.perf_counter() - start < 2.0
-  assert sorted(started) == ["long", "signalled"]
+  assert sorted(executor.started) == ["long", "signalled"]
 
 
 def _train(workdir, device_count, *overrides):
@@ -307,10 +315,77 @@ def test_only_sweeps_the_named_methods_and_the_baseline():
     "finch": {"finch": {"enabled": True}, "learning_rates": (1e-3,)},
     "cosine": {"optimizer": {"schedule": "cosine"}, "learning_rates": (1e-3,)},
   }
-  configs = configure.method_configs(config)
-  assert set(sweep._methods_to_train(config, configs)) == {"standard", "finch", "cosine"}
+  assert set(plan.methods_to_train(config)) == {"standard", "finch", "cosine"}
   config.compare.only = ("cosine",)
-  assert list(sweep._methods_to_train(config, configs)) == ["standard", "cosine"]
+  assert list(plan.methods_to_train(config)) == ["standard", "cosine"]
   config.compare.only = ("nope",)
   with pytest.raises(ValueError, match="compare.only names \\['nope'\\]"):
-    sweep._methods_to_train(config, configs)
+    plan.methods_to_train(config)
+
+
+def test_the_plan_lists_every_run_with_its_fingerprint_and_what_it_reuses(tmp_path):
+  """Without training: a run the study's store keeps, one finished in the workdir, one made for
+  another fingerprint, one whose result was cut short, one whose summary is another config's;
+  the plan reads them and writes nothing."""
+  config = _config(compare={"seeds": (0, 1)})
+  config.compare.methods = {
+    "standard": {"finch": {"enabled": False}, "learning_rates": (1e-3, 2e-3)},
+    "finch": {"finch": {"enabled": True}, "learning_rates": (1e-3, 2e-3)},
+  }
+  configs = configure.method_configs(config)
+  key = {
+    (name, rate, seed): configure.fingerprint(configs[name], learning_rate=rate, seed=seed)
+    for name in configs
+    for rate in (1e-3, 2e-3)
+    for seed in (0, 1)
+  }
+  store, workdir = plan.ResultsStore(tmp_path / "study"), tmp_path / "workdir"
+  store.write(
+    {
+      "method": "standard",
+      "learning_rate": 1e-3,
+      "seed": 0,
+      "fingerprint": key[("standard", 1e-3, 0)],
+    }
+  )
+  store.write({"method": "finch", "learning_rate": 2e-3, "seed": 1, "fingerprint": "another"})
+
+  def finished(name, rate, seed, fingerprint, result='{"task_loss": 1.0}'):
+    run_dir = workdir / "runs" / name / f"lr{rate:.3g}_seed{seed}"
+    plan.claim(run_dir, fingerprint)
+    (run_dir / "result.json").write_text(result)
+
+  finished("standard", 1e-3, 1, key[("standard", 1e-3, 1)])
+  finished("standard", 2e-3, 0, "another")
+  finished("finch", 1e-3, 0, key[("finch", 1e-3, 0)], result='{"task_loss": 1.')
+  written = sorted(p for p in tmp_path.rglob("*"))
+
+  the_plan = plan.plan(config, workdir, store)
+
+  assert sorted(p for p in tmp_path.rglob("*")) == written
+  assert list(the_plan.methods) == list(configs) == ["finch", "standard"]  # a ConfigDict sorts
+  got = {(r.method, r.learning_rate, r.seed): (r.fingerprint, r.reuses) for r in the_plan.runs}
+  assert list(got) == list(key)  # method, then rate, then seed
+  assert {k: fingerprint for k, (fingerprint, _) in got.items()} == key
+  reuses = {k: reused for k, (_, reused) in got.items() if reused is not None}
+  assert reuses == {
+    ("standard", 1e-3, 0): plan.KEPT_IN_STORE,
+    ("standard", 1e-3, 1): plan.KEPT_IN_WORKDIR,
+  }
+  assert len(the_plan.to_train()) == 6
+
+
+def test_one_clock_counts_the_runs_read_back_as_done_from_the_start():
+  runs = [types.SimpleNamespace(name=f"run{i}", reuses=None) for i in range(4)]
+  runs[0].reuses, runs[1].reuses = plan.KEPT_IN_STORE, plan.KEPT_IN_WORKDIR
+  descriptions = []
+  with sweep._Progress(runs, at_once=1) as progress:
+    for sweep_run in runs:
+      with progress.run(sweep_run) as description:
+        descriptions.append(description)
+    with pytest.raises(ValueError), progress.run(runs[3]):
+      raise ValueError("a run that fails is not done")
+    assert progress.bar.n == 4 and progress.bar.total == 4
+  assert descriptions[:2] == ["run0", "run1"]  # read back: no bar of their own
+  assert descriptions[2].startswith("sweeps 2/4 runs done, ") and "left: run2" in descriptions[2]
+  assert descriptions[3].startswith("sweeps 3/4 runs done, ") and "left: run3" in descriptions[3]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from finch_jax import configure, experiment, find_finch_states, run
+from finch_jax import configure, experiment, find_finch_states, inputs, run
 from finch_jax import sharding as shd
 from finch_jax import trainer as trainer_lib
 from finch_jax.models import LlamaConfig
@@ -110,7 +110,7 @@ def test_fact_accuracy_equals_greedy_decoding_that_ends_the_answer(tmp_path):
   config = small_config()
   trainer = configure.make_trainer(config)
   params = trainer.init_params(3)
-  facts = run.source(config, str(tmp_path), {"name": "", "split": "retain_facts"})
+  facts = inputs.source(config, str(tmp_path), {"name": "", "split": "retain_facts"})
   tokenizer = data.ByteTokenizer()
   batches = list(
     data.fact_batches(facts, tokenizer=tokenizer, max_prompt_len=48, answer_len=40, batch_size=8)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import default
-from finch_jax import configure, sweep
+from finch_jax import configure, plan
 from finch_jax import sharding as shd
 from finch_jax.checkpoint import Checkpointer
 from finch_jax.trainer import TrainState
@@ -590,11 +590,11 @@ def test_compare_resumes_its_base_only_while_its_fingerprint_matches(tmp_path):
   """`sweep.compare` sets a base of another fingerprint aside and pretrains anew: no problem."""
   config = config_with()
   other = configure.pretrain_config(config_with(optimizer__grad_clip=0.0))
-  sweep.claim(str(tmp_path / "old" / "base"), configure.fingerprint(other))
+  plan.claim(str(tmp_path / "old" / "base"), configure.fingerprint(other))
   save_run(tmp_path / "old" / "base", other)
   validate(config, str(tmp_path / "old"))
   # The same fingerprint over another state (e.g. the library changed what it builds).
-  sweep.claim(
+  plan.claim(
     str(tmp_path / "new" / "base"), configure.fingerprint(configure.pretrain_config(config))
   )
   save_run(tmp_path / "new" / "base", other)

@@ -19,6 +19,9 @@ same `fact_batches`), and `known_probes` keeps the probes a model recalls, cache
     config.data.options["debian_elements"] = {"known": path}
     config.data.fact_sets = {"retain": {"name": "debian/elements", "split": "known"}}
 
+A comparison does this itself with `known: "recalled"` (`KNOWN_RECALLED`): it finds the probes its
+base model recalls before fine-tuning and keeps them beside the base (`KNOWN_PROBES_FILE`).
+
 With SmolLM2's tokenizer the element probes need `data.max_prompt_len >= 41` (bos included)
 and `data.answer_len >= 5`.
 """
@@ -53,6 +56,11 @@ ELEMENT_TEMPLATES: dict[str, tuple[str, str]] = {
 # the form of the answer: with these three, SmolLM2-135M-Instruct recalls 66 of 116 symbols
 # instead of 19 (numbers 21 instead of 10, names 31 instead of 6).
 SHOTS = ("oxygen", "sodium", "gold")
+# The value of debian/elements' option `known` that asks for the probes the base model of a run
+# recalls, found before fine-tuning (`finch_jax.inputs.with_known_probes`) and kept in a file of
+# this name beside the base model.
+KNOWN_RECALLED = "recalled"
+KNOWN_PROBES_FILE = "known_probes.jsonl"
 
 
 def element_probes(
@@ -244,4 +252,12 @@ def known_probes(
   return path
 
 
-__all__ = ["ELEMENT_TEMPLATES", "element_probes", "known_probes", "read_probes", "recalled"]
+__all__ = [
+  "ELEMENT_TEMPLATES",
+  "KNOWN_PROBES_FILE",
+  "KNOWN_RECALLED",
+  "element_probes",
+  "known_probes",
+  "read_probes",
+  "recalled",
+]
