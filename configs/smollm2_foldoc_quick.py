@@ -13,9 +13,9 @@ recalls, and calibration over all element probes before and after.
 The size is that of the knowledge setting on two CPU cores (64 steps of 4 rows of 128 tokens);
 definitions are cut to about 300 characters so that a question and its answer fit a row. The
 methods are the shorter list: AdamW (the baseline), AdamW with warm-up and cosine decay, FINCH's
-first-batch and target readings, KL to the base on its own samples, and LoRA. Each finished run's summary is kept in
-`docs/results/smollm2_foldoc/`; `python -m finch_jax.report docs/results/smollm2_foldoc`
-rebuilds the report from those files alone.
+first-batch and target readings, KL to the base on its own samples, and LoRA. Each finished
+run's summary is kept in `docs/results/smollm2_foldoc/`; `python -m finch_jax.report
+docs/results/smollm2_foldoc` rebuilds the report from those files alone.
 """
 
 import ml_collections
