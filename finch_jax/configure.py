@@ -120,11 +120,13 @@ def compare_problems(config: ml_collections.ConfigDict) -> list[tuple[str, str]]
       ("compare.baseline", f"the baseline must be one of compare.methods: {sorted(methods)}.")
     )
   only = config.compare.get("only", ()) or ()
-  if isinstance(only, str) or not all(name in methods for name in only):
+  if isinstance(only, str):
+    problems.append(("compare.only", f"give a list of method names, e.g. ({only!r},)."))
+  elif unknown := [name for name in only if name not in methods]:
     problems.append(
       (
         "compare.only",
-        f"name methods of compare.methods to sweep now, e.g. ('finch',): {sorted(methods)}.",
+        f"names {unknown}, which compare.methods lacks; choose among {sorted(methods)}.",
       )
     )
   seeds = config.compare.get("seeds")
@@ -678,7 +680,7 @@ def base_fingerprint(config: ml_collections.ConfigDict) -> str:
 
 
 def samples_fingerprint(config: ml_collections.ConfigDict, seed: int) -> str:
-  """The key of the base model's samples a config draws with `seed` (`finch_jax.run`'s sample
+  """The key of the base model's samples a config draws with `seed` (`finch_jax.inputs`'s sample
   cache): the base (`base_fingerprint`), the model's settings and tokenizer, and how many
   sequences of what length at what temperature. One rule for every cache of samples, so none is
   reused for other samples than it holds."""

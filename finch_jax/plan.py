@@ -188,10 +188,9 @@ def methods_to_train(config: ml_collections.ConfigDict) -> dict[str, ml_collecti
   only = list(config.compare.get("only", ()) or ())
   if not only:
     return configs
-  if unknown := [name for name in only if name not in configs]:
-    raise ValueError(
-      f"compare.only names {unknown}, which compare.methods lacks; choose among {list(configs)}."
-    )
+  problems = configure.compare_problems(config)
+  if wrong := [text for field, text in problems if field == "compare.only"]:
+    raise ValueError(f"compare.only {wrong[0]}")
   baseline = config.compare.baseline
   return {name: configs[name] for name in dict.fromkeys([baseline, *only])}
 

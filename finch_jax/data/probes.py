@@ -201,8 +201,8 @@ def _tokenizer_digest(tokenizer: Tokenizer, records: Sequence[Mapping[str, str]]
 
 def read_probes(path: str | os.PathLike) -> list[dict[str, str]]:
   """The probes of a JSONL file written by `known_probes` (its header line skipped)."""
-  with open(path, encoding="utf-8") as file:
-    rows = [json.loads(line) for line in file if line.strip()]
+  text = epath.Path(path).read_text(encoding="utf-8")  # local or gs://, as `known_probes` writes
+  rows = [json.loads(line) for line in text.splitlines() if line.strip()]
   return [row for row in rows if "prompt" in row and "answer" in row]
 
 
