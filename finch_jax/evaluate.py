@@ -107,7 +107,7 @@ class Evaluator:
       return data_lib.sft_eval_batches(records, **sizes)
     return data_lib.eval_batches(inputs.source(config, workdir, spec), **sizes)
 
-  def __call__(self, params: Any, *, facts: bool = True) -> dict[str, float]:
+  def __call__(self, params: Any, *, facts: bool = True) -> dict[str, Any]:
     """Every configured measure of the model's `params` (`finch_jax.measures`):
 
     - per eval set: `NAME_loss`; with `data.token_accuracy`, `NAME_accuracy` (arg-max accuracy
@@ -117,7 +117,10 @@ class Evaluator:
     - per fact set (with `facts`): `NAME_fact_accuracy` (exact recall), `NAME_answer_nll` (the
       answers' mean NLL per token); for the sets of `data.calibration_sets`, `NAME_ece` and
       `NAME_overconfidence` (mean confidence minus accuracy of the first answer token: above 0
-      over-confident, below 0 under-confident).
+      over-confident, below 0 under-confident), and `NAME_calibration`, the reliability
+      diagram's bin sums (a list of 3 rows of `measures.CALIBRATION_BINS`: probes, summed
+      confidence, summed correctness; `measures.reliability` reads it). Every other value is a
+      float.
     """
     out = {}
     for name, batches in self.loss_sets.items():
@@ -135,7 +138,7 @@ class Evaluator:
         out.update(self._fact_measures(name, params, batches))
     return out
 
-  def _fact_measures(self, name: str, params: Any, batches: Any) -> dict[str, float]:
+  def _fact_measures(self, name: str, params: Any, batches: Any) -> dict[str, Any]:
     sums = self.trainer.fact_sums(params, batches, self.continues)
     out = {
       f"{name}_fact_accuracy": float(sums["recalled"]) / max(float(sums["facts"]), 1.0),
@@ -145,6 +148,9 @@ class Evaluator:
       count, confidence, right = np.asarray(sums["calibration"], np.float64)
       out[f"{name}_ece"] = measures.expected_calibration_error(sums["calibration"])
       out[f"{name}_overconfidence"] = float((confidence.sum() - right.sum()) / max(count.sum(), 1))
+      # The reliability diagram's data (`measures.reliability`): per confidence bin, the probes,
+      # their summed confidence and their summed correctness.
+      out[f"{name}_calibration"] = np.asarray(sums["calibration"], np.float64).tolist()
     return out
 
 

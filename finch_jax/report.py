@@ -34,6 +34,7 @@ import argparse
 import io
 import json
 import math
+import numbers
 import os
 import statistics
 import sys
@@ -728,6 +729,8 @@ def write_report(workdir: str | os.PathLike, report: Mapping[str, Any]) -> None:
     plots = {"frontier.png": plot_frontier(report), "curves.png": plot_curves(report)}
     if any(c["targets"] for pairs in report["relative_change"].values() for c in pairs.values()):
       plots["relative_change.png"] = plot_relative_change(report)
+    if reliability_sets(report["runs"]):
+      plots["reliability.png"] = plot_reliability(report)
     for name, figure in plots.items():
       # Rendered in memory: matplotlib writes to local paths or to a file object, not to a bucket.
       png = io.BytesIO()
@@ -826,6 +829,54 @@ def nearest_run(report: Mapping[str, Any], name: str) -> Mapping[str, Any]:
   if lr is None or not math.isfinite(lr):
     return candidates[0]
   return min(candidates, key=lambda r: (abs(math.log(r["learning_rate"] / lr)), r["seed"]))
+
+
+def reliability_sets(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The fact sets whose reliability diagram the runs keep (`NAME_reliability_after`)."""
+  suffix = "_reliability_after"
+  return sorted({k.removesuffix(suffix) for r in runs for k in r if k.endswith(suffix)})
+
+
+def plot_reliability(report: Mapping[str, Any]) -> Figure:
+  """Reliability diagrams of each calibration set: the accuracy of the first answer token
+  against its confidence, per confidence bin, for the base model and for each method's run
+  nearest the matched task loss; on the diagonal a model is calibrated, below it
+  over-confident, above it under-confident. A marker's area is the bin's share of probes."""
+  sets = reliability_sets(report["runs"])
+  methods = list(report["methods"])
+  styles = _line_styles(methods)
+  fig = Figure(figsize=(5.5 * len(sets), 5))
+  axes = np.atleast_1d(fig.subplots(1, len(sets)))
+  for ax, name in zip(axes, sets, strict=True):
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+    base = next(
+      (
+        r[f"{name}_reliability_before"] for r in report["runs"] if f"{name}_reliability_before" in r
+      ),
+      None,
+    )
+    curves = [("base model", base, {"color": "black"})] if base else []
+    for method in methods:
+      run = nearest_run(report, method)
+      if f"{name}_reliability_after" in run:
+        label = f"{method} (lr {run['learning_rate']:.2g}, seed {run['seed']})"
+        curves.append((label, run[f"{name}_reliability_after"], styles[method]))
+    for label, data, style in curves:
+      ax.plot(data["confidence"], data["accuracy"], label=label, **style)
+      ax.scatter(
+        data["confidence"],
+        data["accuracy"],
+        s=[400 * w for w in data["share"]],
+        color=style.get("color"),
+        alpha=0.3,
+      )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"{name}: confidence in the first answer token")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
 
 
 def plot_curves(report: Mapping[str, Any]) -> Figure:
@@ -949,10 +1000,13 @@ def read_store(directory: str | os.PathLike) -> tuple[dict[str, Any], list[dict[
     runs.append((path, run))
   first_path, before = runs[0][0], runs[0][1]["before"]
   for path, run in runs[1:]:
+    # The measures both hold: a run kept before a measure existed lacks it, and the reliability
+    # bins are lists, not numbers.
     differs = [
       k
-      for k in sorted(set(before) | set(run["before"]))
-      if not math.isclose(before.get(k, math.nan), run["before"].get(k, math.nan), rel_tol=1e-4)
+      for k in sorted(set(before) & set(run["before"]))
+      if isinstance(before[k], numbers.Real)
+      and not math.isclose(before[k], run["before"][k], rel_tol=1e-4)
     ]
     if differs:
       raise StoreError(

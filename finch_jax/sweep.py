@@ -53,7 +53,7 @@ import tqdm
 from etils import epath
 
 import finch_jax
-from finch_jax import configure, files, inputs, plan, run
+from finch_jax import configure, files, inputs, measures, plan, run
 from finch_jax import sharding as shd
 from finch_jax.evaluate import Evaluator
 from finch_jax.loop import Preempted, StopRequests
@@ -523,6 +523,11 @@ class _Executor:
     for key in final:
       if key.endswith(("_ece", "_overconfidence")):
         result[f"{key}_before"], result[f"{key}_after"] = before[key], final[key]
+      if key.endswith("_calibration"):  # the reliability diagram, before (when kept) and after
+        name = key.removesuffix("_calibration")
+        if key in before:
+          result[f"{name}_reliability_before"] = measures.reliability(before[key])
+        result[f"{name}_reliability_after"] = measures.reliability(final[key])
     return result
 
 

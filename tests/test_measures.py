@@ -35,6 +35,12 @@ def test_evaluator_measures_accuracy_kl_and_calibration(tmp_path):
   assert "task_kl" not in at_base
   for key in ("task_accuracy", "retain_accuracy", "task_ece", "retain_ece", "retain_fact_accuracy"):
     assert 0.0 <= at_base[key] <= 1.0, key
+  # The reliability diagram's bins hold every probe, and give the same ECE.
+  bins = np.asarray(at_base["retain_calibration"])
+  assert bins.shape == (3, measures.CALIBRATION_BINS)
+  assert expected_calibration_error(bins) == pytest.approx(at_base["retain_ece"])
+  diagram = measures.reliability(bins)
+  assert sum(diagram["share"]) == pytest.approx(1.0)
   # The plain loss and the measured one agree.
   plain = trainer.evaluate(base, evaluator.loss_sets["retain"])
   assert at_base["retain_loss"] == pytest.approx(plain)

@@ -100,7 +100,12 @@ def test_compare_runs_every_method_and_reports_costs(tmp_path):
   config = small_config(
     num_train_steps=4,
     eval_every=0,
-    **{"compare.seeds": (0,), "replay.num_samples": 4, "replay.sample_len": 16},
+    **{
+      "compare.seeds": (0,),
+      "replay.num_samples": 4,
+      "replay.sample_len": 16,
+      "data.calibration_sets": ("retain",),
+    },
   )
   config.compare.pretrain = {"num_train_steps": 10, "eval_every": 0, "checkpoint_every": 10}
   rates = (1e-3, 3e-3)
@@ -137,5 +142,11 @@ def test_compare_runs_every_method_and_reports_costs(tmp_path):
   # Step times come from an interleaved timing of every method in the same process.
   ratios = {name: m["step_time_ratio"] for name, m in report["methods"].items()}
   assert ratios["standard"] == 1.0 and all(0.2 < r < 10 for r in ratios.values())
-  for name in ("report.json", "report.md", "frontier.png", "curves.png"):
+  # Calibration before and after, with the reliability diagram's data, in every run's summary.
+  for r in runs:
+    for when in ("before", "after"):
+      diagram = r[f"retain_reliability_{when}"]
+      assert sum(diagram["share"]) == pytest.approx(1.0), (r["method"], when)
+      assert r[f"retain_ece_{when}"] >= 0.0
+  for name in ("report.json", "report.md", "frontier.png", "curves.png", "reliability.png"):
     assert os.path.exists(tmp_path / name)

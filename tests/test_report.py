@@ -249,3 +249,29 @@ def test_sweeps_of_one_rate_have_no_overlap_and_read_not_reached():
   assert span["methods"] == [] and math.isnan(span["middle"])
   out = report.build_report("standard", BEFORE, runs)
   assert math.isnan(out["methods"]["finch"]["forgetting"])
+
+
+def _diagram(confidence, accuracy):
+  return {"bin_start": [0.5], "share": [1.0], "confidence": [confidence], "accuracy": [accuracy]}
+
+
+def test_the_reliability_diagram_shows_the_base_and_each_methods_matched_run(tmp_path):
+  runs = [
+    {
+      **r,
+      "probes_reliability_before": _diagram(0.6, 0.7),
+      "probes_reliability_after": _diagram(0.8, 0.5 if r["method"] == "standard" else 0.7),
+    }
+    for r in RUNS
+  ]
+  out = report.build_report("standard", BEFORE, runs)
+  assert report.reliability_sets(runs) == ["probes"]
+  figure = report.plot_reliability(out)
+  labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+  assert labels[0] == "base model" and len(labels) == 4  # the base and three methods
+  lines = figure.axes[0].get_lines()[1:]  # after the diagonal
+  assert [tuple(line.get_ydata()) for line in lines] == [(0.7,), (0.5,), (0.7,), (0.7,)]
+  report.write_report(str(tmp_path), out)
+  assert (tmp_path / "reliability.png").stat().st_size > 10_000
+  report.write_report(str(tmp_path / "without"), report.build_report("standard", BEFORE, RUNS))
+  assert not (tmp_path / "without" / "reliability.png").exists()

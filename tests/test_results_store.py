@@ -75,6 +75,11 @@ def test_a_store_that_cannot_be_read_names_the_file_and_the_fix(tmp_path):
     report.StoreError, match="different base models .retain_loss: 2.0 against 1.0"
   ):
     report.report_from_store(tmp_path)
+  # A run kept before a measure existed, or one with the reliability bins (a list), is from
+  # the same base when the numbers both hold agree.
+  newer = {**BEFORE, "probes_ece": 0.1, "probes_calibration": [[1.0], [0.5], [1.0]]}
+  store.write(dict(RUNS[0], seed=7, fingerprint="x", before=newer))
+  assert report.report_from_store(tmp_path)["before"] == BEFORE
   broken = store.path("standard", 1e-4, 7)
   broken.write_text("{")
   with pytest.raises(report.StoreError, match=f"{broken}: not JSON"):
