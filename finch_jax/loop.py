@@ -190,7 +190,12 @@ def _jsonable(value: Any) -> Any:
 
 class ProgressBar:
   """A one-line console progress report with the time left, rewritten in place on a terminal
-  (one line per update elsewhere, e.g. in a log file)."""
+  (one line per update elsewhere, e.g. in a log file).
+
+  Not `tqdm` (which the sweep's bar over runs uses): a training run's output usually goes to a
+  log file (a pod's, a batch job's), where tqdm rewrites one line with carriage returns, and its
+  time left counts compilation into the pace; this bar writes a readable line per update there
+  and measures the pace from its first update, after the step has compiled."""
 
   def __init__(self, total: int, *, enabled: bool = True, stream=sys.stderr, description: str = ""):
     self.total, self.enabled, self.stream = total, enabled, stream
