@@ -69,7 +69,8 @@ def load_model(name: str) -> Llama:
     return Llama(LlamaConfig.tiny(), rngs=nnx.Rngs(0))
   from finch_jax.models import gguf
 
-  return gguf.load_gguf(gguf.smollm2_path())
+  model, _ = gguf.load_gguf(gguf.smollm2_path())
+  return model
 
 
 def seconds(fn) -> float:

@@ -26,6 +26,11 @@ Activations are [batch, length, ...]; `sharding.DEFAULT_RULES` names those two a
 `finch_jax.models.hf` maps the parameters (`embed`, `blocks[i].attn.q_proj`, ...) to and from
 Hugging Face tensor names.
 
+Generation (`finch_jax.models.generate`) runs the incremental form, `Llama.decode`: new tokens
+attend to a key/value cache (`KVCache`, from `Llama.init_cache`) passed in and returned, so a
+step costs one token per row rather than a pass over the whole sequence. Training never takes
+that path.
+
 How the model runs, apart from what it computes (`EXECUTION_FIELDS`; a Hugging Face or GGUF file
 says nothing about them, so a config's `model` dict supplies them):
 
