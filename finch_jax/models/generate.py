@@ -1,8 +1,11 @@
-"""Batched autoregressive decoding for the small models this project trains.
+"""Batched autoregressive decoding with a key/value cache.
 
-Each new token re-runs the model over the whole fixed-size buffer: no KV cache, so one step costs
-O(L^2) attention for a buffer of L tokens and N new tokens cost O(N * L^2). That is cheap for tiny
-models and keeps every shape static, so the loop is one `jax.lax.fori_loop` inside one jit.
+The prompts go through the model once (`Llama.decode` on the whole right-padded buffer, which
+fills the cache), then each step feeds one token per row at that row's next position and attends
+to the cache: a step costs one token's projections and MLP plus attention to the cache, not a
+pass over the whole buffer. Shapes are static (the cache holds prompt width + new tokens), so
+the loop is one `jax.lax.fori_loop` inside one jit, and rows of different prompt lengths decode
+side by side, each from its own length.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ _ChooseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def _decode(
-  model: Callable[..., jax.Array],
+  model: nnx.Module,
   prompt_tokens: jax.Array,
   prompt_lengths: jax.Array,
   num_new_tokens: int,
@@ -29,16 +32,34 @@ def _decode(
   batch, width = prompt_tokens.shape
   rows = jnp.arange(batch)
   lengths = jnp.asarray(prompt_lengths, jnp.int32)
-  # Room for the continuation of the longest possible prompt; the causal mask makes whatever lies
-  # right of a row's write position irrelevant, so prompts can be right-padded with anything.
-  tokens = jnp.pad(prompt_tokens, ((0, 0), (0, num_new_tokens)))
+  # Slots for the continuation of the longest possible prompt. Whatever lies right of a row's
+  # length (padding) is written to the cache by the prefill but masked from every position before
+  # it, and overwritten by the row's own tokens before any later position can see it.
+  cache = model.init_cache(batch, width + num_new_tokens)
+  positions = jnp.broadcast_to(jnp.arange(width), (batch, width))
+  hidden, head, cache = model.decode_hidden_and_head(prompt_tokens, positions, cache)
+  last = hidden[rows, lengths - 1]  # logits at each prompt's last token only
+  logits = jnp.einsum(
+    "bd,dv->bv", last, head.astype(last.dtype), preferred_element_type=jnp.float32
+  )
+  first = choose(logits, jnp.int32(0)).astype(prompt_tokens.dtype)
+  out = jnp.zeros((batch, num_new_tokens), prompt_tokens.dtype).at[:, 0].set(first)
 
-  def step(i, tokens):
-    logits = model(tokens)[rows, lengths + i - 1]
-    return tokens.at[rows, lengths + i].set(choose(logits, i).astype(tokens.dtype))
+  # NNX transforms inside the model (nnx.scan over stacked layers) cannot take a module from
+  # outside the loop's trace: each step rebuilds it from its state.
+  graphdef, state = nnx.split(model)
+  state = nnx.as_pure(state)
 
-  tokens = jax.lax.fori_loop(0, num_new_tokens, step, tokens)
-  return tokens[rows[:, None], lengths[:, None] + jnp.arange(num_new_tokens)]
+  def step(i, carry):
+    out, cache = carry
+    # Token i - 1 sits at position lengths + i - 1; its logits choose token i.
+    logits, cache = nnx.merge(graphdef, state).decode(
+      out[:, i - 1, None], (lengths + i - 1)[:, None], cache
+    )
+    return out.at[:, i].set(choose(logits[:, 0], i).astype(out.dtype)), cache
+
+  out, _ = jax.lax.fori_loop(1, num_new_tokens, step, (out, cache))
+  return out
 
 
 @functools.partial(nnx.jit, static_argnames=("num_new_tokens", "greedy"))
@@ -51,7 +72,15 @@ def _generate(model, prompt_tokens, prompt_lengths, rng, temperature, *, num_new
   return _decode(model, prompt_tokens, prompt_lengths, num_new_tokens, choose)
 
 
-def _check(prompt_tokens: jax.Array, num_new_tokens: int) -> None:
+_DECODE_METHODS = ("init_cache", "decode", "decode_hidden_and_head")
+
+
+def _check(model: nnx.Module, prompt_tokens: jax.Array, num_new_tokens: int) -> None:
+  if missing := [name for name in _DECODE_METHODS if not hasattr(model, name)]:
+    raise TypeError(
+      f"generation needs a model with a key/value cache (finch_jax.models.Llama); "
+      f"{type(model).__name__} lacks {missing}."
+    )
   if jnp.ndim(prompt_tokens) != 2:
     raise ValueError(
       f"prompt_tokens must be [batch, max_len], got shape {jnp.shape(prompt_tokens)}."
@@ -65,22 +94,24 @@ def greedy_generate(
 ) -> jax.Array:
   """Greedy (argmax) continuation of a batch of right-padded prompts.
 
-  Full recomputation per token (O(L^2) per step, no KV cache); jitted with `nnx.jit`, and usable
-  inside an outer `jax.jit`/`nnx.jit` (with a model rebuilt by `nnx.merge` there).
+  Decodes with a key/value cache (one pass over the prompts, then one token per step); jitted
+  with `nnx.jit`, and usable inside an outer `jax.jit`/`nnx.jit` (with a model rebuilt by
+  `nnx.merge` there).
 
   Args:
-    model: maps tokens [batch, length] to logits [batch, length, vocab], e.g. `Llama`.
+    model: a `Llama` (or a module with its `init_cache`, `decode` and `decode_hidden_and_head`),
+      e.g. one with LoRA adapters merged (`finch_jax.lora.merge`).
     prompt_tokens: int [batch, max_len]; row b holds its prompt in its first prompt_lengths[b]
       entries (anything after them is ignored).
     prompt_lengths: int [batch], each at least 1 (start prompts with a BOS token).
-    num_new_tokens: how many tokens to generate per row (static). The model sees a buffer of
-      prompt_tokens.shape[1] + num_new_tokens tokens, which must fit its config's `max_len`.
+    num_new_tokens: how many tokens to generate per row (static). The cache holds
+      prompt_tokens.shape[1] + num_new_tokens positions, which must fit the config's `max_len`.
 
   Returns:
     int [batch, num_new_tokens], the tokens after each prompt. Generation does not stop at EOS;
     cut each row at its first EOS.
   """
-  _check(prompt_tokens, num_new_tokens)
+  _check(model, prompt_tokens, num_new_tokens)
   return _generate(
     model,
     prompt_tokens,
@@ -109,7 +140,7 @@ def sample(
   Returns:
     int [batch, num_new_tokens].
   """
-  _check(prompt_tokens, num_new_tokens)
+  _check(model, prompt_tokens, num_new_tokens)
   if not isinstance(temperature, jax.core.Tracer) and not float(temperature) > 0:
     raise ValueError(
       f"temperature must be > 0, got {temperature}: use greedy_generate for argmax decoding."

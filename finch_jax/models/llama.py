@@ -26,6 +26,11 @@ Activations are [batch, length, ...]; `sharding.DEFAULT_RULES` names those two a
 `finch_jax.models.hf` maps the parameters (`embed`, `blocks[i].attn.q_proj`, ...) to and from
 Hugging Face tensor names.
 
+Generation (`finch_jax.models.generate`) runs the incremental form, `Llama.decode`: new tokens
+attend to a key/value cache (`KVCache`, from `Llama.init_cache`) passed in and returned, so a
+step costs one token per row rather than a pass over the whole sequence. Training never takes
+that path.
+
 How the model runs, apart from what it computes (`EXECUTION_FIELDS`; a Hugging Face or GGUF file
 says nothing about them, so a config's `model` dict supplies them):
 
@@ -46,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -368,6 +373,38 @@ class LlamaAttention(nnx.Module):
   ) -> jax.Array:
     """x [batch, length, embed] -> [batch, length, embed]; a token sees itself and the earlier
     tokens of its segment (`segment_ids` [batch, length], or the whole row when None)."""
+    q, k, v = self._qkv(x, positions)
+    # The mesh (for splash's shard_map) is the one the caller set, e.g. the trainer's steps.
+    out = attention_lib.attend(
+      q, k, v, segment_ids=segment_ids, implementation=self.config.attention
+    )
+    return self._output(out)
+
+  def decode(
+    self, x: jax.Array, positions: jax.Array, cache_k: jax.Array, cache_v: jax.Array
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Attention of new tokens to a key/value cache, for decoding one row at a time.
+
+    Args:
+      x: the new tokens' inputs [batch, new, embed], at `positions` [batch, new].
+      positions: int [batch, new]; cache slot s holds the key and value of position s, and a new
+        token sees the slots up to and including its own position.
+      cache_k, cache_v: [batch, cache_length, kv_heads, head_dim] in the compute dtype.
+
+    Returns:
+      ([batch, new, embed], (k, v)): the output, and the new tokens' keys and values [batch, new,
+      kv_heads, head_dim] (rotary embedding applied), which the caller writes to the cache at
+      `positions`.
+    """
+    q, k, v = self._qkv(x, positions)
+    keys, values = _place(cache_k, k, positions), _place(cache_v, v, positions)
+    slots = jnp.arange(cache_k.shape[1])
+    mask = slots[None, None, :] <= positions[:, :, None]  # [batch, new, cache_length]
+    out = attention_lib.reference_attention(q, keys, values, mask)
+    return self._output(out), (k, v)
+
+  def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries, keys and values of x [batch, length, embed], rotary embedding applied."""
     c, dtype = self.config, x.dtype
     q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...].astype(dtype))
     k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...].astype(dtype))
@@ -379,11 +416,23 @@ class LlamaAttention(nnx.Module):
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = rope_frequencies(c.resolved_head_dim, c.rope_theta, c.rope_scaling)
-    q, k = apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq)
-    # The mesh (for splash's shard_map) is the one the caller set, e.g. the trainer's steps.
-    out = attention_lib.attend(q, k, v, segment_ids=segment_ids, implementation=c.attention)
+    return apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq), v
+
+  def _output(self, out: jax.Array) -> jax.Array:
+    """The output projection of the attended values [batch, length, heads, head_dim]."""
+    dtype = out.dtype
     out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...].astype(dtype))
-    return out + self.o_bias[...].astype(dtype) if c.attention_bias else out
+    return out + self.o_bias[...].astype(dtype) if self.config.attention_bias else out
+
+
+def _place(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+  """`cache` [batch, slots, ...] with new [batch, new, ...] written at slots `positions`."""
+  if new.shape[1] == 1:
+    # One token per row (each decoding step): a select the compiler fuses into the attention
+    # that reads it, rather than a scatter into a copy of the cache.
+    hit = jnp.arange(cache.shape[1])[None, :] == positions
+    return jnp.where(hit.reshape(hit.shape + (1,) * (cache.ndim - 2)), new, cache)
+  return cache.at[jnp.arange(cache.shape[0])[:, None], positions].set(new)
 
 
 class LlamaMLP(nnx.Module):
@@ -427,6 +476,15 @@ class LlamaBlock(nnx.Module):
     """Applies the block to the residual stream x [batch, length, embed]."""
     x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     return x + self.mlp(self.mlp_norm(x))
+
+  def decode(
+    self, x: jax.Array, positions: jax.Array, cache_k: jax.Array, cache_v: jax.Array
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The block on new tokens that attend to a key/value cache (`LlamaAttention.decode`);
+    returns the residual stream and the new tokens' keys and values."""
+    out, kv = self.attn.decode(self.attn_norm(x), positions, cache_k, cache_v)
+    x = x + out
+    return x + self.mlp(self.mlp_norm(x)), kv
 
 
 def stack_modules(modules: list[nnx.Module], axis_name: str = "layers") -> nnx.Module:
@@ -481,6 +539,44 @@ def _apply_blocks(
     return apply_block(block, x, positions, segment_ids)
 
   return scan(blocks, x, positions, segment_ids)
+
+
+class KVCache(NamedTuple):
+  """Every layer's keys (rotary embedding applied) and values, for decoding with `Llama.decode`.
+
+  k, v: [layers, batch, length, kv_heads, head_dim] in the model's compute dtype; slot s of a row
+  holds the key and value of that row's position s. Built by `Llama.init_cache`, passed to
+  `Llama.decode` and returned by it updated: a pytree, so it can be a `jax.lax` loop's carry.
+  """
+
+  k: jax.Array
+  v: jax.Array
+
+
+def _decode_blocks(
+  config: LlamaConfig, blocks: nnx.Module, x: jax.Array, positions: jax.Array, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
+  """The residual stream after every block's `decode`, and each layer's new keys and values
+  stacked [layers, batch, new, kv_heads, head_dim] (not yet in the cache)."""
+  if not config.scan_layers:
+    new_k, new_v = [], []
+    for layer, block in enumerate(blocks):
+      x, (k, v) = block.decode(x, positions, cache.k[layer], cache.v[layer])
+      new_k.append(k)
+      new_v.append(v)
+    return x, KVCache(jnp.stack(new_k), jnp.stack(new_v))
+
+  @nnx.scan(
+    in_axes=(0, nnx.Carry, None, 0, 0),
+    out_axes=(nnx.Carry, 0),
+    transform_metadata={nnx.PARTITION_NAME: "layers"},
+  )
+  def scan(block, x, positions, cache_k, cache_v):
+    x, (k, v) = block.decode(x, positions, cache_k, cache_v)
+    return x, (k, v)
+
+  x, (new_k, new_v) = scan(blocks, x, positions, cache.k, cache.v)
+  return x, KVCache(new_k, new_v)
 
 
 class Llama(nnx.Module):
@@ -567,3 +663,63 @@ class Llama(nnx.Module):
     x = self.final_norm(x)
     head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
     return x, head
+
+  def init_cache(self, batch: int, length: int) -> KVCache:
+    """An empty key/value cache for `batch` rows of up to `length` positions (zeros: `decode`
+    masks every slot past a token's position, so what they hold never matters)."""
+    c = self.config
+    if length > c.max_len:
+      raise ValueError(
+        f"Cache length {length} exceeds max_len={c.max_len}: shorten the prompts or the "
+        "continuation, or raise LlamaConfig.max_len."
+      )
+    shape = (c.num_layers, batch, length, c.num_kv_heads, c.resolved_head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(c.dtype))
+    return KVCache(zeros, zeros)
+
+  def decode(
+    self, tokens: jax.Array, positions: jax.Array, cache: KVCache
+  ) -> tuple[jax.Array, KVCache]:
+    """Next-token logits of new tokens that attend to a key/value cache, and the updated cache.
+
+    The incremental form of `__call__` for generation: feed a prompt once (its tokens at
+    positions 0, 1, ...), then one token per row and step at the next position; each call writes
+    the new tokens' keys and values to the cache at their positions. A token sees the cache
+    slots up to its own position (written earlier or in this call), so rows of different
+    lengths decode side by side, and a right-padded prompt's padding is overwritten before
+    anything sees it. Attention runs on the einsum reference (`attention.reference_attention`)
+    whatever `config.attention` says; no segments, no remat. Not used for training.
+
+    Args:
+      tokens: int [batch, new].
+      positions: int [batch, new], each below the cache's length.
+      cache: from `init_cache` or an earlier `decode`.
+
+    Returns:
+      (float32 logits [batch, new, vocab_size], the cache with the new keys and values).
+    """
+    x, head, cache = self.decode_hidden_and_head(tokens, positions, cache)
+    return jnp.einsum(
+      "btd,dv->btv", x, head.astype(x.dtype), preferred_element_type=jnp.float32
+    ), cache
+
+  def decode_hidden_and_head(
+    self, tokens: jax.Array, positions: jax.Array, cache: KVCache
+  ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """`decode` without the logits: (final hidden states [batch, new, d_model], the output
+    projection [d_model, vocab_size], the updated cache), as `hidden_and_head` is to `__call__`;
+    a prompt's logits are needed at its last position only."""
+    c = self.config
+    if tokens.shape != positions.shape or tokens.ndim != 2:
+      raise ValueError(
+        f"decode takes tokens and positions [batch, new] of one shape, got {tokens.shape} and "
+        f"{positions.shape}."
+      )
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(c.dtype))
+    x, new = _decode_blocks(c, self.blocks, x, positions, cache)
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    cache = KVCache(
+      cache.k.at[:, rows, positions].set(new.k), cache.v.at[:, rows, positions].set(new.v)
+    )
+    head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
+    return self.final_norm(x), head, cache
