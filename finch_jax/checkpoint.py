@@ -39,7 +39,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import grain
 import jax
@@ -51,6 +51,8 @@ from etils import epath
 from finch_jax import files
 from finch_jax import sharding as shd
 from finch_jax.trainer import TrainState
+
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -435,26 +437,11 @@ class Checkpointer:
       )
 
   def _read(self, abstract_state: TrainState, step: int) -> TrainState:
-    """`_restore_step`, tried again after each wait of `RETRY_DELAYS` while it fails for a
-    passing reason (`is_transient`)."""
-    for delay in (*RETRY_DELAYS, None):
-      try:
-        return self._restore_step(abstract_state, step)
-      except ResumeMismatch:
-        raise
-      except Exception as error:
-        if delay is None or not is_transient(error):
-          raise
-        logging.warning(
-          "Reading checkpoint step %d in %s failed for a passing reason (%s); trying again in "
-          "%g s.",
-          step,
-          self.directory,
-          _brief(error),
-          delay,
-        )
-        time.sleep(delay)
-    raise AssertionError("unreachable")
+    """`_restore_step`, retried while it fails for a passing reason (`retried`)."""
+    return retried(
+      lambda: self._restore_step(abstract_state, step),
+      f"checkpoint step {step} in {self.directory}",
+    )
 
   def _saved_meta(self, step: int) -> dict[str, Any]:
     """The `meta` item of checkpoint `step`."""
@@ -723,6 +710,27 @@ def resume_problem(
   )
 
 
+def retried(read: Callable[[], T], what: str) -> T:
+  """`read()`, tried again after each wait of `RETRY_DELAYS` while it fails for a passing reason
+  (`is_transient`); any other error, a `ResumeMismatch` or the last try's error is raised."""
+  for delay in (*RETRY_DELAYS, None):
+    try:
+      return read()
+    except ResumeMismatch:
+      raise
+    except Exception as error:
+      if delay is None or not is_transient(error):
+        raise
+      logging.warning(
+        "Reading %s failed for a passing reason (%s); trying again in %g s.",
+        what,
+        _brief(error),
+        delay,
+      )
+      time.sleep(delay)
+  raise AssertionError("unreachable")
+
+
 def restore_params(
   directory: str | os.PathLike, abstract_params: Any, step: int | None = None
 ) -> Any:
@@ -735,8 +743,9 @@ def restore_params(
 
   Raises:
     FileNotFoundError: naming the directory when it holds no checkpoint.
-    CheckpointError: naming the step when it cannot be read. A base model does not fall back to
-      an older step: fine-tuning another base than the one asked for would mislead.
+    CheckpointError: naming the step when it cannot be read (a read that fails for a passing
+      reason is retried first, `retried`). A base model does not fall back to an older step:
+      fine-tuning another base than the one asked for would mislead.
   """
   path = checkpoints_dir(directory)
   directory = str(path)  # as given, in the messages
@@ -752,10 +761,10 @@ def restore_params(
         f"No checkpoint in {directory!r}: run pretraining there first, or fix "
         "--config.base_checkpoint."
       )
+    args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(abstract_params)))
     try:
-      restored = manager.restore(
-        step,
-        args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(abstract_params))),
+      restored = retried(
+        lambda: manager.restore(step, args=args), f"base checkpoint step {step} in {directory}"
       )
     except Exception as e:
       raise CheckpointError(

@@ -10,6 +10,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from finch_jax import checkpoint, configure, evaluate, experiment, inputs, run
@@ -241,3 +242,31 @@ def test_cached_base_samples_are_reused_for_the_same_samples(tmp_path, monkeypat
   again = inputs.base_model_samples(config, trainer, base, seed=3, cache_dir=tmp_path)
   assert [a.tolist() for a in again] == [a.tolist() for a in first]
   assert jax.tree.structure(first) == jax.tree.structure(again)
+
+
+def test_a_base_checkpoint_read_that_fails_for_a_passing_reason_is_retried(two_steps, monkeypatch):
+  real, tried = ocp.CheckpointManager.restore, []
+
+  def restore(self, step, *args, **kwargs):
+    tried.append(step)
+    if len(tried) == 1:
+      raise ConnectionError("503 Service Unavailable")
+    return real(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), _state(0.0, 0).params
+  )
+  params = checkpoint.restore_params(two_steps, abstract)
+  assert tried == [2, 2] and float(params["w"][0]) == 2.0
+  tried.clear()
+
+  def damaged(self, step, *args, **kwargs):
+    tried.append(step)
+    raise ValueError("DATA_LOSS: unexpected end of file")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", damaged)
+  with pytest.raises(checkpoint.CheckpointError, match="Base checkpoint step 2"):
+    checkpoint.restore_params(two_steps, abstract)
+  assert tried == [2]  # an error that means the files is not retried
