@@ -273,9 +273,9 @@ def _concurrent_results(
 ) -> list[dict[str, Any]]:
   """Every run's result, `len(groups)` runs training at once in threads, each on its group of
   devices; in the order of `sweep_runs`. A run's numbers are those it gives alone on a mesh of
-  the same shape (`tests/test_sweep.py`). SIGTERM or SIGINT, or a run that fails, stops every
-  run at its next step, with its checkpoint saved (`loop.StopRequests`), and starts no queued
-  run; the first error is raised as soon as the runs in flight have stopped."""
+  the same shape (`tests/integration/test_sweep.py`). SIGTERM or SIGINT, or a run that fails,
+  stops every run at its next step, with its checkpoint saved (`loop.StopRequests`), and starts
+  no queued run; the first error is raised as soon as the runs in flight have stopped."""
   workers: queue.Queue[_Worker] = queue.Queue()
   for devices in groups:
     workers.put(_Worker(devices, config, configs, executor.workdir, executor.base))

@@ -25,8 +25,8 @@ What FINCH sees:
   step as ``finch_scale``, ``finch_reference_loss``, ``finch_smoothed_loss``,
   ``finch_forgetting_bound`` and ``finch_num_skipped`` (the values after the step).
 
-`tests/test_tunix.py` checks the installed Tunix still has the surface this relies on (the
-method's signature and body, the attributes it reads) and fails loudly when it changes.
+`tests/integration/test_tunix.py` checks the installed Tunix still has the surface this relies
+on (the method's signature and body, the attributes it reads) and fails loudly when it changes.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import pytest
 
 from finch_jax import configure, data, evaluate, measures
 from finch_jax.measures import expected_calibration_error
-from tests.test_trainer import small_config
+from tests.integration.test_trainer import small_config
 
 
 def test_expected_calibration_error_by_hand():

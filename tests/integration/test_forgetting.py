@@ -11,7 +11,7 @@ import pytest
 
 from finch_jax import report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(method, lr, seed, task_loss, forgetting_value, **extra):

@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+CONFTEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conftest.py")
 
 
 TESTS = {
@@ -17,7 +17,7 @@ TESTS = {
 
 
 def _run(tmp_path, ci: str, names=tuple(TESTS)) -> subprocess.CompletedProcess:
-  shutil.copy(os.path.join(HERE, "conftest.py"), tmp_path / "conftest.py")
+  shutil.copy(CONFTEST, tmp_path / "conftest.py")
   for name in names:
     (tmp_path / name).write_text(TESTS[name])
   env = {**os.environ, "CI": ci}

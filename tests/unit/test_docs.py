@@ -1,4 +1,5 @@
-"""The docs match the tree: the module list, the README's length, every relative link, the examples.
+"""The docs match the tree: the module list, the test folders, the README's length, every relative
+link. (Their examples run in tests/integration/test_examples.py.)
 
 docs/design.md, "Where the code lives", is the one list of the package's modules. Each entry is
 a line indented by four spaces that starts with a path from the repository root; lines indented
@@ -11,14 +12,13 @@ import re
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "finch_jax"
 DESIGN = ROOT / "docs" / "design.md"
 README = ROOT / "README.md"
 PAGES = [README, ROOT / "RESULTS.md", *sorted((ROOT / "docs").glob("*.md"))]
 MAX_README_LINES = 250
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", flags=re.S)
 
 
 def _layout() -> list[str]:
@@ -111,6 +111,29 @@ def test_layout_order_is_the_import_order():
   assert not upward, f"docs/design.md lists these modules below what imports them: {upward}"
 
 
+def test_every_test_lies_in_unit_or_integration():
+  """tests/ holds the shared set-up; each test file is in tests/unit or tests/integration."""
+  tests = ROOT / "tests"
+  layout = _layout()
+  assert "tests/unit/" in layout and "tests/integration/" in layout
+  loose = sorted(p.name for p in tests.glob("*.py") if p.name not in ("conftest.py", "__init__.py"))
+  assert not loose, f"tests/ holds {loose}; move each into tests/unit or tests/integration"
+  folders = {p.parent.relative_to(tests).as_posix() for p in tests.rglob("test_*.py")}
+  assert folders == {"unit", "integration"}, folders
+
+
+def test_tests_the_docs_name_exist():
+  """A page that says where a feature is tested names a test file that is there."""
+  named = {
+    (page, path) for page in PAGES for path in re.findall(r"tests/[\w/]+\.py", page.read_text())
+  }
+  assert len(named) > 5  # the pattern finds them
+  absent = sorted(
+    f"{page.relative_to(ROOT)}: {path}" for page, path in named if not (ROOT / path).exists()
+  )
+  assert not absent, f"the docs name test files that do not exist: {absent}"
+
+
 def test_readme_is_short():
   lines = README.read_text().count("\n")
   assert lines <= MAX_README_LINES, (
@@ -137,19 +160,3 @@ def test_links_are_found():
 def test_relative_links_point_to_files(page):
   broken = [t for t in _relative_links(page) if not (page.parent / t).exists()]
   assert not broken, f"{page.relative_to(ROOT)} links to files that do not exist: {broken}"
-
-
-DOC_EXAMPLES = [
-  (page, index, block)
-  for page in sorted((ROOT / "docs").glob("*.md"))
-  for index, block in enumerate(PYTHON_BLOCK.findall(page.read_text()))
-]
-
-
-@pytest.mark.parametrize(
-  "page, index, block",
-  DOC_EXAMPLES,
-  ids=[f"{p.name}[{i}]" for p, i, _ in DOC_EXAMPLES],
-)
-def test_docs_example_runs(page, index, block):
-  exec(compile(block, f"{page.relative_to(ROOT)}[python block {index}]", "exec"), {})

@@ -20,13 +20,13 @@ import pytest
 from flax import nnx
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_loader_errors import within
 
 from finch_jax import data
 from finch_jax.data import sft
 from finch_jax.formats import FileFormatError
 from finch_jax.models import Llama, LlamaConfig, hf
 from finch_jax.models.gguf import load_gguf
+from tests.unit.test_loader_errors import within
 
 FUZZ = settings(
   deadline=1000,  # milliseconds: no case may take more than a second

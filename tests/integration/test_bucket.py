@@ -43,10 +43,10 @@ from finch_jax.checkpoint import Checkpointer, CheckpointError  # noqa: E402
 from finch_jax.loop import MetricsWriter  # noqa: E402
 from finch_jax.trainer import TrainState  # noqa: E402
 from finch_jax.validate import ConfigError, validate  # noqa: E402
-from tests import test_drills  # noqa: E402
-from tests.test_report import BEFORE, RUNS  # noqa: E402
+from tests.integration import test_drills  # noqa: E402
+from tests.unit.test_report import BEFORE, RUNS  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # configs/pretrain_tiny.py shrunk to seconds; log_every=2 is what test_drills.run_leg expects.
 NUM_STEPS = 12

@@ -29,7 +29,7 @@ from finch_jax.checkpoint import restore_params
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Both layouts run the same XLA program on the same global batch; only the order in which the
 # eight devices' partial sums are added differs (in-process all-reduce against gloo between

@@ -20,7 +20,7 @@ from finch_jax import configure, models, sharding
 from finch_jax.models import hf
 from finch_jax.validate import ConfigError, validate
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 POD_CONFIGS = ("qwen3_4b_tpu_v5p", "qwen3_4b_gpu8")
 
 TINY_LLAMA = dict(

@@ -31,7 +31,7 @@ from configs import default
 from finch_jax import configure, evaluate, inputs, loop, run
 from finch_jax.checkpoint import Checkpointer, CheckpointError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The default config shrunk to seconds (as in test_trainer.small_config), with log_every=2 so that
 # a preemption between two records leaves an unfinished logging window, and an evaluation at step

@@ -1,6 +1,7 @@
 """A study kept as run summaries: written atomically, reused by fingerprint, and enough to rebuild
-the report without training; and the cost column's timing in alternating rounds. (A sweep that
-writes the store and a rerun that trains only what it lacks: tests/test_forgetting.py.)"""
+the report without training; and the cost column's timing in alternating rounds. (A sweep
+that writes the store and a rerun that trains only what it lacks:
+tests/integration/test_forgetting.py.)"""
 
 import json
 import os
@@ -10,10 +11,10 @@ import sys
 import pytest
 
 from finch_jax import configure, plan, report, sweep
-from tests.test_report import BEFORE, RUNS
-from tests.test_trainer import small_config
+from tests.integration.test_trainer import small_config
+from tests.unit.test_report import BEFORE, RUNS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEP_TIMES = {"standard": [0.10, 0.12, 0.11], "anchor": [0.11, 0.12, 0.12]}
 STEP_TIMES["anchor+finch"] = [0.12, 0.13, 0.11]
 

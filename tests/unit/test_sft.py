@@ -9,7 +9,7 @@ import pytest
 from finch_jax import data
 from finch_jax.data import pipeline, sft
 from finch_jax.models.hf import HFTokenizer
-from tests.test_data import _take
+from tests.unit.test_data import _take
 
 TOK = data.ByteTokenizer()
 

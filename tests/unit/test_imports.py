@@ -3,7 +3,7 @@
 import ast
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "finch_jax"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "finch_jax"
 
 
 def _module(path: pathlib.Path) -> str:

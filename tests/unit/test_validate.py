@@ -22,7 +22,7 @@ from finch_jax.checkpoint import Checkpointer
 from finch_jax.trainer import TrainState
 from finch_jax.validate import ConfigError, validate
 
-ROOT = pathlib.Path(__file__).parents[1]
+ROOT = pathlib.Path(__file__).parents[2]
 CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
 
 # Compilation reports these events; tracing alone (nnx.eval_shape) does not.

@@ -22,9 +22,9 @@ from flax import nnx  # noqa: E402
 
 from finch_jax.models import Llama, LlamaConfig, load_hf, save_hf  # noqa: E402
 from finch_jax.models.hf import HFTokenizer  # noqa: E402
-from tests.test_sft import CHATML, make_bpe  # noqa: E402
+from tests.unit.test_sft import CHATML, make_bpe  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _chat(i):

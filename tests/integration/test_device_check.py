@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARTS = ("mfu_llama_1b", "attention_cudnn", "memory_chunked", "mfu_qwen3_0_6b", "smollm2_knowledge")
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from finch_jax import configure, data, experiment, inputs, lora, sweep
-from tests.test_trainer import small_config
+from tests.integration.test_trainer import small_config
 
 
 def _replay_config(**changes):

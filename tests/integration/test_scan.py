@@ -83,7 +83,7 @@ def test_scanned_model_stacks_the_unscanned_weights_and_computes_the_same(models
 
 
 # The policy that saves nothing and one that saves the projections (the others are JAX's too;
-# tests/test_model.py checks each name is taken).
+# tests/unit/test_model.py checks each name is taken).
 @pytest.mark.parametrize("policy", ["nothing_saveable", "dots_with_no_batch_dims_saveable"])
 def test_scanned_gradients_under_remat_policies(models, policy):
   plain, _ = models

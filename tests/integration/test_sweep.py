@@ -17,7 +17,7 @@ import pytest
 from configs import default
 from finch_jax import configure, loop, plan, sweep
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(**changes):

@@ -17,7 +17,7 @@ from finch_jax import checkpoint, configure, evaluate, experiment, inputs, run
 from finch_jax.checkpoint import Checkpointer, CheckpointError, ResumeMismatch
 from finch_jax.trainer import TrainState
 from finch_jax.validate import ConfigError, validate
-from tests.test_trainer import small_config
+from tests.integration.test_trainer import small_config
 
 # ----- a single run refuses a workdir of another run -------------------------------------------
 

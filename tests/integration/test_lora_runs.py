@@ -11,7 +11,7 @@ from flax import nnx
 
 from finch_jax import configure, run
 from finch_jax.models import hf
-from tests.test_trainer import small_config
+from tests.integration.test_trainer import small_config
 
 
 def _losses(workdir):

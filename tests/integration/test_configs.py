@@ -11,7 +11,7 @@ from finch_jax import configure, models
 
 CONFIGS = sorted(
   p.stem
-  for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
+  for p in (pathlib.Path(__file__).parents[2] / "configs").glob("*.py")
   if p.stem != "__init__"
 )
 
