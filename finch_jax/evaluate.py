@@ -145,12 +145,13 @@ class Evaluator:
       f"{name}_answer_nll": float(sums["answer_nll"]) / max(float(sums["answer_tokens"]), 1.0),
     }
     if name in self.calibration_sets:
-      count, confidence, right = np.asarray(sums["calibration"], np.float64)
-      out[f"{name}_ece"] = measures.expected_calibration_error(sums["calibration"])
+      bins = np.asarray(sums["calibration"], np.float64)
+      count, confidence, right = bins
+      out[f"{name}_ece"] = measures.expected_calibration_error(bins)
       out[f"{name}_overconfidence"] = float((confidence.sum() - right.sum()) / max(count.sum(), 1))
       # The reliability diagram's data (`measures.reliability`): per confidence bin, the probes,
       # their summed confidence and their summed correctness.
-      out[f"{name}_calibration"] = np.asarray(sums["calibration"], np.float64).tolist()
+      out[f"{name}_calibration"] = bins.tolist()
     return out
 
 

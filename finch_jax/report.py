@@ -21,6 +21,10 @@ alternating rounds; the step-time ratio is the median of the rounds' paired rati
 distribution-free interval from order statistics, and reads "within noise" when that interval
 covers 1.
 
+Calibration: where the runs keep a fact set's reliability diagram (`NAME_reliability_before`
+and `_after`, from the calibration sets), reliability.png shows the base model's and each
+method's run nearest the matched task loss.
+
 A study kept across sessions is a directory of run summaries (`runs/METHOD/NAME.json`, one per
 finished run) and `study.json` (the baseline, the methods' order, the step timings); `python -m
 finch_jax.report DIR` rebuilds report.json, report.md and the plots there from those files alone.
