@@ -21,6 +21,10 @@ alternating rounds; the step-time ratio is the median of the rounds' paired rati
 distribution-free interval from order statistics, and reads "within noise" when that interval
 covers 1.
 
+Convergence: where every run was evaluated often enough along the way (`finch_jax.convergence`),
+the report also reads each run where its exact-match task accuracy first reaches the plateau every
+method attains: the steps it took and the forgetting by then.
+
 Calibration: where the runs keep a fact set's reliability diagram (`NAME_reliability_before`
 and `_after`, from the calibration sets), reliability.png shows the base model's and each
 method's run nearest the matched task loss.
@@ -49,64 +53,22 @@ import matplotlib
 import numpy as np
 from etils import epath
 from matplotlib.figure import Figure
-from scipy import stats
 
-from finch_jax import files
+from finch_jax import convergence, files
+from finch_jax.intervals import (
+  CONFIDENCE,
+  INTERVAL_NOTE,
+  SEED_INTERVAL,
+  formatted,
+  median_interval,
+  seed_interval,
+)
 
 COMBINED_SUFFIX = "+finch"  # a method name "X+finch" is method X with FINCH on top
-CONFIDENCE = 0.95  # of every interval the report gives
 GRID_POINTS = 9  # targets across each pair's overlap (odd: the middle is one of them)
 MIDDLE = "the arithmetic middle of the overlap of every sweep's range"
-SEED_INTERVAL = "t-interval"  # over seeds: mean +- t(n - 1) * sd / sqrt(n)
 STUDY_FILE = "study.json"  # in a results directory: baseline, methods, step timings
 STORE_RUNS = "runs"  # in a results directory: one summary per run, runs/METHOD/NAME.json
-
-# ----- intervals -------------------------------------------------------------------------------
-
-
-def seed_interval(per_seed: Mapping[Any, float]) -> dict[str, Any]:
-  """Mean over seeds and its 95% t-interval (n - 1 degrees of freedom), every seed's value kept.
-
-  Non-finite values (a seed whose sweep does not reach the target) are left out of the mean and
-  counted out of `n`. One value: no interval (`ci` is NaN, NaN).
-
-  Returns:
-    `{"mean", "ci": [lo, hi], "n", "per_seed": {seed: value}}`.
-  """
-  finite = [v for v in per_seed.values() if math.isfinite(v)]
-  n = len(finite)
-  mean = statistics.fmean(finite) if finite else float("nan")
-  lo = hi = float("nan")
-  if n > 1:
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * statistics.stdev(finite) / math.sqrt(n)
-    lo, hi = mean - half, mean + half
-  return {
-    "mean": mean,
-    "ci": [float(lo), float(hi)],
-    "n": n,
-    "per_seed": {str(s): float(v) for s, v in per_seed.items()},
-  }
-
-
-def median_interval(values: Sequence[float]) -> dict[str, Any]:
-  """The median of `values` and a distribution-free interval for it from order statistics.
-
-  The interval is `[x_(k), x_(n+1-k)]` of the sorted values with the largest k whose coverage
-  `1 - 2 P(B < k)`, B ~ Binomial(n, 1/2), is at least 95%. Below 6 values no k reaches 95%:
-  the interval is then the smallest and largest value, and `coverage` says what it covers.
-
-  Returns:
-    `{"median", "ci": [lo, hi], "coverage", "n"}`.
-  """
-  x = sorted(float(v) for v in values)
-  n = len(x)
-  if not n:
-    return {"median": float("nan"), "ci": [float("nan")] * 2, "coverage": 0.0, "n": 0}
-  k = 1
-  while k < n + 1 - k and 1 - 2 * stats.binom.cdf(k, n, 0.5) >= CONFIDENCE:
-    k += 1  # x_(k+1) .. x_(n-k) still covers 95%
-  coverage = 1 - 2 * stats.binom.cdf(k - 1, n, 0.5)
-  return {"median": statistics.median(x), "ci": [x[k - 1], x[n - k]], "coverage": coverage, "n": n}
 
 
 def step_time_ratios(
@@ -419,6 +381,9 @@ def build_report(
       },
     }
   report["measures"] = every_measure(runs)
+  if convergence.eligible(runs):
+    times = {name: m["step_time"] for name, m in report["methods"].items()}
+    report["convergence"] = convergence.convergence(runs, before, step_times=times)
   report["code_versions"] = sorted({r["code_version"] for r in runs if "code_version" in r})
   return report
 
@@ -561,21 +526,6 @@ def single_run_report(
 # ----- output ----------------------------------------------------------------------------------
 
 
-def _value(
-  x: float | None, fmt: str, ci: Sequence[float] | None = None, n: int | None = None
-) -> str:
-  """`x` formatted, "not reached" where it could not be measured; with `n`, the interval `ci`
-  (where there is one) and the number of seeds: "0.5073 [0.4816, 0.5330], n=2"."""
-  if x is None or not math.isfinite(x):
-    return "not reached"
-  text = format(x, fmt)
-  if ci is not None and all(math.isfinite(c) for c in ci):
-    text += f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
-  if n is not None:
-    text += f", n={n}"
-  return text
-
-
 def _change(entry: Mapping[str, Any]) -> str:
   """A relative change as "-16.4% [-19.0%, -13.8%], n=2"."""
   mean, (lo, hi), n = entry["mean"], entry["ci"], entry.get("n", entry.get("seeds"))
@@ -604,12 +554,6 @@ def _cost(entry: Mapping[str, Any], baseline: bool) -> str:
   return text + (" within noise" if entry["step_time_within_noise"] else "")
 
 
-INTERVAL_NOTE = (
-  "mean [95% CI lo, hi], n seeds, t-interval (t with n - 1 degrees of freedom; one seed: no "
-  "interval)"
-)
-
-
 def markdown_table(report: Mapping[str, Any]) -> str:
   """The comparison as a Markdown table plus the headline sentences and the relative changes
   over the overlap."""
@@ -617,10 +561,9 @@ def markdown_table(report: Mapping[str, Any]) -> str:
   if report.get("matched_on"):
     lo, hi = report["overlap_task_loss"]
     lines.append(
-      f"Methods at matched task loss {_value(report['target_task_loss'], '.4f')}, the arithmetic "
-      "middle of "
-      f"the range every sweep reaches ({_value(lo, '.4f')} to {_value(hi, '.4f')}), interpolated "
-      f"along each learning-rate sweep; {INTERVAL_NOTE}.\n"
+      f"Methods at matched task loss {formatted(report['target_task_loss'], '.4f')}, the "
+      f"arithmetic middle of the range every sweep reaches ({formatted(lo, '.4f')} to "
+      f"{formatted(hi, '.4f')}), interpolated along each learning-rate sweep; {INTERVAL_NOTE}.\n"
     )
     timed = [m for m in report["methods"].values() if "step_time_rounds" in m]
     if timed:
@@ -637,10 +580,11 @@ def markdown_table(report: Mapping[str, Any]) -> str:
   for name, m in report["methods"].items():
     seeds = m.get("seeds_reaching_target") if report.get("matched_on") else None
     lines.append(
-      f"| {name} | {_value(m['task_loss'], '.4f')} | {_value(m['retain_loss_before'], '.4f')} "
-      f"| {_value(m['retain_loss_after'], '.4f')} "
-      f"| {_value(m['forgetting'], '.4f', m.get('forgetting_ci'), seeds)} "
-      f"| {_value(m.get('learning_rate'), '.3g')} | {_cost(m, name == report.get('baseline'))} "
+      f"| {name} | {formatted(m['task_loss'], '.4f')} "
+      f"| {formatted(m['retain_loss_before'], '.4f')} "
+      f"| {formatted(m['retain_loss_after'], '.4f')} "
+      f"| {formatted(m['forgetting'], '.4f', m.get('forgetting_ci'), seeds)} "
+      f"| {formatted(m.get('learning_rate'), '.3g')} | {_cost(m, name == report.get('baseline'))} "
       f"| {m.get('extra_bytes', 0)} |"
     )
   for key, h in report.get("headline", {}).items():
@@ -653,19 +597,21 @@ def markdown_table(report: Mapping[str, Any]) -> str:
   lines.append(relative_change_table(report))
   acc = report.get("at_matched_accuracy")
   if acc:
-    target = _value(acc["target_task_fact_accuracy"], ".3f")
+    target = formatted(acc["target_task_fact_accuracy"], ".3f")
     lines.append(f"\nAt matched task fact-recall accuracy {target}:")
     lines.append("\n| method | retain fact-accuracy drop | learning rate |")
     lines.append("| --- | --- | --- |")
     for name, m in acc["methods"].items():
-      drop = _value(
+      drop = formatted(
         m["retain_accuracy_drop"], ".4f", m["retain_accuracy_drop_ci"], m["seeds_reaching_target"]
       )
-      lines.append(f"| {name} | {drop} | {_value(m['learning_rate'], '.3g')} |")
+      lines.append(f"| {name} | {drop} | {formatted(m['learning_rate'], '.3g')} |")
   if len(report.get("measures", {}).get("task_loss", {}).get("measures", {})) > 1 or (
     len(report.get("measures", {})) > 1
   ):
     lines.append(measures_table(report))
+  if "convergence" in report:
+    lines.append(convergence.markdown(report["convergence"], report.get("baseline")))
   return "\n".join(lines)
 
 
@@ -707,14 +653,14 @@ def measures_table(report: Mapping[str, Any]) -> str:
       continue
     methods = list(next(iter(measures.values())))
     lines.append(
-      f"\nAt matched {key.replace('_', ' ')} {_value(matching['target'], '.4f')} "
+      f"\nAt matched {key.replace('_', ' ')} {formatted(matching['target'], '.4f')} "
       f"(the middle of the overlap; {INTERVAL_NOTE}):\n"
     )
     lines.append("| method | " + " | ".join(measures) + " |")
     lines.append("| --- " * (len(measures) + 1) + "|")
     for name in methods:
       entries = [measures[m][name] for m in measures]
-      cells = [_value(e["mean"], ".4f", e["ci"], e["seeds"]) for e in entries]
+      cells = [formatted(e["mean"], ".4f", e["ci"], e["seeds"]) for e in entries]
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.extend(f"- {m}: {FORGETTING_MEASURES[m]}" for m in measures)

@@ -127,7 +127,12 @@ def test_compilation_would_be_caught():
 
 
 # Written for one CPU device (a laptop's two cores): a batch of 4 rows, not a multiple of 8.
-ONE_DEVICE_CONFIGS = ("smollm2_language_quick", "smollm2_knowledge_quick", "smollm2_foldoc_quick")
+ONE_DEVICE_CONFIGS = (
+  "smollm2_language_quick",
+  "smollm2_knowledge_quick",
+  "smollm2_foldoc_quick",
+  "smollm2_knowledge_convergence",
+)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

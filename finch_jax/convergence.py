@@ -1,0 +1,191 @@
+"""The convergence reading: forgetting when each run first reaches a task accuracy, and the steps
+it took to get there.
+
+The matched reading (`finch_jax.report`) compares methods where their sweeps end: at a task loss
+every sweep passes after a fixed number of steps. A user who fine-tunes until the model has
+learned what it should asks something else: train until the task accuracy reaches its plateau,
+how much has the model forgotten by then, and how long did it take? A small constant rate also
+forgets little, but it takes longer to get there; this reading shows both.
+
+Along each run's evaluation curve (the base model's values at step 0, then every `eval_every`
+steps) the first crossing of the target accuracy is found and read by linear interpolation
+between the two evaluations around it: the step (steps to target) and the forgetting measures
+there (the retain loss's rise over the base and the KL to the base, on the retain text). The
+target is the plateau every method attains: each method's best final accuracy (mean over seeds
+at a rate, best over its rates), lowest over methods, unless the caller names one.
+
+Each method is read at every rate (mean over seeds with a 95% t-interval, every seed's value
+kept); its summary is the rate that forgets least at the target among the rates whose every
+seed reaches it, with the steps that rate took. Time to target is steps to target times the
+method's step time: the cost of reaching the plateau, beside the step-time ratio.
+
+A curve with fewer than `MIN_EVALS` evaluations cannot place a crossing to better than a large
+fraction of the run; such runs have no convergence reading.
+
+Pure: this module reads finished runs (dicts); it runs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from finch_jax.intervals import INTERVAL_NOTE, formatted, seed_interval
+
+PLATEAU = "the plateau every method attains: each method's best final value, lowest over methods"
+KEY = "task_exact"  # exact-match answers: whether the run can say what it was taught
+MIN_EVALS = 4  # evaluations along a run (besides the base model's) for a crossing to mean much
+# The forgetting measures read at the crossing: name -> (curve key, subtract the base's value).
+AT_TARGET = {"forgetting": ("retain_loss", True), "retain_kl": ("retain_kl", False)}
+
+
+def curve_points(run: Mapping[str, Any], before: Mapping[str, float]) -> list[dict[str, float]]:
+  """The run's evaluations in step order, the base model's values as step 0 (its KL to itself is
+  0), each with `step` and whatever the evaluation measured."""
+  base = {"step": 0, "retain_kl": 0.0, **{k: v for k, v in before.items() if _is_number(v)}}
+  return [base, *sorted((dict(p) for p in run.get("curve", ())), key=lambda p: p["step"])]
+
+
+def crossing(
+  points: Sequence[Mapping[str, float]], key: str, target: float, before: Mapping[str, float]
+) -> dict[str, float] | None:
+  """The first point along `points` where `key` reaches `target`, by linear interpolation between
+  the evaluations around it: `{"step", "forgetting", "retain_kl"}` there, or None when the run
+  never reaches it. A measure missing from either evaluation is NaN."""
+  read = [p for p in points if key in p]
+  if read and read[0][key] >= target:
+    return {"step": float(read[0]["step"]), **{name: 0.0 for name in AT_TARGET}}
+  for a, b in zip(read, read[1:], strict=False):
+    if not a[key] < target <= b[key]:
+      continue
+    t = (target - a[key]) / (b[key] - a[key])
+    out = {"step": (1 - t) * a["step"] + t * b["step"]}
+    for name, (source, relative) in AT_TARGET.items():
+      if source in a and source in b:
+        value = (1 - t) * a[source] + t * b[source]
+        out[name] = value - before[source] if relative else value
+      else:
+        out[name] = math.nan
+    return out
+  return None
+
+
+def eligible(runs: Sequence[Mapping[str, Any]], key: str = KEY) -> bool:
+  """Whether every run's curve has `key` at `MIN_EVALS` evaluations or more."""
+  return bool(runs) and all(
+    sum(key in p for p in run.get("curve", ())) >= MIN_EVALS for run in runs
+  )
+
+
+def plateau_target(runs: Sequence[Mapping[str, Any]], key: str = KEY) -> float:
+  """The accuracy every method attains: each method's best final `key` (mean over the seeds of
+  a rate, best over its rates), lowest over methods."""
+  best: dict[str, float] = {}
+  for method in dict.fromkeys(r["method"] for r in runs):
+    by_rate: dict[float, list[float]] = {}
+    for run in runs:
+      if run["method"] == method:
+        by_rate.setdefault(run["learning_rate"], []).append(run[key])
+    best[method] = max(sum(v) / len(v) for v in by_rate.values())
+  return min(best.values())
+
+
+def convergence(
+  runs: Sequence[Mapping[str, Any]],
+  before: Mapping[str, float],
+  key: str = KEY,
+  target: float | None = None,
+  step_times: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+  """report.json's `convergence`: for every method and rate, the steps to `target` and the
+  forgetting there, per seed and over seeds; each method's least-forgetting rate that reaches it
+  with every seed; its time to target where `step_times` (seconds per step by method) are given.
+
+  `target` None: `plateau_target`.
+
+  Returns:
+    `{"key", "target", "target_rule", "methods": {name: {"rates": {rate: {"steps", "forgetting",
+    "retain_kl"} each a seed_interval, "seeds", "seeds_reaching_target"}, "best": {...} or None}}}`.
+  """
+  rule = "given" if target is not None else PLATEAU
+  target = plateau_target(runs, key) if target is None else float(target)
+  methods: dict[str, Any] = {}
+  for method in dict.fromkeys(r["method"] for r in runs):
+    by_rate: dict[float, list[Mapping]] = {}
+    for run in runs:
+      if run["method"] == method:
+        by_rate.setdefault(run["learning_rate"], []).append(run)
+    rates = {}
+    for rate, rate_runs in sorted(by_rate.items()):
+      reads = {r["seed"]: crossing(curve_points(r, before), key, target, before) for r in rate_runs}
+      reached = {s: c for s, c in reads.items() if c is not None}
+      rates[rate] = {
+        **{
+          name: seed_interval({s: c[name] for s, c in reached.items()})
+          for name in ("step", *AT_TARGET)
+        },
+        "seeds": len(reads),
+        "seeds_reaching_target": len(reached),
+      }
+    complete = {r: e for r, e in rates.items() if e["seeds_reaching_target"] == e["seeds"]}
+    best = None
+    if complete:
+      rate = min(complete, key=lambda r: complete[r]["forgetting"]["mean"])
+      best = {"learning_rate": rate, **complete[rate]}
+      if step_times and method in step_times:
+        best["time_to_target"] = best["step"]["mean"] * step_times[method]
+    methods[method] = {"rates": {f"{r:.3g}": e for r, e in rates.items()}, "best": best}
+  return {
+    "key": key,
+    "target": target,
+    "target_rule": rule,
+    "methods": methods,
+  }
+
+
+def markdown(section: Mapping[str, Any], baseline: str | None = None) -> str:
+  """The convergence reading as a Markdown table: each method's least-forgetting rate at the
+  target, the steps it took and, where timed, the time relative to the baseline's."""
+  key, target = section["key"].replace("_", " "), section["target"]
+  lines = [
+    f"\nConvergence: each run read where its {key} first reaches {target:.3f} ("
+    f"{section['target_rule']}), interpolated between evaluations; each method at its rate that "
+    f"forgets least there among those whose every seed reaches it; {INTERVAL_NOTE}.\n",
+    "| method | learning rate | steps to target | forgetting at target | KL at target "
+    "| time to target vs baseline |",
+    "| --- | --- | --- | --- | --- | --- |",
+  ]
+  methods = section["methods"]
+  base_time = (methods.get(baseline, {}).get("best") or {}).get("time_to_target")
+  for name, entry in methods.items():
+    best = entry["best"]
+    if best is None:
+      lines.append(f"| {name} | - | not reached | - | - | - |")
+      continue
+    cells = [
+      formatted(best[m]["mean"], ".1f" if m == "step" else ".4f", best[m]["ci"], best[m]["n"])
+      for m in ("step", *AT_TARGET)
+    ]
+    time = best.get("time_to_target")
+    ratio = f"{time / base_time:.2f}" if time is not None and base_time else "-"
+    lines.append(f"| {name} | {best['learning_rate']:.3g} | " + " | ".join(cells) + f" | {ratio} |")
+  return "\n".join(lines)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+__all__ = [
+  "AT_TARGET",
+  "KEY",
+  "MIN_EVALS",
+  "PLATEAU",
+  "convergence",
+  "crossing",
+  "curve_points",
+  "eligible",
+  "markdown",
+  "plateau_target",
+]
