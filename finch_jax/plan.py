@@ -29,7 +29,13 @@ from etils import epath
 
 from finch_jax import configure, files
 from finch_jax import sharding as shd
-from finch_jax.report import STORE_RUNS, STUDY_FILE, report_from_store, write_report
+from finch_jax.report import (
+  STORE_RUNS,
+  STUDY_FILE,
+  report_from_store,
+  timing_sessions,
+  write_report,
+)
 
 RESULT_FILE = "result.json"  # in a run directory: the finished run's result
 KEPT_IN_STORE = "results store"  # `SweepRun.reuses`: the study's summary of the run
@@ -123,23 +129,70 @@ class ResultsStore:
     path = self.path(summary["method"], summary["learning_rate"], summary["seed"])
     files.write_json(path, summary, indent=1)
 
+  def timings(self) -> list[dict[str, dict[str, Any]]]:
+    """The step timings study.json keeps (`report.timing_sessions`): one session per sweep that
+    timed, each with the baseline it was paired with and the config key of each method."""
+    return timing_sessions((files.read_json(self.directory / STUDY_FILE) or {}).get("step_times"))
+
+  def current_timings(
+    self, fingerprints: Mapping[str, str], baseline: str
+  ) -> list[dict[str, dict[str, Any]]]:
+    """The kept timings that still stand for the methods' configs (`fingerprints`, each method's
+    `configure.fingerprint`): a session whose baseline was timed under another config is left
+    out, and from the others each method timed under another config."""
+    out = []
+    for session in self.timings():
+      keys = session["fingerprints"]
+      if baseline not in keys or keys[baseline] != fingerprints.get(baseline):
+        continue
+      names = [n for n in session["step_times"] if keys.get(n) == fingerprints.get(n)]
+      if set(names) - {baseline}:
+        out.append(
+          {
+            "step_times": {n: session["step_times"][n] for n in names},
+            "fingerprints": {n: keys[n] for n in names},
+          }
+        )
+    return out
+
   def write_study(
     self,
     baseline: str,
     methods: list[str],
     step_times: Mapping[str, list[float]],
+    fingerprints: Mapping[str, str] | None = None,
     report: bool = True,
   ) -> None:
-    """Writes study.json (the baseline, the order of the methods, the latest step timings),
-    then, with `report`, the report of every run the directory holds. A sweep writes it before
-    its first run too, so the runs it keeps can be read even if it stops before the end."""
+    """Writes study.json (the baseline, the order of the methods, the step timings), then, with
+    `report`, the report of every run the directory holds. A sweep writes it before its first
+    run too, so the runs it keeps can be read even if it stops before the end.
+
+    `step_times` (one sweep's alternating rounds, the baseline among them, timed under the
+    configs `fingerprints` names) is kept beside the earlier sweeps' timings, not merged into
+    them: a ratio pairs a method's rounds with the baseline's rounds of the same timing. A
+    method timed again leaves its earlier timing; with `fingerprints`, so does every timing that
+    no longer stands for its method's config (`current_timings`)."""
     # Methods swept in earlier sessions keep their place and their timings.
     earlier = files.read_json(self.directory / STUDY_FILE) or {}
     methods = list(dict.fromkeys([*earlier.get("methods", []), *methods]))
-    step_times = {**earlier.get("step_times", {}), **step_times}
+    kept = self.current_timings(fingerprints, baseline) if fingerprints else self.timings()
+    retimed = set(step_times) - {baseline}
+    sessions = []
+    for session in kept:
+      names = [n for n in session["step_times"] if n not in retimed]
+      if set(names) - {baseline}:
+        sessions.append(
+          {
+            part: {n: session[part][n] for n in names if n in session[part]}
+            for part in ("step_times", "fingerprints")
+          }
+        )
+    if step_times:
+      keys = {n: fingerprints[n] for n in step_times} if fingerprints else {}
+      sessions.append({"step_times": dict(step_times), "fingerprints": keys})
     files.write_json(
       self.directory / STUDY_FILE,
-      {"baseline": baseline, "methods": methods, "step_times": step_times},
+      {"baseline": baseline, "methods": methods, "step_times": sessions},
       indent=1,
     )
     if report:

@@ -68,6 +68,9 @@ COMBINED_SUFFIX = "+finch"  # a method name "X+finch" is method X with FINCH on 
 GRID_POINTS = 9  # targets across each pair's overlap (odd: the middle is one of them)
 MIDDLE = "the arithmetic middle of the overlap of every sweep's range"
 STUDY_FILE = "study.json"  # in a results directory: baseline, methods, step timings
+# One alternating timing `{method: seconds per step in each round}`, or a list of sessions
+# (`timing_sessions`).
+Timings = Mapping[str, Sequence[float]] | Sequence[Mapping[str, Any]]
 STORE_RUNS = "runs"  # in a results directory: one summary per run, runs/METHOD/NAME.json
 
 
@@ -97,6 +100,31 @@ def step_time_ratios(
       "coverage": ratio["coverage"],
       "within_noise": bool(ratio["ci"][0] <= 1.0 <= ratio["ci"][1]),
     }
+  return out
+
+
+def timing_sessions(step_times: Any) -> list[dict[str, dict[str, Any]]]:
+  """Step timings as a list of sessions, each `{"step_times": {method: seconds per step in each
+  round}, "fingerprints": {method: the config key it was timed under}}` timed together, the
+  baseline among them: a list of sessions as it is, one mapping of rounds as one session
+  without keys, nothing (or an empty mapping) as none."""
+  if not step_times:
+    return []
+  if isinstance(step_times, Mapping):
+    return [{"step_times": dict(step_times), "fingerprints": {}}]
+  return [
+    {"step_times": dict(s["step_times"]), "fingerprints": dict(s.get("fingerprints", {}))}
+    for s in step_times
+  ]
+
+
+def session_ratios(step_times: Timings, baseline: str) -> dict[str, dict[str, Any]]:
+  """`step_time_ratios` of each timing session (`timing_sessions`) that holds the baseline, a
+  method read from the latest session that timed it."""
+  out: dict[str, dict[str, Any]] = {}
+  for session in timing_sessions(step_times):
+    if baseline in session["step_times"]:
+      out.update(step_time_ratios(session["step_times"], baseline))
   return out
 
 
@@ -337,15 +365,16 @@ def build_report(
   baseline: str,
   before: Mapping[str, float],
   runs: Sequence[Mapping],
-  step_times: Mapping[str, Sequence[float]] | None = None,
+  step_times: Timings | None = None,
 ) -> dict[str, Any]:
   """report.json's content: methods at matched task loss, the headlines, the relative changes
   over the whole overlap, every run.
 
   `baseline` names the method the others are measured against. `step_times[name][i]` (seconds
-  per step of each method in round i of an alternating timing, `sweep.measure_step_times`)
-  give the cost column; a method without them has the ratio of the median step times logged in
-  the runs, marked as such.
+  per step of each method in round i of an alternating timing, `sweep.measure_step_times`), or
+  a list of such timings (`timing_sessions`, a method read from the latest that timed it), give
+  the cost column; a method without them has the ratio of the median step times logged in the
+  runs, marked as such.
   """
   runs = _ordered(runs)
   by_loss = matched(runs, "task_loss", "forgetting")
@@ -433,10 +462,10 @@ def _methods_at(
   before: Mapping[str, float],
   runs: Sequence[Mapping],
   baseline: str,
-  step_times: Mapping[str, Sequence[float]],
+  step_times: Timings,
 ) -> dict[str, dict[str, Any]]:
   """Each method's entry of report.json at the matched task loss, with its cost column."""
-  timed = step_time_ratios(step_times, baseline) if baseline in step_times else {}
+  timed = session_ratios(step_times, baseline)
   logged = {
     name: statistics.median(r["step_time"] for r in runs if r["method"] == name)
     for name in by_loss["methods"]

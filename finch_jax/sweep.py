@@ -140,24 +140,36 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> di
       runs = _results_in_turn(executor, the_plan.runs, trainers, evaluator, progress)
     else:
       runs = _concurrent_results(executor, the_plan.runs, groups, config, configs, progress)
-  timing = config.compare.timing
-  _print(
-    f"Timing each method's train step in {timing.rounds} alternating rounds of {timing.steps} "
-    "step(s) each (the cost column)..."
-  )
-  step_times = measure_step_times(
-    trainers,
-    {name: _first_batch(cfg, workdir, trainers[name], base) for name, cfg in configs.items()},
-    base,
-    rounds=timing.rounds,
-    steps=timing.steps,
-  )
+  baseline, timing = config.compare.baseline, config.compare.timing
+  # A study's store keeps the timings of earlier sessions: only the methods it lacks are timed,
+  # with the baseline, which pairs their rounds.
+  keys = {
+    name: configure.fingerprint(cfg) for name, cfg in configure.method_configs(config).items()
+  }
+  kept = store.current_timings(keys, baseline) if store is not None else []
+  timed_before = {name for session in kept for name in session["step_times"]}
+  to_time = [baseline] + [n for n in configs if n != baseline and n not in timed_before]
+  step_times = {}
+  if len(to_time) > 1 or not kept:
+    _print(
+      f"Timing {len(to_time)} methods' train steps in {timing.rounds} alternating rounds of "
+      f"{timing.steps} step(s) each (the cost column)..."
+    )
+    step_times = measure_step_times(
+      {name: trainers[name] for name in to_time},
+      {name: _first_batch(configs[name], workdir, trainers[name], base) for name in to_time},
+      base,
+      rounds=timing.rounds,
+      steps=timing.steps,
+    )
   _print("Reading the sweeps at matched task loss and writing the report...")
-  report = build_report(config.compare.baseline, before, runs, step_times)
+  new = {"step_times": step_times, "fingerprints": {name: keys[name] for name in step_times}}
+  timings = [*kept, new] if step_times else kept
+  report = build_report(baseline, before, runs, timings)
   if jax.process_index() == 0:
     write_report(workdir, report)
     if store is not None:
-      store.write_study(config.compare.baseline, list(configs), step_times)
+      store.write_study(baseline, list(configs), step_times, fingerprints=keys)
     _print("\n" + markdown_table(report))
   return report
 

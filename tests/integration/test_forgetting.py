@@ -149,12 +149,15 @@ def test_default_run_end_to_end_through_train_py(tmp_path):
 
   # A second run reuses the base and every finished sweep point, from the workdir or from the
   # store: standard's runs are gone from the workdir and one of them from the store, so that one
-  # alone trains again. The step timing of the cost column is measured again.
+  # alone trains again. The step timing of the cost column is read back from the store: the
+  # methods' configs are those it was timed under.
   shutil.rmtree(workdir / "runs" / "standard")
   (study / "runs" / "standard" / "lr0.01_seed0.json").unlink()
   second = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
   assert second.returncode == 0, second.stderr[-3000:]
   assert [p.name for p in (workdir / "runs" / "standard").iterdir()] == ["lr0.01_seed0"]
+  assert "Timing 2 methods' train steps" in first.stdout
+  assert "Timing" not in second.stdout
   with open(workdir / "report.json") as f:
     again = json.load(f)
 
@@ -165,6 +168,7 @@ def test_default_run_end_to_end_through_train_py(tmp_path):
 
   for name, entry in report["methods"].items():
     assert json.dumps(untimed(again["methods"][name])) == json.dumps(untimed(entry))
+    assert again["methods"][name]["step_time_rounds"] == entry["step_time_rounds"]
   assert untimed(again["runs"]) == untimed(report["runs"])
 
   # A changed field that determines the runs redoes them (the base, which the field does not
@@ -181,6 +185,9 @@ def test_default_run_end_to_end_through_train_py(tmp_path):
   with open(workdir / "report.json") as f:
     redone = json.load(f)
   assert [run["curve"][-1]["step"] for run in redone["runs"]] == [4] * 4
+  assert "Timing 2 methods' train steps" in third.stdout  # timed again under the new configs
+  timings = json.loads((study / "study.json").read_text())["step_times"]
+  assert len(timings) == 1 and set(timings[0]["step_times"]) == {"standard", "finch"}
   finch_runs = {p.name for p in (workdir / "runs" / "finch").iterdir()}
   old = next(r for r in report["runs"] if r["method"] == "finch" and r["learning_rate"] == 1e-3)
   assert f"lr0.001_seed0.stale-{old['fingerprint']}" in finch_runs

@@ -87,6 +87,39 @@ def test_a_store_that_cannot_be_read_names_the_file_and_the_fix(tmp_path):
     report.report_from_store(tmp_path)
 
 
+def test_timings_of_several_sessions_are_kept_each_with_its_own_baseline_rounds(tmp_path):
+  store = _store(tmp_path)
+  keys = {"standard": "s", "anchor": "a", "anchor+finch": "af"}
+  methods = ["standard", "anchor", "anchor+finch"]
+  first = {"standard": [1.0, 1.0, 1.0], "anchor": [1.2, 1.2, 1.2]}
+  store.write_study("standard", methods, first, fingerprints=keys)
+  second = {"standard": [2.0, 2.0, 2.0], "anchor+finch": [3.0, 3.0, 3.0]}
+  store.write_study("standard", methods, second, fingerprints=keys)
+  cost = report.report_from_store(tmp_path)["methods"]
+  assert cost["anchor"]["step_time_ratio"] == pytest.approx(1.2)
+  assert cost["anchor+finch"]["step_time_ratio"] == pytest.approx(1.5)
+  assert len(store.current_timings(keys, "standard")) == 2
+  # The sweep's own write before its runs keeps them.
+  store.write_study("standard", methods, {}, report=False)
+  assert len(store.timings()) == 2
+  # Timed again, anchor leaves its first timing (which then holds the baseline alone).
+  store.write_study("standard", methods, {"standard": [1.0] * 3, "anchor": [1.1] * 3}, keys)
+  assert [sorted(s["step_times"]) for s in store.timings()] == [
+    ["anchor+finch", "standard"],
+    ["anchor", "standard"],
+  ]
+  # A method whose config changed is timed again; a changed baseline voids every timing.
+  assert [
+    list(s["step_times"]) for s in store.current_timings({**keys, "anchor": "a2"}, "standard")
+  ] == [["standard", "anchor+finch"]]
+  assert store.current_timings({**keys, "standard": "s2"}, "standard") == []
+  store.write_study("standard", methods, {}, fingerprints={**keys, "standard": "s2"})
+  assert store.timings() == []
+  assert report.report_from_store(tmp_path)["methods"]["anchor"]["step_time_source"] == (
+    "the runs' logs"
+  )
+
+
 def test_a_summary_stands_for_its_run_only_with_the_same_fingerprint(tmp_path):
   store = plan.ResultsStore(tmp_path / "study")
   config, other_config = small_config(), small_config(num_train_steps=7)

@@ -238,6 +238,19 @@ def test_the_cost_column_says_within_noise_when_the_interval_covers_one():
   assert few["ci"] == [0.9, 1.1] and few["coverage"] == pytest.approx(0.75)
 
 
+def test_each_method_is_paired_with_the_baseline_rounds_of_its_own_timing():
+  first = {"standard": [1.0, 2.0, 1.0], "a": [2.0, 4.0, 2.0], "b": [1.5, 3.0, 1.5]}
+  second = {"standard": [3.0, 3.0, 3.0], "b": [3.3, 3.3, 3.3]}
+  sessions = [{"step_times": first}, {"step_times": second}]
+  cost = report.session_ratios(sessions, "standard")
+  assert cost["a"]["ratio"] == pytest.approx(2.0)  # against the first timing's baseline
+  assert cost["b"]["ratio"] == pytest.approx(1.1)  # the latest timing of b
+  assert cost["standard"]["rounds"] == second["standard"]
+  # One mapping of rounds is one timing.
+  assert report.session_ratios(first, "standard")["b"]["ratio"] == pytest.approx(1.5)
+  assert report.session_ratios([], "standard") == {}
+
+
 def test_sweeps_of_one_rate_have_no_overlap_and_read_not_reached():
   # One rate per method, two seeds at different losses: no loss lies within every seed's sweep.
   runs = [
