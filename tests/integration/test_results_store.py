@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 
@@ -143,23 +144,36 @@ def test_curves_are_thinned_to_at_most_50_points_keeping_both_ends():
   assert sweep.thinned(points[:20]) == points[:20]
 
 
-class _FakeTrainer:
-  """Records the order of its steps; a state is the number of steps taken."""
+class _State:
+  def __init__(self, steps):
+    self.steps = steps
 
-  def __init__(self, name, calls):
-    self.name, self.calls = name, calls
+
+class _FakeTrainer:
+  """Records the order of its steps and checks that no other state is alive when it makes one;
+  a state holds the number of steps taken."""
+
+  def __init__(self, name, calls, live):
+    self.name, self.calls, self.live = name, calls, live
 
   def create_state(self, base):
-    return 0
+    assert not self.live, "a method's state was made while another one was held"
+    return self._state(0)
 
   def train_step(self, state, batch):
     self.calls.append(self.name)
-    return state + 1, {}
+    return self._state(state.steps + 1), {}
+
+  def _state(self, steps):
+    state = _State(steps)
+    self.live.add(state)
+    return state
 
 
 def test_step_times_are_timed_in_alternating_rounds():
   calls = []
-  trainers = {name: _FakeTrainer(name, calls) for name in ("a", "b", "c")}
+  live = weakref.WeakSet()  # the states alive: one method's at a time fits a large model
+  trainers = {name: _FakeTrainer(name, calls, live) for name in ("a", "b", "c")}
   times = sweep.measure_step_times(trainers, dict.fromkeys(trainers), None, rounds=4, steps=2)
   assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
   # After two steps each to compile, every round has each method's steps, the order rotating.
