@@ -136,6 +136,10 @@ def get_config() -> ml_collections.ConfigDict:
   # A study's results directory (e.g. docs/results/STUDY): one summary per finished run, reused by
   # fingerprint on a rerun; `python -m finch_jax.report DIR` rebuilds its report. "": none.
   config.compare.results_dir = ""
+  # A finished sweep run keeps its result and curves; its checkpoints (the model and optimizer
+  # state, 3 GB a run for a 135M-parameter model) are removed once the result is written,
+  # unless this is True: a study of 180 runs would otherwise fill a disk.
+  config.compare.keep_run_checkpoints = False
   config.compare.pretrain = {  # Overrides that make the base model (cached in WORKDIR/base).
     "num_train_steps": 320,
     "checkpoint_every": 160,

@@ -469,6 +469,12 @@ class _Executor:
     result = self._summary(sweep_run, fit, run_dir, trainer, evaluator)
     if jax.process_index() == 0:
       files.write_json(run_dir / plan.RESULT_FILE, result)
+      # Its result written whole, a finished run needs its checkpoints no more (they are where
+      # an interrupted run resumes from).
+      if not sweep_run.config.compare.get("keep_run_checkpoints", False):
+        checkpoints = run_dir / "checkpoints"
+        if checkpoints.exists():
+          checkpoints.rmtree()
     _print(
       f"{sweep_run.method:>10s} lr={sweep_run.learning_rate:<8.3g} seed={sweep_run.seed}: "
       + _fmt(result)
@@ -566,9 +572,10 @@ def measure_step_times(
   process (`compare.timing` of configs/default.py sets both counts).
 
   In every round each method runs `steps` steps on a fixed batch of its own, starting from the
-  base (one method's state held at a time), the order rotating every round; so a load that comes and goes on the machine touches
-  the methods of one round alike, and `report.step_time_ratios` reads the rounds as pairs (the
-  median of the paired ratios, with an interval). The step times logged during the sweeps
+  base (one method's state held at a time), the order rotating every round; so a load that
+  comes and goes on the machine touches the methods of one round alike, and
+  `report.step_time_ratios` reads the rounds as pairs (the median of the paired ratios, with an
+  interval). The step times logged during the sweeps
   (`metrics.jsonl`) ran minutes apart and vary with the load.
 
   Returns:

@@ -133,6 +133,9 @@ def test_default_run_end_to_end_through_train_py(tmp_path):
   with open(workdir / "runs" / "finch" / "lr0.001_seed0" / "metrics.jsonl") as f:
     record = json.loads(f.readline())
   assert {"step", "loss", "finch_scale"} <= set(record)
+  # A finished run keeps its result and curves, not its checkpoints (the base keeps its own).
+  assert not list(workdir.glob("runs/*/*/checkpoints"))
+  assert (workdir / "base" / "checkpoints").is_dir()
 
   # The results store holds every run's summary; its files alone rebuild the same report.
   assert len(list(study.glob("runs/*/*.json"))) == 4
@@ -174,7 +177,7 @@ def test_default_run_end_to_end_through_train_py(tmp_path):
   # A changed field that determines the runs redoes them (the base, which the field does not
   # touch, is reused); the old runs are set aside, not deleted.
   third = subprocess.run(
-    [*args, "--config.num_train_steps=4"],
+    [*args, "--config.num_train_steps=4", "--config.compare.keep_run_checkpoints=True"],
     capture_output=True,
     text=True,
     timeout=600,
@@ -185,6 +188,7 @@ def test_default_run_end_to_end_through_train_py(tmp_path):
   with open(workdir / "report.json") as f:
     redone = json.load(f)
   assert [run["curve"][-1]["step"] for run in redone["runs"]] == [4] * 4
+  assert len(list(workdir.glob("runs/*/lr*_seed0/checkpoints/4"))) == 4  # kept when asked
   assert "Timing 2 methods' train steps" in third.stdout  # timed again under the new configs
   timings = json.loads((study / "study.json").read_text())["step_times"]
   assert len(timings) == 1 and set(timings[0]["step_times"]) == {"standard", "finch"}
