@@ -81,14 +81,18 @@ def eligible(runs: Sequence[Mapping[str, Any]], key: str = KEY) -> bool:
 def plateau_target(runs: Sequence[Mapping[str, Any]], key: str = KEY) -> float:
   """The accuracy every method attains: each method's best final `key` (mean over the seeds of
   a rate, best over its rates), lowest over methods."""
-  best: dict[str, float] = {}
-  for method in dict.fromkeys(r["method"] for r in runs):
-    by_rate: dict[float, list[float]] = {}
-    for run in runs:
-      if run["method"] == method:
-        by_rate.setdefault(run["learning_rate"], []).append(run[key])
-    best[method] = max(sum(v) / len(v) for v in by_rate.values())
-  return min(best.values())
+  return min(
+    max(sum(r[key] for r in rs) / len(rs) for rs in by_rate.values())
+    for by_rate in _by_method_and_rate(runs).values()
+  )
+
+
+def _by_method_and_rate(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[float, list]]:
+  """`{method: {learning rate: [its runs, one per seed]}}`, methods in order of appearance."""
+  out: dict[str, dict[float, list]] = {}
+  for run in runs:
+    out.setdefault(run["method"], {}).setdefault(run["learning_rate"], []).append(run)
+  return out
 
 
 def convergence(
@@ -111,11 +115,7 @@ def convergence(
   rule = "given" if target is not None else PLATEAU
   target = plateau_target(runs, key) if target is None else float(target)
   methods: dict[str, Any] = {}
-  for method in dict.fromkeys(r["method"] for r in runs):
-    by_rate: dict[float, list[Mapping]] = {}
-    for run in runs:
-      if run["method"] == method:
-        by_rate.setdefault(run["learning_rate"], []).append(run)
+  for method, by_rate in _by_method_and_rate(runs).items():
     rates = {}
     for rate, rate_runs in sorted(by_rate.items()):
       reads = {r["seed"]: crossing(curve_points(r, before), key, target, before) for r in rate_runs}
