@@ -531,8 +531,31 @@ def _headlines(runs: Sequence[Mapping], baseline: str) -> dict[str, dict[str, An
       "overlap_task_loss": [pair["overlap"][k] if both else float("nan") for k in ("lo", "hi")],
       "forgetting": pair["methods"][name]["forgetting"],
       "reference_forgetting": pair["methods"][reference]["forgetting"],
+      "measures": _pair_measures(runs, name, reference, pair["target"] if both else None),
     }
   return headline
+
+
+def _pair_measures(
+  runs: Sequence[Mapping], name: str, reference: str, target: float | None
+) -> dict[str, dict[str, Any]]:
+  """Every forgetting measure of `name` and `reference` at task loss `target` (the middle of the
+  pair's overlap; None where they do not overlap), with the relative change, seeds paired:
+  `{measure: {"value", "reference_value", "change": seed_interval}}`."""
+  pair = [r for r in runs if r["method"] in (name, reference)]
+  out = {}
+  for measure in _measures(pair):
+    if target is None:
+      nan = float("nan")
+      out[measure] = {"value": nan, "reference_value": nan, "change": seed_interval({})}
+      continue
+    read = matched(pair, "task_loss", measure, target=target)["methods"]
+    out[measure] = {
+      "value": read[name][measure],
+      "reference_value": read[reference][measure],
+      "change": relative_change(read[name]["per_seed"], read[reference]["per_seed"], measure),
+    }
+  return out
 
 
 def single_run_report(
@@ -623,6 +646,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
       lo, hi = h["overlap_task_loss"]
       at = f" at matched task loss {target:.4f}, the middle of the pair's overlap {lo:.4f}-{hi:.4f}"
     lines.append(f"\n{key}: {_change(h)} (relative change in forgetting{at}; seeds paired)")
+  lines.append(pair_measures_table(report))
   lines.append(relative_change_table(report))
   acc = report.get("at_matched_accuracy")
   if acc:
@@ -641,6 +665,36 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     lines.append(measures_table(report))
   if "convergence" in report:
     lines.append(convergence.markdown(report["convergence"], report.get("baseline")))
+  return "\n".join(lines)
+
+
+def pair_measures_table(report: Mapping[str, Any]) -> str:
+  """Each pair at the middle of its own overlap, every forgetting measure: "method / reference
+  (relative change)", the change's interval where seeds give one."""
+  rows = [(key, h) for key, h in report.get("headline", {}).items() if h.get("measures")]
+  if not rows:
+    return ""
+  measures = list(dict.fromkeys(m for _, h in rows for m in h["measures"]))
+  lines = [
+    "\nEach pair at the middle of its own overlap of task loss, every measure: the method's "
+    f"value / the reference's (relative change, seeds paired: {INTERVAL_NOTE}):\n",
+    "| pair | read at | " + " | ".join(measures) + " |",
+    "| --- " * (len(measures) + 2) + "|",
+  ]
+  for key, h in rows:
+    pair = key.removesuffix("_forgetting_change")
+    if not math.isfinite(h["task_loss"]):
+      lines.append(f"| {pair} | no overlap |" + " - |" * len(measures))
+      continue
+    cells = []
+    for measure in measures:
+      entry = h["measures"].get(measure)
+      if entry is None:
+        cells.append("-")
+        continue
+      values = f"{formatted(entry['value'], '.4f')} / {formatted(entry['reference_value'], '.4f')}"
+      cells.append(f"{values} ({_change(entry['change'])})")
+    lines.append(f"| {pair} | {h['task_loss']:.4f} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 

@@ -119,6 +119,34 @@ def test_every_measure_is_read_at_matched_loss_and_at_matched_accuracy():
   assert "KL(base || fine-tuned)" in text
 
 
+def test_each_pair_reads_every_measure_at_the_middle_of_its_own_overlap():
+  """Standard spans task loss 1.0 to 2.0, anchor 1.5 to 2.5 (shifted up): the pair's overlap is
+  1.5 to 2.0 and is read at 1.75, where the overlap of all three methods would not be."""
+  runs = _sweep("standard", (0, 1), [(1e-4, 2.0, 0.2), (1e-3, 1.0, 0.4)])
+  runs += _sweep("anchor", (0, 1), [(1e-4, 2.5, 0.05), (1e-3, 1.5, 0.25)])
+  runs += _sweep("lora", (0, 1), [(1e-4, 3.5, 0.1), (1e-3, 3.0, 0.2)])
+  for r in runs:
+    r["retain_kl"] = 3 * r["forgetting"]
+  out = report.build_report("standard", BEFORE, runs)
+  pair = out["headline"]["anchor_vs_standard_forgetting_change"]
+  assert pair["task_loss"] == pytest.approx(1.75)
+  kl = pair["measures"]["retain_kl"]
+  # At 1.75 standard forgets 0.25 (+0.01 a seed) and anchor 0.20 (+0.01 a seed).
+  assert kl["value"] == pytest.approx(3 * 0.205)
+  assert kl["reference_value"] == pytest.approx(3 * 0.255)
+  changes = [(0.20 - 0.25) / 0.25, (0.21 - 0.26) / 0.26]
+  assert kl["change"]["mean"] == pytest.approx(statistics.fmean(changes))
+  assert kl["change"]["per_seed"] == pytest.approx({"0": changes[0], "1": changes[1]})
+  assert pair["measures"]["forgetting"]["change"]["mean"] == pytest.approx(pair["mean"])
+  lora = out["headline"]["lora_vs_standard_forgetting_change"]["measures"]["retain_kl"]
+  assert math.isnan(lora["value"]) and lora["change"]["n"] == 0  # no overlap with standard
+  text = report.pair_measures_table(out)
+  assert "| pair | read at | forgetting | retain_kl |" in text
+  assert f"| anchor_vs_standard | 1.7500 | 0.2050 / 0.2550 ({100 * pair['mean']:+.1f}% [" in text
+  assert "| lora_vs_standard | no overlap | - | - |" in text
+  assert text in report.markdown_table(out)
+
+
 def test_seed_interval_is_the_t_interval_with_n_minus_1_degrees_of_freedom():
   out = report.seed_interval({0: 1.0, 1: 2.0, 2: 3.0})
   half = 4.302652729749464 / math.sqrt(3)  # t(0.975, 2) * sd 1 / sqrt(3)
