@@ -64,7 +64,9 @@ from finch_jax.intervals import (
   seed_interval,
 )
 
-COMBINED_SUFFIX = "+finch"  # a method name "X+finch" is method X with FINCH on top
+# A method named "X+finch" (or "X+finch_READING", naming FINCH's reading) is method X with FINCH
+# on top, compared with X as well as with the baseline.
+COMBINED_SUFFIX = "+finch"
 GRID_POINTS = 9  # targets across each pair's overlap (odd: the middle is one of them)
 MIDDLE = "the arithmetic middle of the overlap of every sweep's range"
 STUDY_FILE = "study.json"  # in a results directory: baseline, methods, step timings
@@ -339,11 +341,18 @@ def _ordered(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   return [dict(r) for r in sorted(runs, key=key)]
 
 
+def without_finch(name: str) -> str:
+  """The method a combined method puts FINCH on: "X" for "X+finch" and "X+finch_target";
+  `name` itself otherwise."""
+  base, combined, _ = name.rpartition(COMBINED_SUFFIX)
+  return base if combined and base else name
+
+
 def _pairs(methods: Sequence[str], baseline: str) -> list[tuple[str, str]]:
   """(method, reference): each method against the baseline, and "X+finch" against X."""
   pairs = []
   for name in methods:
-    references = [baseline] + [name.removesuffix(COMBINED_SUFFIX)] * name.endswith(COMBINED_SUFFIX)
+    references = [baseline, without_finch(name)]
     for reference in dict.fromkeys(references):
       if reference != name and reference in methods:
         pairs.append((name, reference))
@@ -773,14 +782,11 @@ def write_report(workdir: str | os.PathLike, report: Mapping[str, Any]) -> None:
 
 def _line_styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
   """A colour per remedy; a method with FINCH on top ("X+finch") dashed in X's colour."""
-  bases = list(dict.fromkeys(m.removesuffix(COMBINED_SUFFIX) for m in methods))
+  bases = list(dict.fromkeys(without_finch(m) for m in methods))
   cmap = matplotlib.colormaps["tab20" if len(bases) > 10 else "tab10"]
   colors = {b: cmap(i) for i, b in enumerate(bases)}
   return {
-    m: {
-      "color": colors[m.removesuffix(COMBINED_SUFFIX)],
-      "ls": "--" if m != m.removesuffix(COMBINED_SUFFIX) else "-",
-    }
+    m: {"color": colors[without_finch(m)], "ls": "--" if m != without_finch(m) else "-"}
     for m in methods
   }
 

@@ -66,6 +66,16 @@ def test_headlines_put_each_method_against_the_baseline_and_x_finch_against_x():
   assert "nan" not in text
 
 
+def test_a_combined_method_naming_its_finch_reading_is_also_read_against_its_remedy():
+  runs = RUNS + _sweep("anchor+finch_target", (0, 1), [(1e-4, 2.0, 0.08), (1e-3, 1.0, 0.2)])
+  out = report.build_report("standard", BEFORE, runs)
+  pair = out["headline"]["anchor+finch_target_vs_anchor_forgetting_change"]
+  assert pair["mean"] == pytest.approx(statistics.fmean([0.14 / 0.2 - 1, 0.15 / 0.21 - 1]))
+  assert "anchor+finch_target_vs_standard_forgetting_change" in out["headline"]
+  assert report.without_finch("finch_target") == "finch_target"
+  assert report.without_finch("sgdm+finch") == "sgdm"
+
+
 def test_a_method_that_never_reaches_the_target_says_so_and_one_seed_shows_no_spread():
   runs = _sweep("standard", (0,), [(1e-4, 2.0, 0.2), (1e-3, 1.0, 0.4)]) + _sweep(
     "lora", (0,), [(1e-4, 2.5, 0.3), (1e-3, 2.2, 0.35)]
