@@ -20,7 +20,9 @@ outcome):
   balances a pull of 0.3% of its distance from the base.
 - lora: rank-8 adapters (alpha 16) on every attention and MLP projection, base frozen
   (Kalajdzievski, arXiv 2401.05605: LoRA still forgets); it needs larger rates.
-- X+finch: method X with FINCH on top, so each remedy's combination is measured too.
+- X+finch: method X with FINCH on top, so each remedy's combination is measured too; the
+  report reads it against X as well as against the baseline (a name X+finch_READING, e.g.
+  kl_base+finch_target, says which of FINCH's readings it uses).
 
 The sweeps span the task losses every method reaches, so that all can be read at one matched
 task loss: AdamW's best 150-step loss comes at 1e-3 (3e-3 overshoots), LoRA's at 3e-3. FINCH's
