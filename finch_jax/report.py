@@ -550,19 +550,31 @@ def _pair_measures(
 ) -> dict[str, dict[str, Any]]:
   """Every forgetting measure of `name` and `reference` at task loss `target` (the middle of the
   pair's overlap; None where they do not overlap), with the relative change, seeds paired:
-  `{measure: {"value", "reference_value", "change": seed_interval}}`."""
+  `{measure: {"value", "reference_value", "change": seed_interval, "per_seed": {seed: {"value",
+  "reference_value"}}}}`."""
   pair = [r for r in runs if r["method"] in (name, reference)]
   out = {}
   for measure in _measures(pair):
     if target is None:
       nan = float("nan")
-      out[measure] = {"value": nan, "reference_value": nan, "change": seed_interval({})}
+      out[measure] = {
+        "value": nan,
+        "reference_value": nan,
+        "change": seed_interval({}),
+        "per_seed": {},
+      }
       continue
     read = matched(pair, "task_loss", measure, target=target)["methods"]
+    ours, theirs = read[name]["per_seed"], read[reference]["per_seed"]
     out[measure] = {
       "value": read[name][measure],
       "reference_value": read[reference][measure],
-      "change": relative_change(read[name]["per_seed"], read[reference]["per_seed"], measure),
+      "change": relative_change(ours, theirs, measure),
+      "per_seed": {
+        str(s): {"value": ours[s][measure], "reference_value": theirs[s][measure]}
+        for s in ours
+        if s in theirs
+      },
     }
   return out
 
@@ -656,6 +668,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
       at = f" at matched task loss {target:.4f}, the middle of the pair's overlap {lo:.4f}-{hi:.4f}"
     lines.append(f"\n{key}: {_change(h)} (relative change in forgetting{at}; seeds paired)")
   lines.append(pair_measures_table(report))
+  lines.append(per_seed_table(report))
   lines.append(relative_change_table(report))
   acc = report.get("at_matched_accuracy")
   if acc:
@@ -704,6 +717,41 @@ def pair_measures_table(report: Mapping[str, Any]) -> str:
       values = f"{formatted(entry['value'], '.4f')} / {formatted(entry['reference_value'], '.4f')}"
       cells.append(f"{values} ({_change(entry['change'])})")
     lines.append(f"| {pair} | {h['task_loss']:.4f} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def per_seed_table(report: Mapping[str, Any]) -> str:
+  """`pair_measures_table` seed by seed: each seed's values of the method and its reference at
+  the middle of the pair's overlap, and their relative change."""
+  rows = [
+    (key.removesuffix("_forgetting_change"), h["task_loss"], h["measures"])
+    for key, h in report.get("headline", {}).items()
+    if h.get("measures") and math.isfinite(h["task_loss"])
+  ]
+  if not rows:
+    return ""
+  measures = list(dict.fromkeys(m for *_, by_measure in rows for m in by_measure))
+  lines = [
+    "\nThe same, seed by seed (the method's value / the reference's (relative change); "
+    '"-" where a seed\'s sweep of one of the two does not reach the point):\n',
+    "| pair | read at | seed | " + " | ".join(measures) + " |",
+    "| --- " * (len(measures) + 3) + "|",
+  ]
+  for pair, target, by_measure in rows:
+    seeds = sorted(
+      {s for m in by_measure.values() for s in m["per_seed"]}, key=lambda s: (len(s), s)
+    )
+    for seed in seeds:
+      cells = []
+      for measure in measures:
+        entry = by_measure.get(measure, {}).get("per_seed", {}).get(seed)
+        ours, theirs = (entry or {}).get("value", math.nan), (entry or {}).get("reference_value")
+        if entry is None or not (math.isfinite(ours) and math.isfinite(theirs)):
+          cells.append("-")
+          continue
+        change = f" ({100 * (ours - theirs) / abs(theirs):+.1f}%)" if theirs else ""
+        cells.append(f"{ours:.4f} / {theirs:.4f}{change}")
+      lines.append(f"| {pair} | {target:.4f} | {seed} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 

@@ -155,6 +155,12 @@ def test_each_pair_reads_every_measure_at_the_middle_of_its_own_overlap():
   assert f"| anchor_vs_standard | 1.7500 | 0.2050 / 0.2550 ({100 * pair['mean']:+.1f}% [" in text
   assert "| lora_vs_standard | no overlap | - | - |" in text
   assert text in report.markdown_table(out)
+  assert kl["per_seed"]["0"] == pytest.approx({"value": 0.60, "reference_value": 0.75})
+  assert kl["per_seed"]["1"] == pytest.approx({"value": 0.63, "reference_value": 0.78})
+  by_seed = report.per_seed_table(out)
+  assert "| anchor_vs_standard | 1.7500 | 1 | 0.2100 / 0.2600 (-19.2%) | 0.6300 / 0.7800" in by_seed
+  assert "lora_vs_standard" not in by_seed  # no overlap, no point to read each seed at
+  assert by_seed in report.markdown_table(out)
 
 
 def test_seed_interval_is_the_t_interval_with_n_minus_1_degrees_of_freedom():
