@@ -744,13 +744,15 @@ def per_seed_table(report: Mapping[str, Any]) -> str:
     for seed in seeds:
       cells = []
       for measure in measures:
-        entry = by_measure.get(measure, {}).get("per_seed", {}).get(seed)
-        ours, theirs = (entry or {}).get("value", math.nan), (entry or {}).get("reference_value")
-        if entry is None or not (math.isfinite(ours) and math.isfinite(theirs)):
+        read = by_measure.get(measure, {})
+        entry = read.get("per_seed", {}).get(seed)
+        if entry is None or not all(map(math.isfinite, entry.values())):
           cells.append("-")
           continue
-        change = f" ({100 * (ours - theirs) / abs(theirs):+.1f}%)" if theirs else ""
-        cells.append(f"{ours:.4f} / {theirs:.4f}{change}")
+        # The seed's relative change as `relative_change` gave it (none where the reference is 0).
+        change = read["change"]["per_seed"].get(seed)
+        text = f" ({100 * change:+.1f}%)" if change is not None else ""
+        cells.append(f"{entry['value']:.4f} / {entry['reference_value']:.4f}{text}")
       lines.append(f"| {pair} | {target:.4f} | {seed} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
