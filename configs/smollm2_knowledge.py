@@ -39,7 +39,13 @@ KL_BASE = {"share": 0.1, "data": {"name": "base_samples"}, "kl_weight": 10.0}
 # of the examples: Bethune et al. inject ~1% of much larger batches; at 4 rows a step 1% would
 # replay one passage every few steps.
 REPLAY = {"share": 0.05, "data": {"name": "debian/handbook_en", "split": "train"}}
-ANCHOR = {"anchor_strength": 3.0}
+# Anchoring pulls each step lr * strength of the way back to the base, so under Adam (steps of
+# about lr per weight) a weight settles at about 1/strength from where it started. At this
+# model's rates (2e-5 to 1e-4, 64 steps: at most 1e-3 to 6e-3 per weight) the embedded
+# benchmark's strength of 3 bound nothing (every measure within 1% of AdamW's at the same rate);
+# at 300 a weight settles within 3e-3 of the base, about where AdamW's middle rates take it, and
+# the pull acts within the run (1 / (lr * strength) = 67 steps at 5e-5).
+ANCHOR = {"anchor_strength": 300.0}
 LORA = {"rank": 8, "alpha": 16.0}
 
 
@@ -62,7 +68,8 @@ def methods(adamw: float) -> dict:
   1.02; their sweeps moved up (replay 1.4x, the other two 2x) on the same 1.4x grid, and a
   study's report still reads the runs kept at the old rates. SGD with momentum at 3000x AdamW's
   rate, clipped at norm 1, wrecked the model (retain loss 3.5 to 11); it now runs unclipped, at
-  100x."""
+  100x. Anchoring at strength 3 matched AdamW at the same rate on every measure; it now runs at
+  strength 300, its sweep 1.4x up since the pull holds the weights back."""
   sgd = 100 * adamw
   return {
     "adamw": {"finch": OFF, "learning_rates": sweep(adamw)},
@@ -75,7 +82,7 @@ def methods(adamw: float) -> dict:
     "sgdm+finch": {"finch": FIRST, "optimizer": SGD, "learning_rates": sweep(sgd / 2)},
     "kl_base": {"finch": OFF, "replay": KL_BASE, "learning_rates": sweep(1.4**2 * adamw)},
     "replay": {"finch": OFF, "replay": REPLAY, "learning_rates": sweep(1.4 * adamw)},
-    "anchor": {"finch": OFF, "optimizer": ANCHOR, "learning_rates": sweep(adamw)},
+    "anchor": {"finch": OFF, "optimizer": ANCHOR, "learning_rates": sweep(1.4 * adamw)},
     "lora": {"finch": OFF, "lora": LORA, "learning_rates": sweep(1.4**2 * 10 * adamw)},
     # The FINCH reading that forgot least in the screening (the target reading) with the remedy
     # that forgot least (KL to the base); the report reads it against both. The target reading
