@@ -549,9 +549,12 @@ def _pair_measures(
   runs: Sequence[Mapping], name: str, reference: str, target: float | None
 ) -> dict[str, dict[str, Any]]:
   """Every forgetting measure of `name` and `reference` at task loss `target` (the middle of the
-  pair's overlap; None where they do not overlap), with the relative change, seeds paired:
-  `{measure: {"value", "reference_value", "change": seed_interval, "per_seed": {seed: {"value",
-  "reference_value"}}}}`."""
+  pair's overlap; None where they do not overlap), with the relative change and the difference,
+  seeds paired: `{measure: {"value", "reference_value", "change": seed_interval, "difference":
+  seed_interval, "per_seed": {seed: {"value", "reference_value"}}}}`.
+
+  The difference is what to read where the reference is near 0 (a measure such as the answer-NLL
+  rise, whose seeds fall on both sides of 0): a relative change there divides by noise."""
   pair = [r for r in runs if r["method"] in (name, reference)]
   out = {}
   for measure in _measures(pair):
@@ -561,6 +564,7 @@ def _pair_measures(
         "value": nan,
         "reference_value": nan,
         "change": seed_interval({}),
+        "difference": seed_interval({}),
         "per_seed": {},
       }
       continue
@@ -570,6 +574,9 @@ def _pair_measures(
       "value": read[name][measure],
       "reference_value": read[reference][measure],
       "change": relative_change(ours, theirs, measure),
+      "difference": seed_interval(
+        {s: ours[s][measure] - theirs[s][measure] for s in ours if s in theirs}
+      ),
       "per_seed": {
         str(s): {"value": ours[s][measure], "reference_value": theirs[s][measure]}
         for s in ours
@@ -690,16 +697,36 @@ def markdown_table(report: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def relative_is_read(entry: Mapping[str, Any]) -> bool:
+  """Whether a pair's measure is read as a relative change: every seed's reference value is on
+  the same side of 0 (and none is 0). Otherwise the change divides by noise, and the table gives
+  the difference instead."""
+  refs = [v["reference_value"] for v in entry.get("per_seed", {}).values()]
+  refs = [v for v in refs if math.isfinite(v)]
+  return bool(refs) and (all(v > 0 for v in refs) or all(v < 0 for v in refs))
+
+
+def _difference(entry: Mapping[str, Any]) -> str:
+  """A difference as "difference -0.0043 [-0.0120, +0.0034], n=3"."""
+  mean, (lo, hi), n = entry["mean"], entry["ci"], entry["n"]
+  text = f"difference {mean:+.4f}"
+  if math.isfinite(lo) and math.isfinite(hi):
+    text += f" [{lo:+.4f}, {hi:+.4f}]"
+  return f"{text}, n={n}"
+
+
 def pair_measures_table(report: Mapping[str, Any]) -> str:
   """Each pair at the middle of its own overlap, every forgetting measure: "method / reference
-  (relative change)", the change's interval where seeds give one."""
+  (relative change)", the change's interval where seeds give one; the difference instead where
+  the reference's seeds straddle 0 (`relative_is_read`)."""
   rows = [(key, h) for key, h in report.get("headline", {}).items() if h.get("measures")]
   if not rows:
     return ""
   measures = list(dict.fromkeys(m for _, h in rows for m in h["measures"]))
   lines = [
     "\nEach pair at the middle of its own overlap of task loss, every measure: the method's "
-    f"value / the reference's (relative change, seeds paired: {INTERVAL_NOTE}):\n",
+    f"value / the reference's (relative change, seeds paired: {INTERVAL_NOTE}; the difference "
+    "where the reference's seeds fall on both sides of 0):\n",
     "| pair | read at | " + " | ".join(measures) + " |",
     "| --- " * (len(measures) + 2) + "|",
   ]
@@ -715,7 +742,10 @@ def pair_measures_table(report: Mapping[str, Any]) -> str:
         cells.append("-")
         continue
       values = f"{formatted(entry['value'], '.4f')} / {formatted(entry['reference_value'], '.4f')}"
-      cells.append(f"{values} ({_change(entry['change'])})")
+      if relative_is_read(entry) or "difference" not in entry:
+        cells.append(f"{values} ({_change(entry['change'])})")
+      else:
+        cells.append(f"{values} ({_difference(entry['difference'])})")
     lines.append(f"| {pair} | {h['task_loss']:.4f} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -732,7 +762,8 @@ def per_seed_table(report: Mapping[str, Any]) -> str:
     return ""
   measures = list(dict.fromkeys(m for *_, by_measure in rows for m in by_measure))
   lines = [
-    "\nThe same, seed by seed (the method's value / the reference's (relative change); "
+    "\nThe same, seed by seed (the method's value / the reference's (relative change, or the "
+    "difference where the table above gives it); "
     '"-" where a seed\'s sweep of one of the two does not reach the point):\n',
     "| pair | read at | seed | " + " | ".join(measures) + " |",
     "| --- " * (len(measures) + 3) + "|",
@@ -749,9 +780,13 @@ def per_seed_table(report: Mapping[str, Any]) -> str:
         if entry is None or not all(map(math.isfinite, entry.values())):
           cells.append("-")
           continue
-        # The seed's relative change as `relative_change` gave it (none where the reference is 0).
-        change = read["change"]["per_seed"].get(seed)
-        text = f" ({100 * change:+.1f}%)" if change is not None else ""
+        # The seed's relative change as `relative_change` gave it (none where the reference is
+        # 0), or its difference where the pair is read by difference.
+        if relative_is_read(read) or "difference" not in read:
+          change = read["change"]["per_seed"].get(seed)
+          text = f" ({100 * change:+.1f}%)" if change is not None else ""
+        else:
+          text = f" ({read['difference']['per_seed'][seed]:+.4f})"
         cells.append(f"{entry['value']:.4f} / {entry['reference_value']:.4f}{text}")
       lines.append(f"| {pair} | {target:.4f} | {seed} | " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -163,6 +163,30 @@ def test_each_pair_reads_every_measure_at_the_middle_of_its_own_overlap():
   assert by_seed in report.markdown_table(out)
 
 
+def test_a_measure_whose_reference_straddles_0_is_read_as_a_difference():
+  """The reference's answer-NLL rise is -0.002, +0.001, +0.004 over three seeds (near 0), the
+  method's 0.001 above it each seed: relative changes of +50%, +100% and +25% would divide by
+  noise, so the table gives the difference, +0.0010 each seed; the retain-loss rise, positive at
+  every seed, stays relative."""
+  runs = _sweep("standard", (0, 1, 2), [(1e-4, 2.0, 0.2), (1e-3, 1.0, 0.4)])
+  runs += _sweep("anchor", (0, 1, 2), [(1e-4, 2.0, 0.1), (1e-3, 1.0, 0.3)])
+  for r in runs:
+    r["retain_nll_rise"] = -0.002 + 0.003 * r["seed"] + 0.001 * (r["method"] == "anchor")
+  out = report.build_report("standard", BEFORE, runs)
+  nll = out["headline"]["anchor_vs_standard_forgetting_change"]["measures"]["retain_nll_rise"]
+  assert nll["difference"]["mean"] == pytest.approx(0.001)
+  assert nll["difference"]["per_seed"] == pytest.approx({"0": 0.001, "1": 0.001, "2": 0.001})
+  assert nll["change"]["per_seed"] == pytest.approx({"0": 0.5, "1": 1.0, "2": 0.25})
+  assert not report.relative_is_read(nll)
+  forgetting = out["headline"]["anchor_vs_standard_forgetting_change"]["measures"]["forgetting"]
+  assert report.relative_is_read(forgetting)
+  table = report.pair_measures_table(out)
+  assert "(difference +0.0010 [+0.0010, +0.0010], n=3) |" in table
+  assert "+58.3%" not in table  # the mean relative change, which the table no longer prints
+  by_seed = report.per_seed_table(out)
+  assert "| 1.5000 | 1 | 0.2100 / 0.3100 (-32.3%) | 0.0020 / 0.0010 (+0.0010) |" in by_seed
+
+
 def test_seed_interval_is_the_t_interval_with_n_minus_1_degrees_of_freedom():
   out = report.seed_interval({0: 1.0, 1: 2.0, 2: 3.0})
   half = 4.302652729749464 / math.sqrt(3)  # t(0.975, 2) * sd 1 / sqrt(3)
