@@ -699,11 +699,15 @@ def markdown_table(report: Mapping[str, Any]) -> str:
 
 def relative_is_read(entry: Mapping[str, Any]) -> bool:
   """Whether a pair's measure is read as a relative change: every seed's reference value is on
-  the same side of 0 (and none is 0). Otherwise the change divides by noise, and the table gives
-  the difference instead."""
-  refs = [v["reference_value"] for v in entry.get("per_seed", {}).values()]
-  refs = [v for v in refs if math.isfinite(v)]
-  return bool(refs) and (all(v > 0 for v in refs) or all(v < 0 for v in refs))
+  the same side of 0 (none is 0) and, with more than one seed, the 95% interval of the
+  reference's mean leaves 0 out. Otherwise the change divides by noise (a reference of 0.001 at
+  one seed and 0.01 at the next), and the table gives the difference instead."""
+  refs = {s: v["reference_value"] for s, v in entry.get("per_seed", {}).items()}
+  finite = [v for v in refs.values() if math.isfinite(v)]
+  if not finite or not (all(v > 0 for v in finite) or all(v < 0 for v in finite)):
+    return False
+  lo, hi = seed_interval(refs)["ci"]
+  return not (lo <= 0 <= hi)  # NaN (one seed) compares False: read by its sign alone
 
 
 def _difference(entry: Mapping[str, Any]) -> str:

@@ -180,6 +180,10 @@ def test_a_measure_whose_reference_straddles_0_is_read_as_a_difference():
   assert not report.relative_is_read(nll)
   forgetting = out["headline"]["anchor_vs_standard_forgetting_change"]["measures"]["forgetting"]
   assert report.relative_is_read(forgetting)
+  # Positive at every seed but 0.001, 0.002, 0.030: its interval takes in 0, so no relative change.
+  noisy = {str(s): {"value": 1.0, "reference_value": v} for s, v in enumerate((0.001, 0.002, 0.03))}
+  assert not report.relative_is_read({"per_seed": noisy})
+  assert report.relative_is_read({"per_seed": {"0": {"value": 1.0, "reference_value": 0.001}}})
   table = report.pair_measures_table(out)
   assert "(difference +0.0010 [+0.0010, +0.0010], n=3) |" in table
   assert "+58.3%" not in table  # the mean relative change, which the table no longer prints
