@@ -634,6 +634,17 @@ def _cost(entry: Mapping[str, Any], baseline: bool) -> str:
   return text + (" within noise" if entry["step_time_within_noise"] else "")
 
 
+def memory_size(n: float) -> str:
+  """A signed byte count for a reader: "+538.2 MB", "-1.05 GB", "+20 B", "0"."""
+  if not n:
+    return "0"
+  sign, size = ("+" if n > 0 else "-"), abs(n)
+  for unit, scale, fmt in (("GB", 1e9, ".2f"), ("MB", 1e6, ".1f"), ("kB", 1e3, ".1f")):
+    if size >= scale:
+      return f"{sign}{size / scale:{fmt}} {unit}"
+  return f"{sign}{size:.0f} B"
+
+
 def markdown_table(report: Mapping[str, Any]) -> str:
   """The comparison as a Markdown table plus the headline sentences and the relative changes
   over the overlap."""
@@ -654,7 +665,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
       )
   lines.append(
     "| method | task loss | retain loss before | retain loss after | forgetting "
-    "| learning rate | step time ratio | extra bytes |"
+    "| learning rate | step time ratio | memory beside the baseline's |"
   )
   lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
   for name, m in report["methods"].items():
@@ -665,7 +676,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
       f"| {formatted(m['retain_loss_after'], '.4f')} "
       f"| {formatted(m['forgetting'], '.4f', m.get('forgetting_ci'), seeds)} "
       f"| {formatted(m.get('learning_rate'), '.3g')} | {_cost(m, name == report.get('baseline'))} "
-      f"| {m.get('extra_bytes', 0)} |"
+      f"| {memory_size(m.get('extra_bytes', 0))} |"
     )
   for key, h in report.get("headline", {}).items():
     target = h["task_loss"]

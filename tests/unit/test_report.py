@@ -66,6 +66,19 @@ def test_headlines_put_each_method_against_the_baseline_and_x_finch_against_x():
   assert "nan" not in text
 
 
+def test_the_memory_column_reads_in_units_with_its_sign():
+  """A remedy that holds a copy of the base reads "+538.2 MB"; SGD, which keeps one moment
+  fewer than AdamW, reads below 0; the baseline itself reads 0."""
+  assert report.memory_size(538153828) == "+538.2 MB"
+  assert report.memory_size(-1046813184) == "-1.05 GB"
+  assert report.memory_size(20) == "+20 B"
+  assert report.memory_size(0) == "0"
+  runs = [r | {"held_bytes": 16 + 2_500_000 * (r["method"] == "anchor")} for r in RUNS]
+  text = report.markdown_table(report.build_report("standard", BEFORE, runs))
+  assert "| memory beside the baseline's |" in text
+  assert "| +2.5 MB |" in text and "| 0 |" in text
+
+
 def test_a_combined_method_naming_its_finch_reading_is_also_read_against_its_remedy():
   runs = RUNS + _sweep("anchor+finch_target", (0, 1), [(1e-4, 2.0, 0.08), (1e-3, 1.0, 0.2)])
   out = report.build_report("standard", BEFORE, runs)
