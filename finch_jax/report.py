@@ -723,17 +723,13 @@ def relative_is_read(entry: Mapping[str, Any]) -> bool:
 
 def _difference(entry: Mapping[str, Any]) -> str:
   """A difference as "difference -0.0043 [-0.0120, +0.0034], n=3"."""
-  mean, (lo, hi), n = entry["mean"], entry["ci"], entry["n"]
-  text = f"difference {mean:+.4f}"
-  if math.isfinite(lo) and math.isfinite(hi):
-    text += f" [{lo:+.4f}, {hi:+.4f}]"
-  return f"{text}, n={n}"
+  return "difference " + formatted(entry["mean"], "+.4f", entry["ci"], entry["n"])
 
 
 def pair_measures_table(report: Mapping[str, Any]) -> str:
   """Each pair at the middle of its own overlap, every forgetting measure: "method / reference
   (relative change)", the change's interval where seeds give one; the difference instead where
-  the reference's seeds straddle 0 (`relative_is_read`)."""
+  a relative change would divide by noise (`relative_is_read`)."""
   rows = [(key, h) for key, h in report.get("headline", {}).items() if h.get("measures")]
   if not rows:
     return ""
@@ -741,7 +737,7 @@ def pair_measures_table(report: Mapping[str, Any]) -> str:
   lines = [
     "\nEach pair at the middle of its own overlap of task loss, every measure: the method's "
     f"value / the reference's (relative change, seeds paired: {INTERVAL_NOTE}; the difference "
-    "where the reference's seeds fall on both sides of 0):\n",
+    "where a relative change would divide by noise, `relative_is_read`):\n",
     "| pair | read at | " + " | ".join(measures) + " |",
     "| --- " * (len(measures) + 2) + "|",
   ]
