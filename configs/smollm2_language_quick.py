@@ -4,9 +4,9 @@ The language-adaptation setting of the study (beside configs/smollm2_knowledge_q
 configs/smollm2_foldoc_quick.py): SmolLM2-135M-Instruct fine-tuned on Persian, the handbook
 language it handles worst (about 2.6 times English's loss on the same paragraphs), 64 steps of
 4 rows of 128 tokens, 64 examples per loss set, three seeds. The methods are the study's shorter
-list: AdamW (the baseline), AdamW with warm-up and cosine decay, FINCH's first-batch and target
-readings, anchoring to the base weights and KL to the base on its own samples, each over 5 rates
-1.4x apart.
+list: AdamW (the baseline), AdamW with warm-up and cosine decay, FINCH's running-average and
+target readings, anchoring to the base weights and KL to the base on its own samples, each over
+5 rates 1.4x apart.
 
 FINCH's scale can only rise as far as the square root of the first loss over the last, so how
 much the task loss falls bounds what FINCH can do here; the report's curves show it. Each
