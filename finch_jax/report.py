@@ -531,6 +531,7 @@ def _headlines(runs: Sequence[Mapping], baseline: str) -> dict[str, dict[str, An
     both = {name, reference} <= set(pair["overlap"]["methods"])
     ours, theirs = pair["methods"][name]["per_seed"], pair["methods"][reference]["per_seed"]
     change = relative_change(ours, theirs, "forgetting")
+    forgetting, reference_forgetting = _paired_means(ours, theirs, "forgetting")
     headline[f"{name}_vs_{reference}_forgetting_change"] = {
       "mean": change["mean"],
       "ci": change["ci"],
@@ -538,11 +539,29 @@ def _headlines(runs: Sequence[Mapping], baseline: str) -> dict[str, dict[str, An
       "per_seed": change["per_seed"],
       "task_loss": pair["target"] if both else float("nan"),
       "overlap_task_loss": [pair["overlap"][k] if both else float("nan") for k in ("lo", "hi")],
-      "forgetting": pair["methods"][name]["forgetting"],
-      "reference_forgetting": pair["methods"][reference]["forgetting"],
+      "forgetting": forgetting,
+      "reference_forgetting": reference_forgetting,
       "measures": _pair_measures(runs, name, reference, pair["target"] if both else None),
     }
   return headline
+
+
+def _paired_means(
+  ours: Mapping[Any, Mapping[str, float]], theirs: Mapping[Any, Mapping[str, float]], key: str
+) -> tuple[float, float]:
+  """The means of `key` for two methods over the seeds where both have a value, the seeds their
+  relative change and difference are read on: a method screened at one seed is set beside the
+  reference's value at that seed, not the reference's mean over seeds it never ran."""
+  both = [
+    s for s in ours if s in theirs and math.isfinite(ours[s][key]) and math.isfinite(theirs[s][key])
+  ]
+  nan = float("nan")
+  if not both:
+    return nan, nan
+  return (
+    statistics.fmean(ours[s][key] for s in both),
+    statistics.fmean(theirs[s][key] for s in both),
+  )
 
 
 def _pair_measures(
@@ -550,8 +569,9 @@ def _pair_measures(
 ) -> dict[str, dict[str, Any]]:
   """Every forgetting measure of `name` and `reference` at task loss `target` (the middle of the
   pair's overlap; None where they do not overlap), with the relative change and the difference,
-  seeds paired: `{measure: {"value", "reference_value", "change": seed_interval, "difference":
-  seed_interval, "per_seed": {seed: {"value", "reference_value"}}}}`.
+  seeds paired (the values too are means over the paired seeds): `{measure: {"value",
+  "reference_value", "change": seed_interval, "difference": seed_interval, "per_seed": {seed:
+  {"value", "reference_value"}}}}`.
 
   The difference is what to read where the reference is near 0 (a measure such as the answer-NLL
   rise, whose seeds fall on both sides of 0): a relative change there divides by noise."""
@@ -570,9 +590,10 @@ def _pair_measures(
       continue
     read = matched(pair, "task_loss", measure, target=target)["methods"]
     ours, theirs = read[name]["per_seed"], read[reference]["per_seed"]
+    value, reference_value = _paired_means(ours, theirs, measure)
     out[measure] = {
-      "value": read[name][measure],
-      "reference_value": read[reference][measure],
+      "value": value,
+      "reference_value": reference_value,
       "change": relative_change(ours, theirs, measure),
       "difference": seed_interval(
         {s: ours[s][measure] - theirs[s][measure] for s in ours if s in theirs}

@@ -204,6 +204,24 @@ def test_a_measure_whose_reference_straddles_0_is_read_as_a_difference():
   assert "| 1.5000 | 1 | 0.2100 / 0.3100 (-32.3%) | 0.0020 / 0.0010 (+0.0010) |" in by_seed
 
 
+def test_a_method_screened_at_one_seed_is_set_beside_the_references_value_at_that_seed():
+  """The reference ran seeds 0, 1, 2 (forgetting 0.30, 0.31, 0.32 at the middle), the method
+  seed 0 alone (0.15): its pair reads 0.15 against 0.30, the -50% its change says, not against
+  the reference's mean over seeds the method never ran (0.31)."""
+  runs = _sweep("standard", (0, 1, 2), [(1e-4, 2.0, 0.2), (1e-3, 1.0, 0.4)])
+  runs += _sweep("anchor", (0,), [(1e-4, 2.0, 0.1), (1e-3, 1.0, 0.2)])
+  entry = report.build_report("standard", BEFORE, runs)["headline"]
+  entry = entry["anchor_vs_standard_forgetting_change"]
+  assert entry["task_loss"] == pytest.approx(1.5)
+  assert entry["mean"] == pytest.approx(-0.5) and entry["seeds"] == 1
+  assert entry["forgetting"] == pytest.approx(0.15)
+  assert entry["reference_forgetting"] == pytest.approx(0.30)
+  forgetting = entry["measures"]["forgetting"]
+  assert forgetting["value"] == pytest.approx(0.15)
+  assert forgetting["reference_value"] == pytest.approx(0.30)
+  assert forgetting["change"]["mean"] == pytest.approx(-0.5)
+
+
 def test_seed_interval_is_the_t_interval_with_n_minus_1_degrees_of_freedom():
   out = report.seed_interval({0: 1.0, 1: 2.0, 2: 3.0})
   half = 4.302652729749464 / math.sqrt(3)  # t(0.975, 2) * sd 1 / sqrt(3)
