@@ -844,9 +844,12 @@ def relative_change_table(report: Mapping[str, Any]) -> str:
     for name, curve in rows:
       n = len(curve["targets"])
       cells = []
-      for i in sorted({round(q * (n - 1)) for q in (0, 0.25, 0.5, 0.75, 1)}):
-        change = curve["measures"]["forgetting"][i]
-        mean = change["mean"]
+      for q in (0, 0.25, 0.5, 0.75, 1):
+        if n == 1 and q != 0.5:  # an overlap of one point: its middle alone
+          cells.append("-")
+          continue
+        i = round(q * (n - 1))
+        mean = curve["measures"]["forgetting"][i]["mean"]
         text = f"{100 * mean:+.1f}%" if math.isfinite(mean) else "-"
         cells.append(f"{text} at {curve['targets'][i]:.4f}")
       lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -354,6 +354,15 @@ def test_each_method_is_paired_with_the_baseline_rounds_of_its_own_timing():
   assert report.session_ratios([], "standard") == {}
 
 
+def test_an_overlap_of_one_point_fills_the_middle_column_of_the_overlap_table():
+  """Two methods whose sweeps share one task loss: the table over the overlap has a cell for
+  each of its five columns, the reading in the middle, not one cell under "low end"."""
+  runs = _sweep("standard", (0,), [(1e-4, 2.0, 0.2), (1e-3, 1.0, 0.4)])
+  runs += _sweep("anchor", (0,), [(1e-4, 1.0, 0.3), (1e-3, 0.5, 0.5)])
+  table = report.relative_change_table(report.build_report("standard", BEFORE, runs))
+  assert "| anchor_vs_standard | - | - | -25.0% at 1.0000 | - | - |" in table
+
+
 def test_sweeps_of_one_rate_have_no_overlap_and_read_not_reached():
   # One rate per method, two seeds at different losses: no loss lies within every seed's sweep.
   runs = [
