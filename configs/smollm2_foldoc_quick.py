@@ -26,7 +26,7 @@ from configs import smollm2_knowledge, smollm2_knowledge_quick
 # decay, the two FINCH readings that forgot least in the knowledge setting at 3 seeds (the
 # running average, about as much as AdamW; the target reading, 9% more), and the two remedies
 # that forgot less than AdamW there (anchoring, KL to the base). FINCH's defaults (the first batch
-# as reference) and LoRA forgot more there (+13%; 4-6x AdamW's KL) and are left to that setting.
+# as reference) and LoRA forgot more there (+13%; 4.5-7x AdamW's KL) and are left to that setting.
 SHORT_LIST = ("adamw", "adamw_cosine", "finch_running", "finch_target", "anchor", "kl_base")
 
 
