@@ -555,13 +555,10 @@ def _paired_means(
   both = [
     s for s in ours if s in theirs and math.isfinite(ours[s][key]) and math.isfinite(theirs[s][key])
   ]
-  nan = float("nan")
-  if not both:
-    return nan, nan
-  return (
-    statistics.fmean(ours[s][key] for s in both),
-    statistics.fmean(theirs[s][key] for s in both),
+  ours_mean, theirs_mean = (
+    seed_interval({s: side[s][key] for s in both})["mean"] for side in (ours, theirs)
   )
+  return ours_mean, theirs_mean
 
 
 def _pair_measures(
