@@ -296,9 +296,14 @@ def change_curve(
   `key` from one end of the overlap to the other, the relative change of each measure, seeds
   paired (`relative_change`).
 
+  Where the reference's value straddles 0 over the seeds at a target (`relative_is_read`), the
+  relative change there divides by noise: `read_as_change` says so target by target, and
+  `differences` holds the paired difference to read instead.
+
   Returns:
     `{"lo", "hi", "middle", "targets": [...], "measures": {measure: [seed_interval per
-    target]}}`; no targets when the two methods' sweeps do not overlap.
+    target]}, "differences": {measure: [seed_interval per target]}, "read_as_change": {measure:
+    [bool per target]}}`; no targets when the two methods' sweeps do not overlap.
   """
   pair = [r for r in runs if r["method"] in (method, reference)]
   span = overlap(_per_seed_sweeps(pair), key, increasing)
@@ -310,14 +315,29 @@ def change_curve(
   else:
     targets = [span["lo"] + (span["hi"] - span["lo"]) * i / (points - 1) for i in range(points)]
   curves: dict[str, list] = {m: [] for m in measures}
+  differences: dict[str, list] = {m: [] for m in measures}
+  read_as_change: dict[str, list] = {m: [] for m in measures}
   for target in targets:
     for measure in measures:
       read = matched(pair, key, measure, increasing, target=target)["methods"]
-      curves[measure].append(
-        relative_change(read[method]["per_seed"], read[reference]["per_seed"], measure)
+      ours, theirs = read[method]["per_seed"], read[reference]["per_seed"]
+      curves[measure].append(relative_change(ours, theirs, measure))
+      paired = [s for s in ours if s in theirs]
+      differences[measure].append(
+        seed_interval({s: ours[s][measure] - theirs[s][measure] for s in paired})
       )
+      references = {s: {"reference_value": theirs[s][measure]} for s in paired}
+      read_as_change[measure].append(relative_is_read({"per_seed": references}))
   lo, hi, middle = (span[k] if both else float("nan") for k in ("lo", "hi", "middle"))
-  return {"lo": lo, "hi": hi, "middle": middle, "targets": targets, "measures": curves}
+  return {
+    "lo": lo,
+    "hi": hi,
+    "middle": middle,
+    "targets": targets,
+    "measures": curves,
+    "differences": differences,
+    "read_as_change": read_as_change,
+  }
 
 
 # ----- the report ------------------------------------------------------------------------------
@@ -530,6 +550,10 @@ def _headlines(runs: Sequence[Mapping], baseline: str) -> dict[str, dict[str, An
     pair = matched([r for r in runs if r["method"] in (name, reference)], "task_loss", "forgetting")
     both = {name, reference} <= set(pair["overlap"]["methods"])
     ours, theirs = pair["methods"][name]["per_seed"], pair["methods"][reference]["per_seed"]
+    if not both:
+      # No task loss within every seed's sweep of both: nothing is read for the pair (not the
+      # seeds that happen to reach a target only one of the two methods set).
+      ours, theirs = {}, {}
     change = relative_change(ours, theirs, "forgetting")
     forgetting, reference_forgetting = _paired_means(ours, theirs, "forgetting")
     headline[f"{name}_vs_{reference}_forgetting_change"] = {
@@ -702,6 +726,14 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     if math.isfinite(target):
       lo, hi = h["overlap_task_loss"]
       at = f" at matched task loss {target:.4f}, the middle of the pair's overlap {lo:.4f}-{hi:.4f}"
+    forgetting = h.get("measures", {}).get("forgetting")
+    if forgetting and math.isfinite(target) and not relative_is_read(forgetting):
+      lines.append(
+        f"\n{key}: {_difference(forgetting['difference'])} (the reference's rise straddles 0 "
+        f"over the seeds, so the difference in forgetting, not a relative change{at}; seeds "
+        "paired)"
+      )
+      continue
     lines.append(f"\n{key}: {_change(h)} (relative change in forgetting{at}; seeds paired)")
   lines.append(pair_measures_table(report))
   lines.append(per_seed_table(report))
@@ -834,7 +866,8 @@ def relative_change_table(report: Mapping[str, Any]) -> str:
       continue
     lines.append(
       f"\nRelative change in forgetting across each pair's overlap of {key.replace('_', ' ')} "
-      "(mean over paired seeds, at the target shown; relative_change.png):\n"
+      '(mean over paired seeds, at the target shown; relative_change.png; "diff": the '
+      "difference, where the reference's value straddles 0 over the seeds, `relative_is_read`):\n"
     )
     lines.append("| pair | low end | 1/4 | middle | 3/4 | high end |")
     lines.append("| --- | --- | --- | --- | --- | --- |")
@@ -848,6 +881,8 @@ def relative_change_table(report: Mapping[str, Any]) -> str:
         i = round(q * (n - 1))
         mean = curve["measures"]["forgetting"][i]["mean"]
         text = f"{100 * mean:+.1f}%" if math.isfinite(mean) else "-"
+        if not curve.get("read_as_change", {}).get("forgetting", [True] * n)[i]:
+          text = f"{curve['differences']['forgetting'][i]['mean']:+.4f} diff"
         cells.append(f"{text} at {curve['targets'][i]:.4f}")
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -1082,7 +1117,12 @@ def plot_relative_change(report: Mapping[str, Any]) -> Figure:
       for name, curve in curves.items():
         if not curve["targets"]:
           continue
-        points = curve["measures"][measure]
+        # A target where the reference straddles 0 has no relative change to draw: a gap.
+        read = curve.get("read_as_change", {}).get(measure, [True] * len(curve["targets"]))
+        points = [
+          p if ok else seed_interval({})
+          for p, ok in zip(curve["measures"][measure], read, strict=True)
+        ]
         mean = [100 * p["mean"] for p in points]
         lo = [100 * p["ci"][0] for p in points]
         hi = [100 * p["ci"][1] for p in points]
@@ -1098,7 +1138,8 @@ def plot_relative_change(report: Mapping[str, Any]) -> Figure:
   axes[0, 0].legend(fontsize=7)
   fig.suptitle(
     "Change against the reference across the range both sweeps reach (below 0: forgets less);\n"
-    "band: 95% t-interval over paired seeds; dotted: the middle, where the headline is read",
+    "band: 95% t-interval over paired seeds; dotted: the middle, where the headline is read;\n"
+    "gaps: targets where the reference's value straddles 0 (report.json's `differences`)",
     fontsize=9,
   )
   fig.tight_layout()

@@ -204,6 +204,29 @@ def test_a_measure_whose_reference_straddles_0_is_read_as_a_difference():
   assert "| 1.5000 | 1 | 0.2100 / 0.3100 (-32.3%) | 0.0020 / 0.0010 (+0.0010) |" in by_seed
 
 
+def test_a_headline_whose_reference_rise_straddles_0_reads_the_difference():
+  """The reference's retain-loss rise is -0.01, 0.00, +0.01 over three seeds at every rate (a
+  language run where English barely moves), the method's 0.005 below it: a relative change
+  would read -50%, -inf or -50% by seed; the headline, the table over the overlap and the plot
+  give the difference, -0.005, instead."""
+  runs = _sweep("standard", (0, 1, 2), [(1e-4, 2.0, -0.01), (1e-3, 1.0, -0.01)])
+  runs += _sweep("anchor", (0, 1, 2), [(1e-4, 2.0, -0.015), (1e-3, 1.0, -0.015)])
+  out = report.build_report("standard", BEFORE, runs)
+  text = report.markdown_table(out)
+  assert "anchor_vs_standard_forgetting_change: difference -0.0050 [-0.0050, -0.0050], n=3" in text
+  assert "relative change in forgetting at matched" not in text
+  curve = out["relative_change"]["task_loss"]["anchor_vs_standard"]
+  assert curve["read_as_change"]["forgetting"] == [False] * report.GRID_POINTS
+  assert curve["differences"]["forgetting"][4]["mean"] == pytest.approx(-0.005)
+  table = report.relative_change_table(out)
+  assert "| -0.0050 diff at 1.5000 |" in table and "%" not in table.split("\n")[-1]
+  # Where the reference rises at every seed, the same pair reads relative changes as before.
+  for r in runs:
+    r["forgetting"] += 0.1
+  curve = report.build_report("standard", BEFORE, runs)["relative_change"]["task_loss"]
+  assert all(curve["anchor_vs_standard"]["read_as_change"]["forgetting"])
+
+
 def test_a_method_screened_at_one_seed_is_set_beside_the_references_value_at_that_seed():
   """The reference ran seeds 0, 1, 2 (forgetting 0.30, 0.31, 0.32 at the middle), the method
   seed 0 alone (0.15): its pair reads 0.15 against 0.30, the -50% its change says, not against
@@ -374,6 +397,21 @@ def test_sweeps_of_one_rate_have_no_overlap_and_read_not_reached():
   assert span["methods"] == [] and math.isnan(span["middle"])
   out = report.build_report("standard", BEFORE, runs)
   assert math.isnan(out["methods"]["finch"]["forgetting"])
+
+
+def test_a_pair_without_overlap_has_no_headline_even_where_some_seeds_reach_the_target():
+  """The method's seed 1 ran one rate: no task loss lies within both its seeds' sweeps, so the
+  pair has no headline, though seed 0 alone reaches the reference's middle (1.5)."""
+  runs = _sweep("standard", (0, 1), [(1e-4, 2.0, 0.2), (1e-3, 1.0, 0.4)])
+  runs += _sweep("anchor", (0,), [(1e-4, 2.0, 0.1), (1e-3, 1.0, 0.3)])
+  runs += [_run("anchor", 1e-3, 1, 0.9, 0.3)]
+  headline = report.build_report("standard", BEFORE, runs)["headline"]
+  pair = headline["anchor_vs_standard_forgetting_change"]
+  assert math.isnan(pair["task_loss"]) and math.isnan(pair["mean"]) and pair["seeds"] == 0
+  assert math.isnan(pair["forgetting"])
+  assert "anchor_vs_standard_forgetting_change: not reached" in report.markdown_table(
+    report.build_report("standard", BEFORE, runs)
+  )
 
 
 def _diagram(confidence, accuracy):
