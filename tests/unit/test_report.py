@@ -377,6 +377,42 @@ def test_each_method_is_paired_with_the_baseline_rounds_of_its_own_timing():
   assert report.session_ratios([], "standard") == {}
 
 
+def test_a_sweep_of_three_or_more_runs_is_read_along_its_bend_not_straight_lines():
+  """KL 0.5, 0.2, 0.1 at task losses 1, 2, 3: forgetting bends up as the loss falls. At 1.5 the
+  straight line between the two runs beside it reads 0.35; the monotone cubic through all three
+  (PCHIP: slopes -0.4 and -0.15 at losses 1 and 2) reads 0.31875, below the line and between the
+  runs. Two runs are read on their line; the rate on a log scale between its runs."""
+  runs = [
+    {"learning_rate": lr, "task_loss": loss, "retain_kl": kl}
+    for lr, loss, kl in ((1e-5, 3.0, 0.1), (2e-5, 2.0, 0.2), (4e-5, 1.0, 0.5))
+  ]
+  assert report.interpolate(runs, "task_loss", 1.5, "retain_kl") == pytest.approx(0.31875)
+  assert report.interpolate(runs[1:], "task_loss", 1.5, "retain_kl") == pytest.approx(0.35)
+  assert report.interpolate(runs, "task_loss", 2.0, "retain_kl") == pytest.approx(0.2)
+  rate = report.interpolate(runs, "task_loss", 1.5, "learning_rate")
+  assert 2e-5 < rate < 4e-5
+  assert math.isnan(report.interpolate(runs, "task_loss", 0.9, "retain_kl"))
+
+
+def test_held_out_runs_are_read_closer_along_the_bend_than_on_the_line():
+  """KL = 1 / loss^2 at task losses 4, 3, 2, 1 (one seed), a bend like forgetting's: left out,
+  the run at loss 3 (KL 0.1111) reads 0.15625 on the line between its neighbours (+41%), and
+  closer along the cubic through the three others; the ends are never left out."""
+  runs = [
+    {"method": "adamw", "seed": 0, "learning_rate": lr, "task_loss": loss, "retain_kl": loss**-2}
+    for lr, loss in ((1e-5, 4.0), (2e-5, 3.0), (4e-5, 2.0), (8e-5, 1.0))
+  ]
+  rows = report.held_out_readings(runs, "adamw", "retain_kl")
+  assert [r["learning_rate"] for r in rows] == [2e-5, 4e-5]
+  first = rows[0]
+  assert first["value"] == pytest.approx(1 / 9) and first["line"] == pytest.approx(0.15625)
+  for row in rows:
+    assert abs(row["cubic"] - row["value"]) < abs(row["line"] - row["value"])
+  table = report.held_out_table(runs, "adamw", "retain_kl")
+  assert "| 0 | 2e-05 | 0.1111 | 0.1562 (+40.6%) |" in table
+  assert "line: mean error +" in table and "over 2 runs" in table
+
+
 def test_an_overlap_of_one_point_fills_the_middle_column_of_the_overlap_table():
   """Two methods whose sweeps share one task loss: the table over the overlap has a cell for
   each of its five columns, the reading in the middle, not one cell under "low end"."""
