@@ -394,6 +394,29 @@ def test_a_sweep_of_three_or_more_runs_is_read_along_its_bend_not_straight_lines
   assert math.isnan(report.interpolate(runs, "task_loss", 0.9, "retain_kl"))
 
 
+def test_the_headline_shows_the_straight_line_reading_where_it_differs():
+  """Three rates per sweep, forgetting bending upward for the reference and straight for the
+  method: at the middle (task loss 2) the cubic and the line read the reference differently,
+  and the headline prints both; with two rates per sweep they agree and only one is printed."""
+  points_ref = [(1e-4, 3.0, 0.1), (3e-4, 1.5, 0.2), (1e-3, 1.0, 0.6)]
+  points_method = [(1e-4, 3.0, 0.1), (3e-4, 2.0, 0.3), (1e-3, 1.0, 0.5)]
+  runs = _sweep("standard", (0, 1), points_ref) + _sweep("anchor", (0, 1), points_method)
+  out = report.build_report("standard", BEFORE, runs)
+  h = out["headline"]["anchor_vs_standard_forgetting_change"]
+  assert h["task_loss"] == pytest.approx(2.0)
+  # The line between (3.0, 0.1) and (1.5, 0.2) reads 0.1667 at 2.0; the method's run there
+  # 0.3 (each +0.01 per seed).
+  for seed, change in h["change_on_lines"]["per_seed"].items():
+    reference, method = 0.1 + 0.1 / 1.5 + 0.01 * int(seed), 0.3 + 0.01 * int(seed)
+    assert change == pytest.approx((method - reference) / reference)
+  assert abs(h["change_on_lines"]["mean"] - h["mean"]) >= 0.01
+  assert f"; on straight lines between the rates: {100 * h['change_on_lines']['mean']:+.1f}%" in (
+    report.markdown_table(out)
+  )
+  two = report.build_report("standard", BEFORE, RUNS)
+  assert "on straight lines" not in report.markdown_table(two)
+
+
 def test_held_out_runs_are_read_closer_along_the_bend_than_on_the_line():
   """KL = 1 / loss^2 at task losses 4, 3, 2, 1 (one seed), a bend like forgetting's: left out,
   the run at loss 3 (KL 0.1111) reads 0.15625 on the line between its neighbours (+41%), and
