@@ -1309,15 +1309,15 @@ def held_out_table(runs: Sequence[Mapping[str, Any]], method: str, measure: str)
   ]
   errors: dict[str, list[float]] = {"line": [], "cubic": []}
   for row in rows:
-    cells = []
+    cells = [str(row["seed"]), f"{row['learning_rate']:.3g}", f"{row['value']:.4f}"]
     for reading in ("line", "cubic"):
+      if row["value"] == 0:  # no relative error to give
+        cells.append(f"{row[reading]:.4f}")
+        continue
       error = (row[reading] - row["value"]) / abs(row["value"])
       errors[reading].append(error)
       cells.append(f"{row[reading]:.4f} ({100 * error:+.1f}%)")
-    lines.append(
-      f"| {row['seed']} | {row['learning_rate']:.3g} | {row['value']:.4f} | " + " | ".join(cells)
-    )
-    lines[-1] += " |"
+    lines.append("| " + " | ".join(cells) + " |")
   for reading, values in errors.items():
     if values:
       lines.append(
