@@ -306,6 +306,54 @@ def relative_change(
   return seed_interval(changes)
 
 
+def run_matched(
+  runs: Sequence[Mapping[str, Any]], method: str, reference: str, measure: str
+) -> dict[str, Any]:
+  """Each run of `method` against `reference`'s sweep of the same seed, read at the run's own
+  task loss: the reading that needs no task loss common to every seed (where a method's seeds
+  land too far apart for one, the matched reading at a common target has nothing to read).
+
+  A seed's change is the mean of its runs' relative changes; the interval is over seeds
+  (`seed_interval`). Runs outside their seed's reference sweep are left out. Where the
+  reference's values straddle 0 (`relative_is_read`, on each seed's mean), `read_as_change` is
+  False and the paired `difference` is the figure to read.
+
+  Returns:
+    `{"runs": [{"seed", "learning_rate", "task_loss", "value", "reference_value", "change"}],
+    "change": seed_interval, "difference": seed_interval, "read_as_change": bool}`.
+  """
+  references = {points[0]["seed"]: points for points in _per_seed_sweeps(runs).get(reference, [])}
+  rows, by_seed = [], {}
+  for run in runs:
+    if run["method"] != method or run["seed"] not in references:
+      continue
+    theirs = interpolate(references[run["seed"]], "task_loss", run["task_loss"], measure)
+    if not math.isfinite(theirs) or theirs == 0:
+      continue
+    change = (run[measure] - theirs) / abs(theirs)
+    rows.append(
+      {
+        "seed": run["seed"],
+        "learning_rate": run["learning_rate"],
+        "task_loss": run["task_loss"],
+        "value": run[measure],
+        "reference_value": theirs,
+        "change": change,
+      }
+    )
+    by_seed.setdefault(run["seed"], []).append(rows[-1])
+  mean = lambda seed_rows, k: statistics.fmean(r[k] for r in seed_rows)  # noqa: E731
+  references = {s: {"reference_value": mean(rs, "reference_value")} for s, rs in by_seed.items()}
+  return {
+    "runs": rows,
+    "change": seed_interval({s: mean(rs, "change") for s, rs in by_seed.items()}),
+    "difference": seed_interval(
+      {s: mean(rs, "value") - mean(rs, "reference_value") for s, rs in by_seed.items()}
+    ),
+    "read_as_change": relative_is_read({"per_seed": references}),
+  }
+
+
 def change_curve(
   runs: Sequence[Mapping[str, Any]],
   method: str,
@@ -603,6 +651,10 @@ def _headlines(runs: Sequence[Mapping], baseline: str) -> dict[str, dict[str, An
       "forgetting": forgetting,
       "reference_forgetting": reference_forgetting,
       "change_on_lines": line_change,
+      "run_matched": {
+        m: run_matched(runs, name, reference, m)
+        for m in _measures([r for r in runs if r["method"] in (name, reference)])
+      },
       "measures": _pair_measures(runs, name, reference, pair["target"] if both else None),
     }
   return headline
@@ -779,6 +831,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     lines.append(text)
   lines.append(pair_measures_table(report))
   lines.append(per_seed_table(report))
+  lines.append(run_matched_table(report))
   lines.append(relative_change_table(report))
   acc = report.get("at_matched_accuracy")
   if acc:
@@ -892,6 +945,39 @@ def per_seed_table(report: Mapping[str, Any]) -> str:
           text = f" ({read['difference']['per_seed'][seed]:+.4f})"
         cells.append(f"{entry['value']:.4f} / {entry['reference_value']:.4f}{text}")
       lines.append(f"| {pair} | {target:.4f} | {seed} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def run_matched_table(report: Mapping[str, Any]) -> str:
+  """Each pair read run by run (`run_matched`): every run of the method against the reference
+  of its seed at the run's own task loss, the relative change of each measure over seeds."""
+  rows = [
+    (key.removesuffix("_forgetting_change"), h["run_matched"])
+    for key, h in report.get("headline", {}).items()
+    if any(r["runs"] for r in h.get("run_matched", {}).values())
+  ]
+  if not rows:
+    return ""
+  measures = list(dict.fromkeys(m for _, by_measure in rows for m in by_measure))
+  lines = [
+    "\nEach run against the reference's sweep of its own seed, at the run's own task loss (no "
+    "common target needed; relative change, a seed's runs averaged, then "
+    f"{INTERVAL_NOTE}; the difference where the reference straddles 0):\n",
+    "| pair | runs | " + " | ".join(measures) + " |",
+    "| --- " * (len(measures) + 2) + "|",
+  ]
+  for pair, by_measure in rows:
+    n = max(len(r["runs"]) for r in by_measure.values())
+    cells = []
+    for m in measures:
+      entry = by_measure.get(m)
+      if entry is None:
+        cells.append("-")
+      elif entry["read_as_change"]:
+        cells.append(_change(entry["change"]))
+      else:  # the reference straddles 0: a relative change would divide by noise
+        cells.append(_difference(entry["difference"]))
+    lines.append(f"| {pair} | {n} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 

@@ -417,6 +417,30 @@ def test_the_headline_shows_the_straight_line_reading_where_it_differs():
   assert "on straight lines" not in report.markdown_table(two)
 
 
+def test_each_run_is_read_against_its_seeds_reference_at_its_own_task_loss():
+  """The method's seeds land at task losses 1.2 and 1.3 (no loss lies in both seeds' sweeps, so
+  no common target): run by run, seed 0 (forgetting 0.30 at 1.2, the reference's line 0.36
+  there) reads -16.7%, seed 1 (0.28 at 1.3, the reference 0.35) -20%; with the reference
+  straddling 0 the figure is the difference instead."""
+  runs = _sweep("standard", (0, 1), [(1e-4, 2.0, 0.2), (1e-3, 1.0, 0.4)])
+  runs += [_run("anchor", 1e-3, 0, 1.2, 0.30), _run("anchor", 1e-3, 1, 1.3, 0.28)]
+  runs += [_run("anchor", 2e-3, 1, 2.5, 0.9)]  # beyond the reference's sweep: left out
+  read = report.run_matched(runs, "anchor", "standard", "forgetting")
+  assert [r["seed"] for r in read["runs"]] == [0, 1]
+  assert read["runs"][0]["reference_value"] == pytest.approx(0.36)
+  assert read["change"]["per_seed"] == pytest.approx({"0": -0.06 / 0.36, "1": -0.2})
+  assert read["read_as_change"]
+  out = report.build_report("standard", BEFORE, runs)
+  assert math.isnan(out["headline"]["anchor_vs_standard_forgetting_change"]["mean"])
+  assert "| anchor_vs_standard | 2 | -18.3% [" in report.run_matched_table(out)
+  for r in runs:
+    if r["method"] == "standard":
+      r["forgetting"] = 0.01 if r["seed"] == 0 else -0.01
+  read = report.run_matched(runs, "anchor", "standard", "forgetting")
+  assert not read["read_as_change"]
+  assert read["difference"]["per_seed"] == pytest.approx({"0": 0.29, "1": 0.29})
+
+
 def test_held_out_runs_are_read_closer_along_the_bend_than_on_the_line():
   """KL = 1 / loss^2 at task losses 4, 3, 2, 1 (one seed), a bend like forgetting's: left out,
   the run at loss 3 (KL 0.1111) reads 0.15625 on the line between its neighbours (+41%), and
