@@ -618,29 +618,26 @@ def _headlines(runs: Sequence[Mapping], baseline: str) -> dict[str, dict[str, An
   headline = {}
   methods = list(dict.fromkeys(r["method"] for r in runs))
   for name, reference in _pairs(methods, baseline):
-    pair = matched([r for r in runs if r["method"] in (name, reference)], "task_loss", "forgetting")
+    pair_runs = [r for r in runs if r["method"] in (name, reference)]
+    pair = matched(pair_runs, "task_loss", "forgetting")
     both = {name, reference} <= set(pair["overlap"]["methods"])
     ours, theirs = pair["methods"][name]["per_seed"], pair["methods"][reference]["per_seed"]
-    if not both:
+    line_change = seed_interval({})
+    if both:
+      # The same pair read on straight lines between the rates: how much the reading itself
+      # moves the figure where the sweeps are coarse.
+      on_lines = matched(pair_runs, "task_loss", "forgetting", target=pair["target"], line=True)
+      line_change = relative_change(
+        on_lines["methods"][name]["per_seed"],
+        on_lines["methods"][reference]["per_seed"],
+        "forgetting",
+      )
+    else:
       # No task loss within every seed's sweep of both: nothing is read for the pair (not the
       # seeds that happen to reach a target only one of the two methods set).
       ours, theirs = {}, {}
     change = relative_change(ours, theirs, "forgetting")
     forgetting, reference_forgetting = _paired_means(ours, theirs, "forgetting")
-    # The same pair read on straight lines between the rates: how much the reading itself moves
-    # the figure where the sweeps are coarse.
-    on_lines = matched(
-      [r for r in runs if r["method"] in (name, reference)],
-      "task_loss",
-      "forgetting",
-      target=pair["target"],
-      line=True,
-    )["methods"]
-    line_change = (
-      relative_change(on_lines[name]["per_seed"], on_lines[reference]["per_seed"], "forgetting")
-      if both
-      else seed_interval({})
-    )
     headline[f"{name}_vs_{reference}_forgetting_change"] = {
       "mean": change["mean"],
       "ci": change["ci"],
@@ -651,10 +648,7 @@ def _headlines(runs: Sequence[Mapping], baseline: str) -> dict[str, dict[str, An
       "forgetting": forgetting,
       "reference_forgetting": reference_forgetting,
       "change_on_lines": line_change,
-      "run_matched": {
-        m: run_matched(runs, name, reference, m)
-        for m in _measures([r for r in runs if r["method"] in (name, reference)])
-      },
+      "run_matched": {m: run_matched(pair_runs, name, reference, m) for m in _measures(pair_runs)},
       "measures": _pair_measures(runs, name, reference, pair["target"] if both else None),
     }
   return headline
@@ -810,25 +804,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
       f"| {formatted(m.get('learning_rate'), '.3g')} | {_cost(m, name == report.get('baseline'))} "
       f"| {memory_size(m.get('extra_bytes', 0))} |"
     )
-  for key, h in report.get("headline", {}).items():
-    target = h["task_loss"]
-    at = ""
-    if math.isfinite(target):
-      lo, hi = h["overlap_task_loss"]
-      at = f" at matched task loss {target:.4f}, the middle of the pair's overlap {lo:.4f}-{hi:.4f}"
-    forgetting = h.get("measures", {}).get("forgetting")
-    if forgetting and math.isfinite(target) and not relative_is_read(forgetting):
-      lines.append(
-        f"\n{key}: {_difference(forgetting['difference'])} (the reference's rise straddles 0 "
-        f"over the seeds, so the difference in forgetting, not a relative change{at}; seeds "
-        "paired)"
-      )
-      continue
-    text = f"\n{key}: {_change(h)} (relative change in forgetting{at}; seeds paired)"
-    on_lines = h.get("change_on_lines", {}).get("mean", float("nan"))
-    if math.isfinite(on_lines) and abs(on_lines - h["mean"]) >= 0.01:
-      text += f"; on straight lines between the rates: {_change(h['change_on_lines'])}"
-    lines.append(text)
+  lines += [_headline_text(key, h) for key, h in report.get("headline", {}).items()]
   lines.append(pair_measures_table(report))
   lines.append(per_seed_table(report))
   lines.append(run_matched_table(report))
@@ -851,6 +827,28 @@ def markdown_table(report: Mapping[str, Any]) -> str:
   if "convergence" in report:
     lines.append(convergence.markdown(report["convergence"], report.get("baseline")))
   return "\n".join(lines)
+
+
+def _headline_text(key: str, h: Mapping[str, Any]) -> str:
+  """One pair's headline sentence: its relative change in forgetting where it was read (the
+  difference where the reference straddles 0), with the straight-line reading beside it where
+  that differs by a point or more."""
+  target = h["task_loss"]
+  at = ""
+  if math.isfinite(target):
+    lo, hi = h["overlap_task_loss"]
+    at = f" at matched task loss {target:.4f}, the middle of the pair's overlap {lo:.4f}-{hi:.4f}"
+  forgetting = h.get("measures", {}).get("forgetting")
+  if forgetting and math.isfinite(target) and not relative_is_read(forgetting):
+    return (
+      f"\n{key}: {_difference(forgetting['difference'])} (the reference's rise straddles 0 over "
+      f"the seeds, so the difference in forgetting, not a relative change{at}; seeds paired)"
+    )
+  text = f"\n{key}: {_change(h)} (relative change in forgetting{at}; seeds paired)"
+  on_lines = h.get("change_on_lines", {}).get("mean", float("nan"))
+  if math.isfinite(on_lines) and abs(on_lines - h["mean"]) >= 0.01:
+    text += f"; on straight lines between the rates: {_change(h['change_on_lines'])}"
+  return text
 
 
 def relative_is_read(entry: Mapping[str, Any]) -> bool:
