@@ -32,7 +32,12 @@ method's run nearest the matched task loss.
 
 A study kept across sessions is a directory of run summaries (`runs/METHOD/NAME.json`, one per
 finished run) and `study.json` (the baseline, the methods' order, the step timings); `python -m
-finch_jax.report DIR` rebuilds report.json, report.md and the plots there from those files alone.
+finch_jax.report DIR` rebuilds report.json, report.md and the plots there from those files alone
+(`--held_out METHOD` checks the sweep reading against runs left out).
+
+Run by run: each pair is also read with every run of the method against the reference's sweep of
+its own seed at the run's own task loss (`run_matched`), which needs no task loss common to
+every seed.
 
 Pure: this module reads finished runs (dicts) and writes files; it runs nothing.
 """
@@ -1413,7 +1418,9 @@ def held_out_table(runs: Sequence[Mapping[str, Any]], method: str, measure: str)
 
 def main(argv: Sequence[str] | None = None) -> int:
   """`python -m finch_jax.report DIR`: rebuilds DIR's report.json, report.md and plots from the
-  run summaries and study.json there, and prints the table. Trains nothing."""
+  run summaries and study.json there, and prints the table. `--held_out METHOD[:MEASURE]`
+  instead prints how well the sweep reading finds METHOD's runs left out (`held_out_table`),
+  writing nothing. Trains nothing."""
   parser = argparse.ArgumentParser(
     prog="python -m finch_jax.report",
     description="Rebuild a study's report from its results directory (runs/*/*.json, study.json).",
