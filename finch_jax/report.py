@@ -456,9 +456,13 @@ def _pairs(methods: Sequence[str], baseline: str) -> list[tuple[str, str]]:
 
 
 def _matchings(runs: Sequence[Mapping]) -> list[tuple[str, bool]]:
-  """(key, increasing) of what the runs can be matched at: task loss, and a task accuracy the
-  runs all have."""
-  accuracy = next((a for a in TASK_ACCURACIES if all(a in r for r in runs)), None)
+  """(key, increasing) of what the runs can be matched at: task loss, and the first task
+  accuracy the runs all have that tells them apart (exact match of paragraph-long answers is 0
+  at every run, and a score every run shares has no middle to read at)."""
+  accuracy = next(
+    (a for a in TASK_ACCURACIES if all(a in r for r in runs) and len({r[a] for r in runs}) > 1),
+    None,
+  )
   return [("task_loss", False)] + [(accuracy, True)] * bool(accuracy)
 
 

@@ -142,6 +142,17 @@ def test_every_measure_is_read_at_matched_loss_and_at_matched_accuracy():
   assert "KL(base || fine-tuned)" in text
 
 
+def test_a_task_score_every_run_shares_is_not_matched_at():
+  # Exact match of paragraph-long answers is 0 at every run: matching at it would read each
+  # method at "accuracy 0", wherever its sweep ends; the token accuracy beside it tells runs apart.
+  runs = [dict(r, task_exact=0.0, task_accuracy=1.0 - r["task_loss"] / 4) for r in RUNS]
+  out = report.build_report("standard", BEFORE, runs)
+  assert set(out["measures"]) == {"task_loss", "task_accuracy"}
+  assert out["measures"]["task_accuracy"]["target"] == pytest.approx(0.625)
+  assert "task_exact" not in out["relative_change"]
+  assert "At matched task exact" not in report.markdown_table(out)
+
+
 def test_each_pair_reads_every_measure_at_the_middle_of_its_own_overlap():
   """Standard spans task loss 1.0 to 2.0, anchor 1.5 to 2.5 (shifted up): the pair's overlap is
   1.5 to 2.0 and is read at 1.75, where the overlap of all three methods would not be."""
