@@ -294,6 +294,11 @@ def matched(
   return out
 
 
+def _relative(value: float, reference: float) -> float:
+  """(value - reference) / |reference|: the relative change every reading of the report gives."""
+  return (value - reference) / abs(reference)
+
+
 def relative_change(
   per_seed: Mapping[Any, Mapping[str, float]],
   baseline: Mapping[Any, Mapping[str, float]],
@@ -304,7 +309,7 @@ def relative_change(
   A seed where the baseline's value is 0 has no relative change and is left out.
   """
   changes = {
-    s: (per_seed[s][value] - baseline[s][value]) / abs(baseline[s][value])
+    s: _relative(per_seed[s][value], baseline[s][value])
     for s in per_seed
     if s in baseline and baseline[s][value] != 0
   }
@@ -327,35 +332,35 @@ def run_matched(
     `{"runs": [{"seed", "learning_rate", "task_loss", "value", "reference_value", "change"}],
     "change": seed_interval, "difference": seed_interval, "read_as_change": bool}`.
   """
-  references = {points[0]["seed"]: points for points in _per_seed_sweeps(runs).get(reference, [])}
+  sweeps = {points[0]["seed"]: points for points in _per_seed_sweeps(runs).get(reference, [])}
   rows, by_seed = [], {}
   for run in runs:
-    if run["method"] != method or run["seed"] not in references:
+    if run["method"] != method or run["seed"] not in sweeps:
       continue
-    theirs = interpolate(references[run["seed"]], "task_loss", run["task_loss"], measure)
+    theirs = interpolate(sweeps[run["seed"]], "task_loss", run["task_loss"], measure)
     if not math.isfinite(theirs) or theirs == 0:
       continue
-    change = (run[measure] - theirs) / abs(theirs)
-    rows.append(
-      {
-        "seed": run["seed"],
-        "learning_rate": run["learning_rate"],
-        "task_loss": run["task_loss"],
-        "value": run[measure],
-        "reference_value": theirs,
-        "change": change,
-      }
-    )
-    by_seed.setdefault(run["seed"], []).append(rows[-1])
+    row = {
+      "seed": run["seed"],
+      "learning_rate": run["learning_rate"],
+      "task_loss": run["task_loss"],
+      "value": run[measure],
+      "reference_value": theirs,
+      "change": _relative(run[measure], theirs),
+    }
+    rows.append(row)
+    by_seed.setdefault(run["seed"], []).append(row)
   mean = lambda seed_rows, k: statistics.fmean(r[k] for r in seed_rows)  # noqa: E731
-  references = {s: {"reference_value": mean(rs, "reference_value")} for s, rs in by_seed.items()}
+  seed_references = {
+    s: {"reference_value": mean(rs, "reference_value")} for s, rs in by_seed.items()
+  }
   return {
     "runs": rows,
     "change": seed_interval({s: mean(rs, "change") for s, rs in by_seed.items()}),
     "difference": seed_interval(
       {s: mean(rs, "value") - mean(rs, "reference_value") for s, rs in by_seed.items()}
     ),
-    "read_as_change": relative_is_read({"per_seed": references}),
+    "read_as_change": relative_is_read({"per_seed": seed_references}),
   }
 
 
@@ -878,6 +883,13 @@ def _difference(entry: Mapping[str, Any]) -> str:
   return "difference " + formatted(entry["mean"], "+.4f", entry["ci"], entry["n"])
 
 
+def _change_or_difference(entry: Mapping[str, Any], as_change: bool) -> str:
+  """A pair's reading of one measure: its relative change (`entry["change"]`), or with
+  `as_change` False (the reference straddles 0, so a relative change would divide by noise) its
+  difference (`entry["difference"]`)."""
+  return _change(entry["change"]) if as_change else _difference(entry["difference"])
+
+
 def pair_measures_table(report: Mapping[str, Any]) -> str:
   """Each pair at the middle of its own overlap, every forgetting measure: "method / reference
   (relative change)", the change's interval where seeds give one; the difference instead where
@@ -905,10 +917,8 @@ def pair_measures_table(report: Mapping[str, Any]) -> str:
         cells.append("-")
         continue
       values = f"{formatted(entry['value'], '.4f')} / {formatted(entry['reference_value'], '.4f')}"
-      if relative_is_read(entry) or "difference" not in entry:
-        cells.append(f"{values} ({_change(entry['change'])})")
-      else:
-        cells.append(f"{values} ({_difference(entry['difference'])})")
+      as_change = relative_is_read(entry) or "difference" not in entry
+      cells.append(f"{values} ({_change_or_difference(entry, as_change)})")
     lines.append(f"| {pair} | {h['task_loss']:.4f} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -978,12 +988,7 @@ def run_matched_table(report: Mapping[str, Any]) -> str:
     cells = []
     for m in measures:
       entry = by_measure.get(m)
-      if entry is None:
-        cells.append("-")
-      elif entry["read_as_change"]:
-        cells.append(_change(entry["change"]))
-      else:  # the reference straddles 0: a relative change would divide by noise
-        cells.append(_difference(entry["difference"]))
+      cells.append("-" if entry is None else _change_or_difference(entry, entry["read_as_change"]))
     lines.append(f"| {pair} | {n} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -1407,7 +1412,7 @@ def held_out_table(runs: Sequence[Mapping[str, Any]], method: str, measure: str)
       if row["value"] == 0:  # no relative error to give
         cells.append(f"{row[reading]:.4f}")
         continue
-      error = (row[reading] - row["value"]) / abs(row["value"])
+      error = _relative(row[reading], row["value"])
       errors[reading].append(error)
       cells.append(f"{row[reading]:.4f} ({100 * error:+.1f}%)")
     lines.append("| " + " | ".join(cells) + " |")
