@@ -4,8 +4,10 @@ FINCH changes the effective learning rate, so comparing methods at one nominal r
 that larger steps learn more and forget more. Each method therefore runs a short sweep of
 learning rates over several seeds; along each sweep (ordered by rate, keeping only points where
 a higher rate gives a lower task loss) forgetting is interpolated at a common task loss: on the
-line between two runs, along the monotone cubic through three or more (`interpolate`). Where
-the data has facts to recall, the same is done at matched task accuracy.
+line between two runs, along the monotone cubic through three or more (`interpolate`). The
+same is done at matched task accuracy: fact recall, else exact answers, else token accuracy,
+the first the runs all have that tells them apart (exact match of paragraph-long answers is 0
+at every run, so such a study is matched at token accuracy).
 
 Which task loss: every sweep (one method and seed) spans a range of task losses; the methods'
 ranges overlap on an interval, and the headline is read at its arithmetic middle, where every
