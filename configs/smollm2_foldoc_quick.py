@@ -13,9 +13,12 @@ recalls, and calibration over all element probes before and after.
 The size is that of the knowledge setting on two CPU cores (64 steps of 4 rows of 128 tokens);
 definitions are cut to about 300 characters so that a question and its answer fit a row. The
 methods are the shorter list: AdamW (the baseline), AdamW with warm-up and cosine decay, FINCH's
-running-average and target readings, anchoring to the base weights and KL to the base on its own
-samples. Each finished run's summary is kept in `docs/results/smollm2_foldoc/`; `python -m
-finch_jax.report docs/results/smollm2_foldoc` rebuilds the report from those files alone.
+running- average and target readings, anchoring to the base weights and KL to the base on its own
+samples. FINCH's target reading keeps the knowledge setting's target loss (1.0): the training loss
+here stays near 3.3, so the reading is a rate about 0.57x AdamW's that still falls on harder
+batches; a target near 3.3 would clip it to AdamW's rate instead. Each finished run's summary is
+kept in `docs/results/smollm2_foldoc/`; `python -m finch_jax.report docs/results/smollm2_foldoc`
+rebuilds the report from those files alone.
 """
 
 import ml_collections
@@ -43,7 +46,11 @@ def get_config() -> ml_collections.ConfigDict:
     "task": {"name": "", "split": "validation"},
     "retain": {"name": "debian/bible_web", "split": "validation"},
   }
-  methods = smollm2_knowledge.methods(adamw=5e-5)
+  # Centred where the held-out task loss still falls with the rate. AdamW's screening at seed 0
+  # (1.8e-5 to 9.8e-5): 3.264, 3.230, 3.208 up to 3.6e-5, then 3.197, 3.194, 3.208 while the KL
+  # to the base doubled; a rate that buys no task loss on unseen definitions only costs what the
+  # model knew, so the sweeps sit below it (AdamW 1.8e-5 to 7.1e-5).
+  methods = smollm2_knowledge.methods(adamw=3.6e-5)
   config.compare.methods = {name: methods[name] for name in SHORT_LIST}
   config.compare.results_dir = "docs/results/smollm2_foldoc"
   return config
