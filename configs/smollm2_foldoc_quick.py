@@ -13,7 +13,7 @@ recalls, and calibration over all element probes before and after.
 The size is that of the knowledge setting on two CPU cores (64 steps of 4 rows of 128 tokens);
 definitions are cut to about 300 characters so that a question and its answer fit a row. The
 methods are the shorter list: AdamW (the baseline), AdamW with warm-up and cosine decay, FINCH's
-running- average and target readings, anchoring to the base weights and KL to the base on its own
+running-average and target readings, anchoring to the base weights and KL to the base on its own
 samples. FINCH's target reading keeps the knowledge setting's target loss (1.0): the training loss
 here stays near 3.3, so the reading is a rate about 0.57x AdamW's that still falls on harder
 batches; a target near 3.3 would clip it to AdamW's rate instead. Each finished run's summary is
