@@ -327,8 +327,8 @@ def run_matched(
 
   A seed's change is the mean of its runs' relative changes; the interval is over seeds
   (`seed_interval`). Runs outside their seed's reference sweep are left out. Where the
-  reference's values straddle 0 (`relative_is_read`, on each seed's mean), `read_as_change` is
-  False and the paired `difference` is the figure to read.
+  reference's values are not clearly above 0 (`relative_is_read`, on each seed's mean),
+  `read_as_change` is False and the paired `difference` is the figure to read.
 
   Returns:
     `{"runs": [{"seed", "learning_rate", "task_loss", "value", "reference_value", "change"}],
@@ -379,9 +379,10 @@ def change_curve(
   `key` from one end of the overlap to the other, the relative change of each measure, seeds
   paired (`relative_change`).
 
-  Where the reference's value straddles 0 over the seeds at a target (`relative_is_read`), the
-  relative change there divides by noise: `read_as_change` says so target by target, and
-  `differences` holds the paired difference to read instead.
+  Where the reference's value is not clearly above 0 over the seeds at a target
+  (`relative_is_read`), a relative change there divides by noise or reads backwards:
+  `read_as_change` says so target by target, and `differences` holds the paired difference to
+  read instead.
 
   Returns:
     `{"lo", "hi", "middle", "targets": [...], "measures": {measure: [seed_interval per
@@ -847,8 +848,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
 
 def _headline_text(key: str, h: Mapping[str, Any]) -> str:
   """One pair's headline sentence: its relative change in forgetting where it was read (the
-  difference where the reference straddles 0), with the straight-line reading beside it where
-  that differs by a point or more."""
+  difference where the reference is not clearly above 0), with the straight-line reading beside
+  it where that differs by a point or more."""
   target = h["task_loss"]
   at = ""
   if math.isfinite(target):
@@ -857,8 +858,9 @@ def _headline_text(key: str, h: Mapping[str, Any]) -> str:
   forgetting = h.get("measures", {}).get("forgetting")
   if forgetting and math.isfinite(target) and not relative_is_read(forgetting):
     return (
-      f"\n{key}: {_difference(forgetting['difference'])} (the reference's rise straddles 0 over "
-      f"the seeds, so the difference in forgetting, not a relative change{at}; seeds paired)"
+      f"\n{key}: {_difference(forgetting['difference'])} (the reference's rise is not "
+      f"clearly above 0 over the seeds, so the difference in forgetting, not a relative "
+      f"change{at}; seeds paired)"
     )
   text = f"\n{key}: {_change(h)} (relative change in forgetting{at}; seeds paired)"
   on_lines = h.get("change_on_lines", {}).get("mean", float("nan"))
@@ -868,13 +870,15 @@ def _headline_text(key: str, h: Mapping[str, Any]) -> str:
 
 
 def relative_is_read(entry: Mapping[str, Any]) -> bool:
-  """Whether a pair's measure is read as a relative change: every seed's reference value is on
-  the same side of 0 (none is 0) and, with more than one seed, the 95% interval of the
-  reference's mean leaves 0 out. Otherwise the change divides by noise (a reference of 0.001 at
-  one seed and 0.01 at the next), and the table gives the difference instead."""
+  """Whether a pair's measure is read as a relative change: every seed's reference value is
+  above 0 and, with more than one seed, the 95% interval of the reference's mean leaves 0 out.
+  Otherwise the table gives the difference instead: near 0 the change divides by noise (a
+  reference of 0.001 at one seed and 0.01 at the next), and below 0 the reference did not forget
+  at all (English text that fine-tuning on English definitions made easier), where "54% more"
+  of a fall that was smaller reads backwards."""
   refs = {s: v["reference_value"] for s, v in entry.get("per_seed", {}).items()}
   finite = [v for v in refs.values() if math.isfinite(v)]
-  if not finite or not (all(v > 0 for v in finite) or all(v < 0 for v in finite)):
+  if not finite or not all(v > 0 for v in finite):
     return False
   lo, hi = seed_interval(refs)["ci"]
   return not (lo <= 0 <= hi)  # NaN (one seed) compares False: read by its sign alone
@@ -887,8 +891,8 @@ def _difference(entry: Mapping[str, Any]) -> str:
 
 def _change_or_difference(entry: Mapping[str, Any], as_change: bool) -> str:
   """A pair's reading of one measure: its relative change (`entry["change"]`), or with
-  `as_change` False (the reference straddles 0, so a relative change would divide by noise) its
-  difference (`entry["difference"]`)."""
+  `as_change` False (the reference is not clearly above 0, so a relative change would divide by
+  noise or read backwards) its difference (`entry["difference"]`)."""
   return _change(entry["change"]) if as_change else _difference(entry["difference"])
 
 
@@ -981,7 +985,7 @@ def run_matched_table(report: Mapping[str, Any]) -> str:
   lines = [
     "\nEach run against the reference's sweep of its own seed, at the run's own task loss (no "
     "common target needed; relative change, a seed's runs averaged, then "
-    f"{INTERVAL_NOTE}; the difference where the reference straddles 0):\n",
+    f"{INTERVAL_NOTE}; the difference where the reference is not clearly above 0):\n",
     "| pair | runs | " + " | ".join(measures) + " |",
     "| --- " * (len(measures) + 2) + "|",
   ]
@@ -1009,7 +1013,8 @@ def relative_change_table(report: Mapping[str, Any]) -> str:
     lines.append(
       f"\nRelative change in forgetting across each pair's overlap of {key.replace('_', ' ')} "
       '(mean over paired seeds, at the target shown; relative_change.png; "diff": the '
-      "difference, where the reference's value straddles 0 over the seeds, `relative_is_read`):\n"
+      "difference, where the reference's value is not clearly above 0 over the seeds, "
+      "`relative_is_read`):\n"
     )
     lines.append("| pair | low end | 1/4 | middle | 3/4 | high end |")
     lines.append("| --- | --- | --- | --- | --- | --- |")
@@ -1259,7 +1264,7 @@ def plot_relative_change(report: Mapping[str, Any]) -> Figure:
       for name, curve in curves.items():
         if not curve["targets"]:
           continue
-        # A target where the reference straddles 0 has no relative change to draw: a gap.
+        # A target where the reference is not clearly above 0 has no relative change: a gap.
         read = curve.get("read_as_change", {}).get(measure, [True] * len(curve["targets"]))
         points = [
           p if ok else seed_interval({})
@@ -1281,7 +1286,8 @@ def plot_relative_change(report: Mapping[str, Any]) -> Figure:
   fig.suptitle(
     "Change against the reference across the range both sweeps reach (below 0: forgets less);\n"
     "band: 95% t-interval over paired seeds; dotted: the middle, where the headline is read;\n"
-    "gaps: targets where the reference's value straddles 0 (report.json's `differences`)",
+    "gaps: targets where the reference's value is not clearly above 0 (report.json's "
+    "`differences`)",
     fontsize=9,
   )
   fig.tight_layout()

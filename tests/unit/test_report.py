@@ -208,6 +208,10 @@ def test_a_measure_whose_reference_straddles_0_is_read_as_a_difference():
   noisy = {str(s): {"value": 1.0, "reference_value": v} for s, v in enumerate((0.001, 0.002, 0.03))}
   assert not report.relative_is_read({"per_seed": noisy})
   assert report.relative_is_read({"per_seed": {"0": {"value": 1.0, "reference_value": 0.001}}})
+  # Below 0 at every seed (the reference's retain loss fell): -0.022 against -0.048 is a fall
+  # 0.026 smaller, which a relative change would print as "+54%", more forgetting.
+  fell = {str(s): {"value": -0.022, "reference_value": -0.048 - 0.001 * s} for s in range(3)}
+  assert not report.relative_is_read({"per_seed": fell})
   table = report.pair_measures_table(out)
   assert "(difference +0.0010 [+0.0010, +0.0010], n=3) |" in table
   assert "+58.3%" not in table  # the mean relative change, which the table no longer prints
