@@ -500,6 +500,7 @@ def build_report(
     "matched_on": "task_loss",
     "target_task_loss": by_loss["target"],
     "overlap_task_loss": [span["lo"], span["hi"]],
+    "overlap_methods": span["methods"],
     "target_rule": MIDDLE,
     "interval": f"mean over seeds with its {CONFIDENCE:.0%} {SEED_INTERVAL} "
     "(t with n - 1 degrees of freedom); none with one seed",
@@ -794,10 +795,16 @@ def markdown_table(report: Mapping[str, Any]) -> str:
   lines = []
   if report.get("matched_on"):
     lo, hi = report["overlap_task_loss"]
+    methods, served = report["methods"], report.get("overlap_methods", report["methods"])
+    reach, others = "every sweep reaches", ""
+    if len(served) < len(methods):  # `overlap`: the range the sweeps of the most methods share
+      reach = f"the sweeps of {len(served)} of the {len(methods)} methods reach"
+      others = "; the others are read pairwise below"
     lines.append(
       f"Methods at matched task loss {formatted(report['target_task_loss'], '.4f')}, the "
-      f"arithmetic middle of the range every sweep reaches ({formatted(lo, '.4f')} to "
-      f"{formatted(hi, '.4f')}), interpolated along each learning-rate sweep; {INTERVAL_NOTE}.\n"
+      f"arithmetic middle of the range {reach} ({formatted(lo, '.4f')} to "
+      f"{formatted(hi, '.4f')}{others}), interpolated along each learning-rate sweep; "
+      f"{INTERVAL_NOTE}.\n"
     )
     timed = [m for m in report["methods"].values() if "step_time_rounds" in m]
     if timed:

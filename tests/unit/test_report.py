@@ -187,6 +187,21 @@ def test_each_pair_reads_every_measure_at_the_middle_of_its_own_overlap():
   assert by_seed in report.markdown_table(out)
 
 
+def test_the_common_reading_says_which_methods_it_leaves_to_the_pairs():
+  """Standard spans task loss 1.0-2.0 and anchor the same; lora's sweep (0.2-0.5) reaches none of
+  it: the common reading is at 1.5 for two of the three methods, and the text says so instead
+  of calling 1.0-2.0 the range every sweep reaches."""
+  runs = RUNS[:8] + _sweep("lora", (0, 1), [(1e-4, 0.5, 0.3), (1e-3, 0.2, 0.5)])
+  out = report.build_report("standard", BEFORE, runs)
+  assert out["overlap_methods"] == ["standard", "anchor"]
+  text = report.markdown_table(out)
+  assert "the range the sweeps of 2 of the 3 methods reach (1.0000 to 2.0000; the others" in text
+  assert "every sweep reaches" not in text
+  assert "every sweep reaches (1.0000 to 2.0000)" in report.markdown_table(
+    report.build_report("standard", BEFORE, RUNS[:8])
+  )
+
+
 def test_a_measure_whose_reference_straddles_0_is_read_as_a_difference():
   """The reference's answer-NLL rise is -0.002, +0.001, +0.004 over three seeds (near 0), the
   method's 0.001 above it each seed: relative changes of +50%, +100% and +25% would divide by
