@@ -15,7 +15,7 @@ definitions are cut to about 300 characters so that a question and its answer fi
 methods are the shorter list: AdamW (the baseline), AdamW with warm-up and cosine decay, FINCH's
 running-average and target readings, anchoring to the base weights and KL to the base on its own
 samples. FINCH's target reading keeps the knowledge setting's target loss (1.0): the training loss
-here stays near 3.3, so the reading is a rate about 0.57x AdamW's that still falls on harder
+here stays near 3.3, so the reading is a rate about 0.55x AdamW's that still falls on harder
 batches; a target near 3.3 would clip it to AdamW's rate instead. Each finished run's summary is
 kept in `docs/results/smollm2_foldoc/`; `python -m finch_jax.report docs/results/smollm2_foldoc`
 rebuilds the report from those files alone.

@@ -795,7 +795,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
   lines = []
   if report.get("matched_on"):
     lo, hi = report["overlap_task_loss"]
-    methods, served = report["methods"], report.get("overlap_methods", report["methods"])
+    methods, served = report["methods"], report["overlap_methods"]
     reach, others = "every sweep reaches", ""
     if len(served) < len(methods):  # `overlap`: the range the sweeps of the most methods share
       reach = f"the sweeps of {len(served)} of the {len(methods)} methods reach"
