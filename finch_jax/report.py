@@ -9,20 +9,21 @@ same is done at matched task accuracy: fact recall, else exact answers, else tok
 the first the runs all have that tells them apart (exact match of paragraph-long answers is 0
 at every run, so such a study is matched at token accuracy).
 
-Which task loss: every sweep (one method and seed) spans a range of task losses; the methods'
-ranges overlap on an interval, and the headline is read at its arithmetic middle, where every
-sweep is interpolated between two of its own points rather than at the end of one of them. Each
-pair of methods (a method against the baseline, "X+finch" against X) is also read over the
-whole of its overlap, on a grid of `GRID_POINTS` targets: the relative change of every
-forgetting measure as a function of the target (report.json's `relative_change`, the plot
-relative_change.png).
+Which task loss: every sweep (one method and seed) spans a range of task losses; the ranges of
+the most methods overlap on an interval (`overlap`; a method whose sweeps miss it is read only
+pairwise), and the common reading is at its arithmetic middle, where every sweep is interpolated
+between two of its own points rather than at the end of one of them. Each pair of methods (a
+method against the baseline, "X+finch" against X) is also read over the whole of its overlap, on
+a grid of `GRID_POINTS` targets: the relative change of every forgetting measure as a function
+of the target (report.json's `relative_change`, the plot relative_change.png).
 
 Uncertainty: seeds are interpolated one by one and every seed's value is kept; a figure is the
 mean over seeds with a 95% t-interval (t with n - 1 degrees of freedom), none with one seed. A
-relative change pairs the seeds both methods have. The cost column times the methods' steps in
-alternating rounds; the step-time ratio is the median of the rounds' paired ratios with a
-distribution-free interval from order statistics, and reads "within noise" when that interval
-covers 1.
+relative change pairs the seeds both methods have, and is given only where the reference's value
+is clearly above 0 (`relative_is_read`); elsewhere the paired difference is. The cost column
+times the methods' steps in alternating rounds; the step-time ratio is the median of the rounds'
+paired ratios with a distribution-free interval from order statistics, and reads "within noise"
+when that interval covers 1.
 
 Convergence: where every run was evaluated often enough along the way (`finch_jax.convergence`),
 the report also reads each run where its exact-match task accuracy first reaches the plateau every
