@@ -13,7 +13,8 @@ KL to the base by then. Each method runs the lower three rates of its sweep in t
 
 Summaries are kept in `docs/results/smollm2_knowledge_convergence/`; `python -m finch_jax.report
 docs/results/smollm2_knowledge_convergence` rebuilds the report from those files alone. On two
-CPU cores a run takes about half an hour (two at once): run a few methods per session with
+CPU cores a run takes about 40 minutes (one at a time, `--config.compare.concurrent_runs=1`;
+steps of about 6 s, the 12 evaluations the rest): run a few methods per session with
 `"--config.compare.only=(...)"` and `"--config.compare.seeds=(0,)"`.
 """
 
