@@ -81,10 +81,14 @@ def eligible(runs: Sequence[Mapping[str, Any]], key: str = KEY) -> bool:
 def plateau_target(runs: Sequence[Mapping[str, Any]], key: str = KEY) -> float:
   """The accuracy every method attains: each method's best final `key` (mean over the seeds of
   a rate, best over its rates), lowest over methods."""
-  return min(
-    max(sum(r[key] for r in rs) / len(rs) for rs in by_rate.values())
-    for by_rate in _by_method_and_rate(runs).values()
-  )
+  return min(_best_final(by_rate, key)[1] for by_rate in _by_method_and_rate(runs).values())
+
+
+def _best_final(by_rate: Mapping[float, Sequence[Mapping[str, Any]]], key: str) -> tuple:
+  """`(rate, mean over its seeds)` of the rate whose runs end with the highest mean `key`."""
+  means = {rate: sum(r[key] for r in rs) / len(rs) for rate, rs in by_rate.items()}
+  rate = max(means, key=means.get)
+  return rate, means[rate]
 
 
 def _by_method_and_rate(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[float, list]]:
@@ -106,16 +110,23 @@ def convergence(
   forgetting there, per seed and over seeds; each method's least-forgetting rate that reaches it
   with every seed; its time to target where `step_times` (seconds per step by method) are given.
 
-  `target` None: `plateau_target`.
+  `target` None: `plateau_target`, and `set_by` names the method whose plateau it is (the one
+  that learns least: a target far below the others' plateaus says that method never learned the
+  task as well, which the `final` values show).
 
   Returns:
-    `{"key", "target", "target_rule", "methods": {name: {"rates": {rate: {"steps", "forgetting",
-    "retain_kl"} each a seed_interval, "seeds", "seeds_reaching_target"}, "best": {...} or None}}}`.
+    `{"key", "target", "target_rule", "set_by", "methods": {name: {"rates": {rate: {"step",
+    "forgetting", "retain_kl", "final"} each a seed_interval, "seeds", "seeds_reaching_target"},
+    "best": {...} or None, "best_final": {"learning_rate", "mean"}}}}`; `final` is `key` at the
+    end of each run.
   """
   rule = "given" if target is not None else PLATEAU
-  target = plateau_target(runs, key) if target is None else float(target)
+  grouped = _by_method_and_rate(runs)
+  finals = {method: _best_final(by_rate, key) for method, by_rate in grouped.items()}
+  set_by = None if target is not None else min(finals, key=lambda m: finals[m][1])
+  target = finals[set_by][1] if target is None else float(target)
   methods: dict[str, Any] = {}
-  for method, by_rate in _by_method_and_rate(runs).items():
+  for method, by_rate in grouped.items():
     rates = {}
     for rate, rate_runs in sorted(by_rate.items()):
       reads = {r["seed"]: crossing(curve_points(r, before), key, target, before) for r in rate_runs}
@@ -125,6 +136,7 @@ def convergence(
           name: seed_interval({s: c[name] for s, c in reached.items()})
           for name in ("step", *AT_TARGET)
         },
+        "final": seed_interval({r["seed"]: r[key] for r in rate_runs}),
         "seeds": len(reads),
         "seeds_reaching_target": len(reached),
       }
@@ -135,37 +147,50 @@ def convergence(
       best = {"learning_rate": rate, **complete[rate]}
       if step_times and method in step_times:
         best["time_to_target"] = best["step"]["mean"] * step_times[method]
-    methods[method] = {"rates": {f"{r:.3g}": e for r, e in rates.items()}, "best": best}
+    best_rate, best_mean = finals[method]
+    methods[method] = {
+      "rates": {f"{r:.3g}": e for r, e in rates.items()},
+      "best": best,
+      "best_final": {"learning_rate": best_rate, "mean": best_mean},
+    }
   return {
     "key": key,
     "target": target,
     "target_rule": rule,
+    "set_by": set_by,
     "methods": methods,
   }
 
 
 def markdown(section: Mapping[str, Any], baseline: str | None = None) -> str:
   """The convergence reading as a Markdown table: each method's least-forgetting rate at the
-  target, the steps it took and, where timed, the time relative to the baseline's."""
+  target, the steps it took, the `key` it ended with and, where timed, the time relative to the
+  baseline's. A method that never reaches the target shows the best it ended with, and at which
+  rate."""
   key, target = section["key"].replace("_", " "), section["target"]
+  set_by = section.get("set_by")
+  rule = section["target_rule"] + (f"; here {set_by}'s" if set_by else "")
   lines = [
-    f"\nConvergence: each run read where its {key} first reaches {target:.3f} ("
-    f"{section['target_rule']}), interpolated between evaluations; each method at its rate that "
-    f"forgets least there among those whose every seed reaches it; {INTERVAL_NOTE}.\n",
+    f"\nConvergence: each run read where its {key} first reaches {target:.3f} ({rule}), "
+    "interpolated between evaluations; each method at its rate that forgets least there among "
+    f"those whose every seed reaches it; final {key}: at the end of the run; {INTERVAL_NOTE}.\n",
     "| method | learning rate | steps to target | forgetting at target | KL at target "
-    "| time to target vs baseline |",
-    "| --- | --- | --- | --- | --- | --- |",
+    f"| final {key} | time to target vs baseline |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
   ]
   methods = section["methods"]
   base_time = (methods.get(baseline, {}).get("best") or {}).get("time_to_target")
   for name, entry in methods.items():
     best = entry["best"]
     if best is None:
-      lines.append(f"| {name} | - | not reached | - | - | - |")
+      final = entry.get("best_final")
+      final = f"{final['mean']:.3f} (at {final['learning_rate']:.3g})" if final else "-"
+      lines.append(f"| {name} | - | not reached | - | - | {final} | - |")
       continue
+    formats = {"step": ".1f", "final": ".3f"}  # the forgetting measures: ".4f"
     cells = [
-      formatted(best[m]["mean"], ".1f" if m == "step" else ".4f", best[m]["ci"], best[m]["n"])
-      for m in ("step", *AT_TARGET)
+      formatted(best[m]["mean"], formats.get(m, ".4f"), best[m]["ci"], best[m]["n"])
+      for m in ("step", *AT_TARGET, "final")
     ]
     time = best.get("time_to_target")
     ratio = f"{time / base_time:.2f}" if time is not None and base_time else "-"

@@ -100,6 +100,23 @@ def test_nobody_reaching_the_target_reads_not_reached_and_the_default_target_is_
   plateau = convergence.convergence(_study(), BEFORE)
   assert plateau["target"] == pytest.approx(0.9)  # gentle's best final mean; the others 0.95
   assert plateau["target_rule"] == convergence.PLATEAU
+  assert plateau["set_by"] == "gentle"
+
+
+def test_each_method_shows_what_it_ended_with_even_where_it_never_reaches_the_target():
+  # A user must see that a target far above a method's plateau is out of its reach, not only
+  # "not reached": gentle ends at 0.9 at 1e-4 and 0.65 (mean of 0.4 and 0.9) at 1e-3.
+  section = convergence.convergence(_study(), BEFORE, target=0.93)
+  gentle = section["methods"]["gentle"]
+  assert gentle["best"] is None
+  assert gentle["best_final"] == {"learning_rate": 1e-4, "mean": pytest.approx(0.9)}
+  assert gentle["rates"]["0.001"]["final"]["mean"] == pytest.approx(0.65)
+  assert gentle["rates"]["0.001"]["final"]["per_seed"] == pytest.approx({"0": 0.4, "1": 0.9})
+  assert section["set_by"] is None  # the caller named the target
+  table = convergence.markdown(section, "adamw")
+  assert "| gentle | - | not reached | - | - | 0.900 (at 0.0001) | - |" in table
+  adamw = next(line for line in table.splitlines() if line.startswith("| adamw |"))
+  assert adamw.endswith("| 0.950 [0.950, 0.950], n=2 | - |")  # its final, then no timing given
 
 
 def test_the_report_reads_convergence_with_the_time_to_target_against_the_baseline():
