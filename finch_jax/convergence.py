@@ -19,6 +19,11 @@ kept); its summary is the rate that forgets least at the target among the rates 
 seed reaches it, with the steps that rate took. Time to target is steps to target times the
 method's step time: the cost of reaching the plateau, beside the step-time ratio.
 
+The plateau is a single crossing near the top of each curve, where a run that wobbles by one
+answer reads many steps later: the same reading is also taken at lower targets on the way
+(`LOWER_TARGETS`, those below the plateau), so a difference that holds all along the curve can
+be told from one made by where the last answer happened to land.
+
 A curve with fewer than `MIN_EVALS` evaluations cannot place a crossing to better than a large
 fraction of the run; such runs have no convergence reading.
 
@@ -35,6 +40,7 @@ from finch_jax.intervals import INTERVAL_NOTE, formatted, seed_interval
 
 PLATEAU = "the plateau every method attains: each method's best final value, lowest over methods"
 KEY = "task_exact"  # exact-match answers: whether the run can say what it was taught
+LOWER_TARGETS = (0.5, 0.75, 0.9)  # read on the way to the plateau, as well as at it
 MIN_EVALS = 4  # evaluations along a run (besides the base model's) for a crossing to mean much
 # The forgetting measures read at the crossing: name -> (curve key, subtract the base's value).
 AT_TARGET = {"forgetting": ("retain_loss", True), "retain_kl": ("retain_kl", False)}
@@ -114,11 +120,14 @@ def convergence(
   that learns least: a target far below the others' plateaus says that method never learned the
   task as well, which the `final` values show).
 
+  With the plateau as target, `lower_targets` reads each of `LOWER_TARGETS` below it the same
+  way: `{target: {method: its "best" there, or None}}`.
+
   Returns:
-    `{"key", "target", "target_rule", "set_by", "methods": {name: {"rates": {rate: {"step",
-    "forgetting", "retain_kl", "final"} each a seed_interval, "seeds", "seeds_reaching_target"},
-    "best": {...} or None, "best_final": {"learning_rate", "mean"}}}}`; `final` is `key` at the
-    end of each run.
+    `{"key", "target", "target_rule", "set_by", "lower_targets", "methods": {name: {"rates":
+    {rate: {"step", "forgetting", "retain_kl", "final"} each a seed_interval, "seeds",
+    "seeds_reaching_target"}, "best": {...} or None, "best_final": {"learning_rate", "mean"}}}}`;
+    `final` is `key` at the end of each run.
   """
   rule = "given" if target is not None else PLATEAU
   grouped = _by_method_and_rate(runs)
@@ -153,11 +162,17 @@ def convergence(
       "best": best,
       "best_final": {"learning_rate": best_rate, "mean": best_mean},
     }
+  lower = {}
+  if set_by is not None:
+    for t in (t for t in LOWER_TARGETS if t < target):
+      read = convergence(runs, before, key, t, step_times)
+      lower[f"{t:g}"] = {name: m["best"] for name, m in read["methods"].items()}
   return {
     "key": key,
     "target": target,
     "target_rule": rule,
     "set_by": set_by,
+    "lower_targets": lower,
     "methods": methods,
   }
 
@@ -195,6 +210,24 @@ def markdown(section: Mapping[str, Any], baseline: str | None = None) -> str:
     time = best.get("time_to_target")
     ratio = f"{time / base_time:.2f}" if time is not None and base_time else "-"
     lines.append(f"| {name} | {best['learning_rate']:.3g} | " + " | ".join(cells) + f" | {ratio} |")
+  lower = section.get("lower_targets") or {}
+  if lower:
+    lines += [
+      f"\nOn the way: the same reading where the {key} first reaches each lower target (KL at "
+      "target, then the steps to it, at the method's rate that forgets least there):\n",
+      "| method | " + " | ".join(f"{key} {t}" for t in lower) + " |",
+      "| --- |" + " --- |" * len(lower),
+    ]
+    for name in methods:
+      cells = []
+      for reads in lower.values():
+        best = reads.get(name)
+        if best is None:
+          cells.append("not reached")
+          continue
+        kl, step = best["retain_kl"], best["step"]
+        cells.append(f"{formatted(kl['mean'], '.4f', kl['ci'], kl['n'])}; {step['mean']:.0f} steps")
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -205,6 +238,7 @@ def _is_number(value: Any) -> bool:
 __all__ = [
   "AT_TARGET",
   "KEY",
+  "LOWER_TARGETS",
   "MIN_EVALS",
   "PLATEAU",
   "convergence",

@@ -27,7 +27,7 @@ when that interval covers 1.
 
 Convergence: where every run was evaluated often enough along the way (`finch_jax.convergence`),
 the report also reads each run where its exact-match task accuracy first reaches the plateau every
-method attains: the steps it took and the forgetting by then.
+method attains, and at lower targets on the way: the steps it took and the forgetting by then.
 
 Calibration: where the runs keep a fact set's reliability diagram (`NAME_reliability_before`
 and `_after`, from the calibration sets), reliability.png shows the base model's and each

@@ -142,3 +142,19 @@ def test_runs_evaluated_too_rarely_have_no_convergence_reading():
   ]
   assert not convergence.eligible(runs)
   assert "convergence" not in report.build_report("adamw", BEFORE, runs)
+
+
+def test_the_reading_is_also_taken_at_the_lower_targets_on_the_way_to_the_plateau():
+  section = convergence.convergence(_study(), BEFORE)  # the plateau: 0.9, so 0.5 and 0.75 below
+  assert list(section["lower_targets"]) == ["0.5", "0.75"]
+  adamw = section["lower_targets"]["0.5"]["adamw"]
+  # The slow rate crosses 0.5 two thirds of the way from step 16 (0.3) to 32 (0.6), having
+  # forgotten 0.083 there, less than the fast rate's 0.167 at step 8.9.
+  assert adamw["learning_rate"] == 1e-4
+  assert adamw["step"]["mean"] == pytest.approx(16 + 16 * 2 / 3)
+  assert adamw["retain_kl"]["mean"] == pytest.approx(0.02 + 0.03 * 2 / 3)
+  assert section["lower_targets"]["0.5"]["gentle"]["step"]["mean"] == pytest.approx(40.0)
+  table = convergence.markdown(section, "adamw")
+  assert "| method | task exact 0.5 | task exact 0.75 |" in table
+  assert "| gentle | 0.0250 [0.0250, 0.0250], n=2; 40 steps |" in table
+  assert convergence.convergence(_study(), BEFORE, target=0.93)["lower_targets"] == {}
