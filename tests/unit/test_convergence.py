@@ -158,3 +158,17 @@ def test_the_reading_is_also_taken_at_the_lower_targets_on_the_way_to_the_platea
   assert "| method | task exact 0.5 | task exact 0.75 |" in table
   assert "| gentle | 0.0250 [0.0250, 0.0250], n=2; 40 steps |" in table
   assert convergence.convergence(_study(), BEFORE, target=0.93)["lower_targets"] == {}
+
+
+def test_the_rate_that_forgets_least_is_the_one_with_the_lowest_kl_to_the_base():
+  # Training on English text like the retain text lowers its loss without keeping the base's
+  # predictions: 1e-3 ends with the retain loss below the base's but the KL four times 1e-4's.
+  english = _curve((0.5, 3.45, 0.2), (0.9, 3.4, 0.4), (0.95, 3.4, 0.4), (0.95, 3.4, 0.4))
+  own = _curve((0.5, 3.6, 0.05), (0.9, 3.7, 0.1), (0.95, 3.7, 0.1), (0.95, 3.7, 0.1))
+  runs = [_run("replay", 1e-3, s, english) for s in (0, 1)]
+  runs += [_run("replay", 1e-4, s, own) for s in (0, 1)]
+  best = convergence.convergence(runs, BEFORE, target=0.9)["methods"]["replay"]["best"]
+  assert convergence.RANK_BY == "retain_kl"
+  assert best["learning_rate"] == 1e-4
+  assert best["retain_kl"]["mean"] == pytest.approx(0.1)
+  assert best["forgetting"]["mean"] == pytest.approx(0.2)  # more than 1e-3's -0.1, yet less KL
