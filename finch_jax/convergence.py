@@ -140,39 +140,20 @@ def convergence(
   finals = {method: _best_final(by_rate, key) for method, by_rate in grouped.items()}
   set_by = None if target is not None else min(finals, key=lambda m: finals[m][1])
   target = finals[set_by][1] if target is None else float(target)
-  methods: dict[str, Any] = {}
-  for method, by_rate in grouped.items():
-    rates = {}
-    for rate, rate_runs in sorted(by_rate.items()):
-      reads = {r["seed"]: crossing(curve_points(r, before), key, target, before) for r in rate_runs}
-      reached = {s: c for s, c in reads.items() if c is not None}
-      rates[rate] = {
-        **{
-          name: seed_interval({s: c[name] for s, c in reached.items()})
-          for name in ("step", *AT_TARGET)
-        },
-        "final": seed_interval({r["seed"]: r[key] for r in rate_runs}),
-        "seeds": len(reads),
-        "seeds_reaching_target": len(reached),
-      }
-    complete = {r: e for r, e in rates.items() if e["seeds_reaching_target"] == e["seeds"]}
-    best = None
-    if complete:
-      rate = min(complete, key=lambda r: complete[r][RANK_BY]["mean"])
-      best = {"learning_rate": rate, **complete[rate]}
-      if step_times and method in step_times:
-        best["time_to_target"] = best["step"]["mean"] * step_times[method]
-    best_rate, best_mean = finals[method]
-    methods[method] = {
-      "rates": {f"{r:.3g}": e for r, e in rates.items()},
-      "best": best,
-      "best_final": {"learning_rate": best_rate, "mean": best_mean},
+  methods = {
+    method: {
+      **_read_at(by_rate, before, key, target, (step_times or {}).get(method)),
+      "best_final": {"learning_rate": finals[method][0], "mean": finals[method][1]},
     }
+    for method, by_rate in grouped.items()
+  }
   lower = {}
   if set_by is not None:
     for t in (t for t in LOWER_TARGETS if t < target):
-      read = convergence(runs, before, key, t, step_times)
-      lower[f"{t:g}"] = {name: m["best"] for name, m in read["methods"].items()}
+      lower[f"{t:g}"] = {
+        method: _read_at(by_rate, before, key, t, (step_times or {}).get(method))["best"]
+        for method, by_rate in grouped.items()
+      }
   return {
     "key": key,
     "target": target,
@@ -181,6 +162,38 @@ def convergence(
     "lower_targets": lower,
     "methods": methods,
   }
+
+
+def _read_at(
+  by_rate: Mapping[float, Sequence[Mapping[str, Any]]],
+  before: Mapping[str, float],
+  key: str,
+  target: float,
+  step_time: float | None,
+) -> dict[str, Any]:
+  """One method's runs read at `target`: `{"rates": {rate: ...}, "best": ... or None}`, as in
+  `convergence`'s `methods`."""
+  rates = {}
+  for rate, rate_runs in sorted(by_rate.items()):
+    reads = {r["seed"]: crossing(curve_points(r, before), key, target, before) for r in rate_runs}
+    reached = {s: c for s, c in reads.items() if c is not None}
+    rates[rate] = {
+      **{
+        name: seed_interval({s: c[name] for s, c in reached.items()})
+        for name in ("step", *AT_TARGET)
+      },
+      "final": seed_interval({r["seed"]: r[key] for r in rate_runs}),
+      "seeds": len(reads),
+      "seeds_reaching_target": len(reached),
+    }
+  complete = {r: e for r, e in rates.items() if e["seeds_reaching_target"] == e["seeds"]}
+  best = None
+  if complete:
+    rate = min(complete, key=lambda r: complete[r][RANK_BY]["mean"])
+    best = {"learning_rate": rate, **complete[rate]}
+    if step_time is not None:
+      best["time_to_target"] = best["step"]["mean"] * step_time
+  return {"rates": {f"{r:.3g}": e for r, e in rates.items()}, "best": best}
 
 
 def markdown(section: Mapping[str, Any], baseline: str | None = None) -> str:
