@@ -8,7 +8,8 @@ steps of 4 rows of 128 tokens, so each of the 80 facts is seen about 150 times) 
 evaluated every 16 steps; the report (`finch_jax.convergence`) reads each run where its
 exact-match accuracy on the taught questions first reaches the plateau every method attains:
 the steps it took, the time that is at the method's step time, and the retain loss's rise and
-KL to the base by then. Each method runs the lower three rates of its sweep in the quick setting
+KL to the base by then (each method at its rate with the lowest KL there), and the same at exact
+answers 0.5, 0.75 and 0.9 on the way. Each method runs the lower three rates of its sweep in the quick setting
 (at three times the steps they reach the plateau), three seeds.
 
 Summaries are kept in `docs/results/smollm2_knowledge_convergence/`; `python -m finch_jax.report
