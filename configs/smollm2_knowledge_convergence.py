@@ -9,8 +9,8 @@ evaluated every 16 steps; the report (`finch_jax.convergence`) reads each run wh
 exact-match accuracy on the taught questions first reaches the plateau every method attains:
 the steps it took, the time that is at the method's step time, and the retain loss's rise and
 KL to the base by then (each method at its rate with the lowest KL there), and the same at exact
-answers 0.5, 0.75 and 0.9 on the way. Each method runs the lower three rates of its sweep in the quick setting
-(at three times the steps they reach the plateau), three seeds.
+answers 0.5, 0.75 and 0.9 on the way. Each method runs the lower three rates of its sweep in the
+quick setting (at three times the steps they reach the plateau), three seeds.
 
 Summaries are kept in `docs/results/smollm2_knowledge_convergence/`; `python -m finch_jax.report
 docs/results/smollm2_knowledge_convergence` rebuilds the report from those files alone. On two
